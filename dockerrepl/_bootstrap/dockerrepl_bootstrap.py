@@ -1,0 +1,1577 @@
+"""dockerrepl's in-container bootstrap: supervisor + worker.
+
+This file is copied into the workspace mount and started as the container's
+main process (``python3 -B /workspace/.dockerrepl/dockerrepl_bootstrap.py``).
+It must run on any Python >= 3.8 with only the standard library (dill is
+optional and found on ``sys.path`` or in ``.dockerrepl/lib``), and it imports
+nothing from the host package.
+
+Processes:
+
+* the **supervisor** (this process) talks to the host over stdin/stdout with
+  length-prefixed JSON frames, owns the worker's stdout/stderr pipes, enforces
+  cell deadlines (SIGINT, then SIGKILL + respawn + restore) and exits when its
+  stdin closes (the host's dead-man switch);
+* the **worker** (forked from the supervisor) holds the REPL namespace and runs
+  cells. Its fds 0/1/2 are /dev/null and two pipes, so nothing user code prints
+  can forge a protocol frame; it speaks to the supervisor over a socketpair.
+
+When started as a script this file imports itself as the module
+``dockerrepl_bootstrap`` so that the REPL helpers (``llm_query`` ...) live in an
+importable module and dill pickles them by reference in checkpoints.
+"""
+
+import errno
+import fcntl
+import json
+import linecache
+import os
+import reprlib
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+import types
+
+PROTOCOL_VERSION = 1
+HERE = os.path.dirname(os.path.abspath(__file__))
+BOOT_FILE = os.path.abspath(__file__)
+WORKSPACE = "/workspace"
+STATE_FILE = os.path.join(WORKSPACE, "state.dill")
+META_FILE = os.path.join(HERE, "state.meta.json")
+LOCK_FILE = os.path.join(HERE, "checkpoint.lock")
+# held (shared) by every snapshot child from before its fork until it exits, so a
+# restore can wait (exclusive) until no snapshot is still on its way
+PENDING_FILE = os.path.join(HERE, "checkpoint.pending")
+HEADER = struct.Struct(">I")
+MAX_HOST_FRAME = 1 << 30
+SCAFFOLD_FUNCS = ("llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched", "SHOW_VARS")
+RESERVED = SCAFFOLD_FUNCS + ("answer", "context", "history")
+HIDDEN_LOCALS = frozenset(SCAFFOLD_FUNCS) | {"__builtins__"}
+
+
+# --------------------------------------------------------------------------- #
+# framing (the same format as the host's dockerrepl._wire; duplicated because
+# this file may import nothing from the host package)
+# --------------------------------------------------------------------------- #
+def encode(obj):
+    body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode(
+        "utf-8", "surrogatepass"
+    )
+    return HEADER.pack(len(body)) + body
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except InterruptedError:
+            continue
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        view = view[n:]
+
+
+class FrameReader:
+    """Incremental frame parser for a non-blocking fd or socket."""
+
+    def __init__(self, limit):
+        self.buf = bytearray()
+        self.limit = limit
+
+    def feed(self, data):
+        self.buf += data
+
+    def frames(self):
+        out = []
+        while len(self.buf) >= 4:
+            (n,) = HEADER.unpack_from(self.buf)
+            if n > self.limit:
+                raise ValueError("frame of %d bytes over the limit" % n)
+            if len(self.buf) < 4 + n:
+                break
+            body = bytes(self.buf[4 : 4 + n])
+            del self.buf[: 4 + n]
+            out.append(json.loads(body.decode("utf-8", "surrogatepass")))
+        return out
+
+
+def sock_send(sock, obj):
+    sock.sendall(encode(obj))
+
+
+def sock_recv(sock):
+    """Blocking receive of one frame from the supervisor/worker socketpair."""
+    head = _recv_n(sock, 4)
+    if head is None:
+        return None
+    (n,) = HEADER.unpack(head)
+    body = _recv_n(sock, n)
+    if body is None:
+        return None
+    return json.loads(body.decode("utf-8", "surrogatepass"))
+
+
+def _recv_n(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            chunk = sock.recv(n - len(buf))
+        except InterruptedError:
+            continue
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+# =========================================================================== #
+# worker side: the REPL namespace and the helpers visible inside it
+# =========================================================================== #
+CONFIG = {}  # set once per worker from the host's hello frame
+_cell_id = 0
+_budget_noted = False
+_tls = None
+
+
+class _ProxyConnection:
+    """A minimal kept-alive HTTP/1.1 client for the host proxy (one per thread).
+
+    http.client parses every response's headers with the email package; the
+    proxy's answers are tiny and regular, so this reads status, Content-Length
+    and the body, and sends each request in a single write.
+    """
+
+    def __init__(self, target):
+        self.target = target
+        self.sock = None
+        self.rfile = None
+
+    def connect(self, timeout):
+        if self.target.get("unix"):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            s.connect(self.target["unix"])
+        else:
+            s = socket.create_connection(
+                (self.target.get("host", "host.docker.internal"), int(self.target.get("port", 0))),
+                timeout,
+            )
+            # without this, Nagle + delayed ACK add ~40 ms to every llm_query
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = s
+        self.rfile = s.makefile("rb")
+
+    def close(self):
+        for f in (self.rfile, self.sock):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+        self.sock = self.rfile = None
+
+    def request(self, path, body, headers, timeout):
+        if self.sock is None:
+            self.connect(timeout)
+        self.sock.settimeout(timeout)
+        head = (
+            "POST %s HTTP/1.1\r\nHost: dockerrepl\r\n"
+            "Content-Type: application/json\r\nContent-Length: %d\r\n" % (path, len(body))
+        )
+        head += "".join("%s: %s\r\n" % kv for kv in headers.items()) + "\r\n"
+        self.sock.sendall(head.encode("latin-1") + body)
+        status_line = self.rfile.readline(8193)
+        if not status_line:
+            raise ConnectionResetError("the proxy closed the connection")
+        parts = status_line.split(None, 2)
+        status = int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
+        length, close = 0, False
+        while True:
+            line = self.rfile.readline(8193)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value.strip())
+            elif name == b"connection" and value.strip().lower() == b"close":
+                close = True
+        data = self.rfile.read(length) if length else b""
+        if len(data) != length:
+            raise ConnectionResetError("the proxy closed the connection mid-answer")
+        if close:
+            self.close()
+        return status, data
+
+
+def _proxy_conn():
+    import threading
+
+    global _tls
+    if _tls is None:
+        _tls = threading.local()
+    conn = getattr(_tls, "conn", None)
+    if conn is None:
+        conn = _tls.conn = _ProxyConnection(CONFIG.get("proxy") or {})
+    return conn
+
+
+def _post(path, payload, timeout):
+    """POST JSON to the proxy; returns the decoded answer. Raises on transport errors."""
+    body = json.dumps(payload).encode("utf-8", "surrogatepass")
+    headers = {
+        "Authorization": "Bearer " + CONFIG.get("token", ""),
+        "X-DockerREPL-Cell": str(_cell_id),
+    }
+    conn = _proxy_conn()
+    for attempt in (0, 1):
+        reused = conn.sock is not None
+        try:
+            status, data = conn.request(path, body, headers, timeout)
+        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
+            conn.close()
+            if reused and attempt == 0:
+                continue  # the server closed an idle kept-alive connection: retry once
+            raise
+        except BaseException:
+            conn.close()  # a half-read answer would poison the next request
+            raise
+        try:
+            return json.loads(data.decode("utf-8", "replace"))
+        except ValueError:
+            return {"error": "proxy answered HTTP %d with a non-JSON body" % status}
+    return {"error": "unreachable"}
+
+
+def _note_budget(msg):
+    global _budget_noted
+    if isinstance(msg, str) and "budget exceeded" in msg and not _budget_noted:
+        _budget_noted = True
+        try:
+            sys.stderr.write("dockerrepl: " + msg + "\n")
+        except Exception:
+            pass
+
+
+def _single(path, prompt, model, timeout):
+    try:
+        d = _post(
+            path, {"prompt": prompt, "model": model, "depth": CONFIG.get("depth", 1)}, timeout
+        )
+    except Exception as e:
+        return "Error: %s" % (e,)
+    if isinstance(d, dict) and isinstance(d.get("response"), str):
+        return d["response"]
+    err = d.get("error") if isinstance(d, dict) else d
+    msg = "Error: %s" % (err,)
+    _note_budget(msg)
+    return msg
+
+
+def _batched(path, prompts, model, timeout):
+    try:
+        prompts = list(prompts)
+    except TypeError:
+        return "Error: prompts must be a list"
+    if not prompts:
+        return []
+    try:
+        d = _post(
+            path, {"prompts": prompts, "model": model, "depth": CONFIG.get("depth", 1)}, timeout
+        )
+    except Exception as e:
+        return ["Error: %s" % (e,)] * len(prompts)
+    if isinstance(d, dict) and isinstance(d.get("responses"), list):
+        out = [r if isinstance(r, str) else "Error: %s" % (r,) for r in d["responses"]]
+        for r in out:
+            _note_budget(r)
+        return out
+    msg = "Error: %s" % (d.get("error") if isinstance(d, dict) else d,)
+    _note_budget(msg)
+    return [msg] * len(prompts)
+
+
+def llm_query(prompt, model=None):
+    """Ask the host's language model; returns its answer, or a string starting with "Error: "."""
+    return _single("/llm_query", prompt, model, CONFIG.get("llm_timeout", 600))
+
+
+def llm_query_batched(prompts, model=None):
+    """Ask the host's language model several prompts concurrently; answers in prompt order."""
+    return _batched("/llm_query_batched", prompts, model, CONFIG.get("llm_timeout", 600))
+
+
+def rlm_query(prompt, model=None):
+    """Recursive sub-call (a child RLM on the host); a plain llm_query when recursion is off."""
+    return _single("/rlm_query", prompt, model, CONFIG.get("rlm_timeout", 3600))
+
+
+def rlm_query_batched(prompts, model=None):
+    """Several recursive sub-calls, concurrently; answers in prompt order."""
+    return _batched("/rlm_query_batched", prompts, model, CONFIG.get("rlm_timeout", 3600))
+
+
+def SHOW_VARS():
+    """A short listing of the REPL's variables and their types."""
+    ns = NS
+    avail = {}
+    for k, v in list(ns.items()):
+        if k.startswith("_") or k in HIDDEN_LOCALS or k == "answer":
+            continue
+        if isinstance(v, types.ModuleType):
+            continue
+        avail[k] = type(v).__name__
+    if not avail:
+        return "No variables created yet. Use ```repl``` blocks to create variables."
+    return "Available variables: %s" % (avail,)
+
+
+def _host_tool_stub(tool_name):
+    def stub(*args, **kwargs):
+        d = _post(
+            "/host_tool",
+            {"tool": tool_name, "args": list(args), "kwargs": kwargs},
+            CONFIG.get("llm_timeout", 600),
+        )
+        if isinstance(d, dict) and "result" in d and "error" not in d:
+            return d["result"]
+        exc_name = (
+            (d or {}).get("exception", "RuntimeError") if isinstance(d, dict) else "RuntimeError"
+        )
+        msg = (d or {}).get("error", "host tool failed") if isinstance(d, dict) else str(d)
+        import builtins
+
+        cls = getattr(builtins, str(exc_name), None)
+        if not (isinstance(cls, type) and issubclass(cls, Exception)):
+            cls = type(str(exc_name), (RuntimeError,), {})
+        raise cls(msg)
+
+    stub.__name__ = tool_name
+    stub.__qualname__ = tool_name
+    stub.__doc__ = (
+        "Calls the host function %r through the proxy (JSON arguments and result)." % tool_name
+    )
+    return stub
+
+
+# --- bounded reprs for REPLResult.locals ----------------------------------- #
+class _BoundedRepr(reprlib.Repr):
+    def __init__(self, cap):
+        reprlib.Repr.__init__(self)
+        self.maxlevel = 3
+        self.maxtuple = self.maxlist = self.maxarray = self.maxdeque = 30
+        self.maxdict = 20
+        self.maxset = self.maxfrozenset = 30
+        self.maxstring = cap
+        self.maxlong = cap
+        self.maxother = cap
+
+    # reprlib sorts sets, an O(n log n) cost per cell on big sets: show them unsorted
+    def repr_set(self, x, level):
+        return self._unsorted(x, level, "{", "}", self.maxset, "set()")
+
+    def repr_frozenset(self, x, level):
+        return self._unsorted(x, level, "frozenset({", "})", self.maxfrozenset, "frozenset()")
+
+    def _unsorted(self, x, level, left, right, maxn, empty):
+        if not x:
+            return empty
+        if level <= 0:
+            return left + "..." + right
+        import itertools
+
+        pieces = [self.repr1(e, level - 1) for e in itertools.islice(x, maxn)]
+        if len(x) > maxn:
+            pieces.append("...")
+        return left + ", ".join(pieces) + right
+
+    def repr_instance(self, x, level):
+        s = repr(x)
+        return s
+
+
+def bounded_repr(value, cap):
+    try:
+        if isinstance(value, (str, bytes, bytearray)):
+            if len(value) > cap:
+                return repr(value[:cap]) + "... (%d total)" % len(value)
+            return repr(value)
+        if isinstance(value, (list, tuple, dict, set, frozenset)):
+            s = _BoundedRepr(cap).repr(value)
+        else:
+            s = repr(value)
+        if not isinstance(s, str):
+            s = "<%s with a non-str __repr__>" % type(value).__name__
+    except BaseException as e:  # a broken __repr__ must not fail the cell
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        return "<%s object; repr failed: %s: %s>" % (
+            type(value).__name__,
+            type(e).__name__,
+            str(e)[:200],
+        )
+    if len(s) > cap:
+        s = s[:cap] + "... (%d chars)" % len(s)
+    return s
+
+
+# --- the namespace ----------------------------------------------------------- #
+NS = {}
+_main_module = None
+_file_backed = {}  # name -> (id(obj), path, kind): skipped by checkpoints, reloaded on restore
+_compaction = {"list": None, "given": None}
+_known_bad = {}  # name -> id(obj) of values dill could not pickle
+
+
+def _install_scaffold():
+    g = globals()
+    for name in SCAFFOLD_FUNCS:
+        NS[name] = g[name]
+    if not isinstance(NS.get("answer"), dict):
+        NS["answer"] = {"content": "", "ready": False}
+    if "context_0" in NS:
+        NS["context"] = NS["context_0"]
+    if CONFIG.get("compaction"):
+        canonical = _compaction["list"]
+        if canonical is not None:
+            current = NS.get("history")
+            if current is not _compaction["given"] or len(current) != len(canonical):
+                import copy
+
+                _compaction["given"] = copy.deepcopy(canonical)
+                NS["history"] = _compaction["given"]
+    elif "history_0" in NS:
+        NS["history"] = NS["history_0"]
+
+
+def _new_namespace():
+    global _main_module
+    mod = types.ModuleType("__main__")
+    mod.__dict__["__builtins__"] = (
+        __builtins__ if isinstance(__builtins__, dict) else __builtins__.__dict__
+    )
+    sys.modules["__main__"] = mod
+    _main_module = mod
+    # NS is shared with SHOW_VARS; rebind module global
+    globals()["NS"] = mod.__dict__
+    return mod.__dict__
+
+
+def _user_names():
+    out = []
+    for k, v in NS.items():
+        if k.startswith("_") or k in HIDDEN_LOCALS:
+            continue
+        out.append(k)
+    return out
+
+
+def _locals_snapshot():
+    cap = CONFIG.get("repr_cap", 1000)
+    return {k: bounded_repr(NS[k], cap) for k in _user_names()}
+
+
+def _final_answer():
+    ans = NS.get("answer")
+    if isinstance(ans, dict) and ans.get("ready"):
+        try:
+            return str(ans.get("content", ""))
+        except BaseException as e:
+            return "<answer content could not be converted to str: %s>" % (e,)
+    return None
+
+
+def _print_exception(exc):
+    tb = exc.__traceback__
+    # drop the bootstrap's own frames at the top: users see their cell only
+    while tb is not None and tb.tb_frame.f_code.co_filename == BOOT_FILE:
+        tb = tb.tb_next
+    try:
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+    except BaseException:
+        text = "%s: <unprintable exception>\n" % type(exc).__name__
+    try:
+        sys.stderr.write(text)
+    except BaseException:
+        os.write(2, text.encode("utf-8", "replace"))
+
+
+def run_cell(code, cell_id):
+    global _cell_id
+    _cell_id = cell_id
+    if not isinstance(NS.get("answer"), dict):
+        NS["answer"] = {"content": "", "ready": False}
+    status, exc_name = "ok", None
+    filename = "<cell-%d>" % cell_id
+    try:
+        try:
+            compiled = compile(code, filename, "exec", dont_inherit=True)
+        except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError) as e:
+            status, exc_name = "error", type(e).__name__
+            text = "".join(traceback.format_exception_only(type(e), e))
+            sys.stderr.write(text)
+        else:
+            linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+            try:
+                exec(compiled, NS)
+            except SystemExit as e:
+                status, exc_name = "error", "SystemExit"
+                sys.stderr.write("SystemExit: %s\n" % ("" if e.code is None else e.code))
+            except BaseException as e:
+                status, exc_name = "error", type(e).__name__
+                _print_exception(e)
+    except KeyboardInterrupt:  # arrived between exec() and here
+        status, exc_name = "error", "KeyboardInterrupt"
+        sys.stderr.write("KeyboardInterrupt\n")
+    finally:
+        _flush_std()
+    _install_scaffold()
+    return {
+        "status": status,
+        "exception": exc_name,
+        "locals": _locals_snapshot(),
+        "final_answer": _final_answer(),
+    }
+
+
+def _flush_std():
+    for s in (sys.stdout, sys.stderr):
+        try:
+            s.flush()
+        except BaseException:
+            pass
+
+
+# --- checkpoints -------------------------------------------------------------- #
+class _Counter:
+    def write(self, b):
+        return len(b)
+
+
+def _dill():
+    import dill
+
+    return dill
+
+
+_SCALARS = (str, bytes, int, float, complex, bool, type(None))
+
+
+def _fingerprint():
+    """Identity and content digest of a namespace made only of values that cannot
+    change in place; ``None`` when any value is mutable (then every cell is
+    snapshotted). str and bytes cache their hash, so a 100 MB string costs its
+    hash once, not every cell.
+    """
+    fp = []
+    for k in _user_names():
+        v = NS[k]
+        t = type(v)
+        try:
+            if t in _SCALARS or (
+                t in (tuple, frozenset) and len(v) <= 64 and all(type(e) in _SCALARS for e in v)
+            ):
+                fp.append((k, t, id(v), hash(v)))
+            elif t is types.ModuleType:
+                fp.append((k, t, id(v)))
+            elif t is types.FunctionType:
+                fp.append((k, t, id(v), hash(v.__code__), id(v.__defaults__), id(v.__closure__)))
+            elif (
+                k == "answer"
+                and t is dict
+                and len(v) <= 8
+                and all(type(e) in _SCALARS for e in v.values())
+            ):
+                fp.append((k, t, tuple(sorted((str(a), b) for a, b in v.items()))))
+            else:
+                return None
+        except Exception:
+            return None
+    return tuple(fp)
+
+
+def _checkpoint_state():
+    state = {}
+    file_backed = {}
+    for k in _user_names():
+        v = NS[k]
+        fb = _file_backed.get(k)
+        if fb is not None and fb[0] == id(v):
+            file_backed[k] = [fb[1], fb[2]]
+            continue
+        if _known_bad.get(k) == id(v):
+            continue
+        if k == "history" and CONFIG.get("compaction"):
+            continue
+        if k == "context" and "context_0" in NS and NS["context_0"] is v:
+            continue
+        if k == "history" and "history_0" in NS and NS["history_0"] is v:
+            continue
+        state[k] = v
+    return state, file_backed
+
+
+def write_checkpoint(state, file_backed, cell_id):
+    """Dump ``state`` to STATE_FILE atomically; returns the names that were skipped."""
+    dill = _dill()
+    skipped = [k for k, i in _known_bad.items() if k in NS and id(NS[k]) == i]
+    lock = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        tmp = "%s.tmp.%d" % (STATE_FILE, os.getpid())
+        try:
+            try:
+                with open(tmp, "wb") as f:
+                    dill.dump(state, f, recurse=True)
+            except Exception:
+                bad = []
+                for k, v in list(state.items()):
+                    try:
+                        dill.dump(v, _Counter(), recurse=True)
+                    except Exception:
+                        bad.append(k)
+                for k in bad:
+                    state.pop(k, None)
+                skipped.extend(bad)
+                with open(tmp, "wb") as f:
+                    dill.dump(state, f, recurse=True)
+            meta = {
+                "cell": cell_id,
+                "skipped": sorted(set(skipped)),
+                "file_backed": file_backed,
+                "time": time.time(),
+                "bad_ids": {k: id(NS[k]) for k in skipped if k in NS},
+            }
+            with open(META_FILE + ".tmp", "w") as f:
+                json.dump(meta, f)
+            os.replace(tmp, STATE_FILE)
+            os.replace(META_FILE + ".tmp", META_FILE)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    finally:
+        os.close(lock)
+    return sorted(set(skipped))
+
+
+class _Checkpointer:
+    """Background snapshots: at most one child writing and one waiting behind it.
+
+    Each completed cell forks a copy-on-write snapshot of the namespace at that
+    cell boundary. A newer request replaces the waiting child (coalescing), so
+    the file on disk converges on the last completed cell even while the worker
+    is busy with the next one; the cell itself never waits for a write.
+    """
+
+    def __init__(self):
+        self.writing = None
+        self.waiting = None
+        self.last_fp = None
+
+    def reap(self, block=False):
+        for attr in ("writing", "waiting"):
+            pid = getattr(self, attr)
+            if pid is None:
+                continue
+            try:
+                done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                setattr(self, attr, None)
+                self._learn_bad()
+        if self.writing is None and self.waiting is not None:
+            self.writing, self.waiting = self.waiting, None
+
+    def _learn_bad(self):
+        try:
+            with open(META_FILE) as f:
+                meta = json.load(f)
+            for k, i in (meta.get("bad_ids") or {}).items():
+                _known_bad[k] = i
+        except Exception:
+            pass
+
+    def request(self, cell_id):
+        self.reap()
+        fp = _fingerprint()
+        if fp is not None and fp == self.last_fp:
+            return  # nothing can have changed since the last snapshot: skip the fork
+        self.last_fp = fp
+        if self.waiting is not None:
+            try:
+                os.kill(self.waiting, signal.SIGKILL)
+                os.waitpid(self.waiting, 0)
+            except OSError:
+                pass
+            self.waiting = None
+        state, fb = _checkpoint_state()
+        _flush_std()
+        pending = os.open(PENDING_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(pending, fcntl.LOCK_SH)
+            pid = os.fork()
+        except BaseException:
+            os.close(pending)
+            raise
+        if pid != 0:
+            os.close(pending)  # the child's copy of the descriptor keeps the lock
+        if pid == 0:  # the child: a copy-on-write snapshot of the namespace
+            code = 1
+            try:
+                if _CTRL[0] is not None:
+                    _CTRL[0].close()  # so the supervisor sees EOF if the worker dies
+                # its own process group: killing a runaway worker must not kill the snapshot
+                os.setpgid(0, 0)
+                try:
+                    os.nice(10)  # cells come first; the snapshot uses what is left
+                except Exception:
+                    pass
+                write_checkpoint(state, fb, cell_id)
+                code = 0
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        if self.writing is None:
+            self.writing = pid
+        else:
+            self.waiting = pid
+
+    def sync(self, cell_id):
+        self.reap(block=True)
+        self.reap(block=True)
+        self.last_fp = _fingerprint()
+        state, fb = _checkpoint_state()
+        skipped = write_checkpoint(state, fb, cell_id)
+        for k in skipped:
+            if k in NS:
+                _known_bad[k] = id(NS[k])
+        return skipped
+
+
+def _read_meta():
+    try:
+        with open(META_FILE) as f:
+            return json.load(f)
+    except Exception:
+        return {}
+
+
+def restore_checkpoint(expect_cell=0, wait=60.0):
+    """Load the last checkpoint into NS; returns (cell_id or None, note).
+
+    Snapshots of later cells may still be on their way in the old worker's
+    children: wait (bounded) until none is pending.
+    """
+    deadline = time.time() + wait
+    late = False
+    pending = os.open(PENDING_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        while True:
+            try:
+                fcntl.flock(pending, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    late = True
+                    break
+                time.sleep(0.01)
+    finally:
+        os.close(pending)
+    if not os.path.exists(STATE_FILE):
+        return None, "no checkpoint existed; the namespace starts empty"
+    lock = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    break
+                time.sleep(0.02)
+        meta = _read_meta()
+        for name, (path, kind) in (meta.get("file_backed") or {}).items():
+            try:
+                _load_file_var(name, path, kind)
+            except Exception:
+                pass
+        dill = _dill()
+        with open(STATE_FILE, "rb") as f:
+            state = dill.load(f)
+        NS.update(state)
+    finally:
+        os.close(lock)
+    skipped = meta.get("skipped") or []
+    note = "state restored from the checkpoint taken after cell %s" % meta.get("cell", "?")
+    if late:
+        note += " (a later snapshot was still being written after %ds;" % wait
+        note += " changes up to cell %s may be lost)" % expect_cell
+        )
+    if skipped:
+        note += "; not restorable (dill cannot pickle them): %s" % ", ".join(skipped)
+    return meta.get("cell"), note
+
+
+def _load_file_var(name, path, kind):
+    full = os.path.join(WORKSPACE, path)
+    if kind == "json":
+        with open(full, "rb") as f:
+            value = json.loads(f.read().decode("utf-8", "surrogatepass"))
+    else:
+        with open(full, "rb") as f:
+            value = f.read().decode("utf-8", "surrogatepass")
+    NS[name] = value
+    _file_backed[name] = (id(value), path, kind)
+    return value
+
+
+# --- worker operations (host "call" frames) --------------------------------- #
+def op_load_file(args):
+    name = args["name"]
+    _load_file_var(name, args["path"], args.get("kind", "text"))
+    for alias in args.get("aliases") or ():
+        NS[alias] = NS[name]
+    return {"name": name}
+
+
+def op_set_vars(args):
+    for k, v in (args.get("values") or {}).items():
+        NS[k] = v
+    return {}
+
+
+def op_compaction(args):
+    _compaction["list"] = args.get("history") or []
+    _compaction["given"] = None
+    _install_scaffold()
+    return {}
+
+
+def op_reset_answer(args):
+    NS["answer"] = {"content": "", "ready": False}
+    return {}
+
+
+def op_define_tools(args):
+    """Install custom tools: code strings exec'd, data set, host tools as stubs."""
+    for name, spec in (args.get("tools") or {}).items():
+        kind = spec.get("kind")
+        if kind == "code":
+            NS.pop(name, None)
+            exec(compile(spec["code"], "<tool %s>" % name, "exec", dont_inherit=True), NS)
+            if name not in NS:
+                raise ValueError("custom tool %r: its code did not define %r" % (name, name))
+        elif kind == "expr":
+            NS[name] = eval(
+                compile(spec["code"], "<tool %s>" % name, "eval", dont_inherit=True), NS
+            )
+        elif kind == "data":
+            NS[name] = spec["value"]
+        elif kind == "host":
+            NS[name] = _host_tool_stub(name)
+    return {}
+
+
+def op_checkpoint(args):
+    return {"skipped": CHECKPOINTER.sync(args.get("cell", _cell_id)), "path": STATE_FILE}
+
+
+def op_restore(args):
+    cell, note = restore_checkpoint()
+    _install_scaffold()
+    return {"cell": cell, "note": note}
+
+
+def op_names(args):
+    return {"names": _user_names()}
+
+
+OPS = {
+    "load_file": op_load_file,
+    "set_vars": op_set_vars,
+    "compaction": op_compaction,
+    "reset_answer": op_reset_answer,
+    "define_tools": op_define_tools,
+    "checkpoint": op_checkpoint,
+    "restore": op_restore,
+    "names": op_names,
+}
+
+CHECKPOINTER = _Checkpointer()
+_CTRL = [None]
+
+
+def worker_main(ctrl, config, restore, expect_cell=0):
+    """Entry point of the forked worker process."""
+    CONFIG.update(config)
+    _CTRL[0] = ctrl
+    _new_namespace()
+    lib = os.path.join(HERE, "lib")
+    if os.path.isdir(lib) and lib not in sys.path:
+        sys.path.append(lib)  # after the image's own site-packages: the image's dill wins
+    os.chdir(WORKSPACE)
+    sys.stdin = open(os.devnull)
+    enc = {"encoding": "utf-8", "errors": "backslashreplace", "line_buffering": True}
+    import io
+
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), **enc)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), **enc)
+    sys.__stdout__, sys.__stderr__, sys.__stdin__ = sys.stdout, sys.stderr, sys.stdin
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    note = None
+    if restore:
+        try:
+            _, note = restore_checkpoint(expect_cell)
+        except BaseException as e:
+            note = "restoring the checkpoint failed (%s: %s); the namespace starts empty" % (
+                type(e).__name__,
+                e,
+            )
+    _install_scaffold()
+    sock_send(ctrl, {"type": "started", "pid": os.getpid(), "note": note})
+    auto = config.get("auto_checkpoint", True)
+    while True:
+        try:
+            msg = sock_recv(ctrl)
+        except KeyboardInterrupt:
+            continue  # a late interrupt for a cell that already finished
+        if msg is None:
+            os._exit(0)
+        try:
+            kind = msg.get("type")
+            if kind == "exec":
+                res = run_cell(msg.get("code", ""), int(msg.get("id", 0)))
+                res["type"] = "done"
+                res["id"] = msg.get("id")
+                sock_send(ctrl, res)
+                if auto and res["status"] in ("ok", "error"):
+                    CHECKPOINTER.request(int(msg.get("id", 0)))
+            elif kind == "call":
+                fn = OPS.get(msg.get("op"))
+                try:
+                    if fn is None:
+                        raise ValueError("unknown operation %r" % (msg.get("op"),))
+                    value = fn(msg.get("args") or {})
+                    reply = {"type": "reply", "id": msg.get("id"), "ok": True, "value": value}
+                except BaseException as e:
+                    if isinstance(e, SystemExit):
+                        e = RuntimeError("SystemExit during %s" % msg.get("op"))
+                    reply = {
+                        "type": "reply",
+                        "id": msg.get("id"),
+                        "ok": False,
+                        "error": "%s: %s" % (type(e).__name__, e),
+                        "exception": type(e).__name__,
+                    }
+                _flush_std()
+                sock_send(ctrl, reply)
+                if (
+                    auto
+                    and reply["ok"]
+                    and msg.get("op") in ("load_file", "set_vars", "define_tools")
+                ):
+                    CHECKPOINTER.request(_cell_id)
+        except KeyboardInterrupt:
+            # the interrupt raced the reply; tell the supervisor the cell is over
+            try:
+                sock_send(
+                    ctrl,
+                    {
+                        "type": "done",
+                        "id": msg.get("id"),
+                        "status": "error",
+                        "exception": "KeyboardInterrupt",
+                        "locals": {},
+                        "final_answer": None,
+                    },
+                )
+            except Exception:
+                os._exit(3)
+
+
+# =========================================================================== #
+# supervisor side
+# =========================================================================== #
+class OutputBuffer:
+    """Keeps the head and tail of a stream up to ``cap`` bytes; counts the rest."""
+
+    def __init__(self, cap):
+        self.cap = cap
+        self.reset()
+
+    def reset(self):
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.dropped = 0
+        self.total = 0
+
+    def add(self, data):
+        self.total += len(data)
+        half = self.cap // 2
+        room = half - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data:
+            self.tail += data
+            if len(self.tail) > self.cap - half:
+                cut = len(self.tail) - (self.cap - half)
+                del self.tail[:cut]
+                self.dropped += cut
+
+    def text(self):
+        if not self.dropped:
+            return (bytes(self.head) + bytes(self.tail)).decode("utf-8", "replace")
+        return "%s\n... [dockerrepl: %d bytes of output dropped] ...\n%s" % (
+            bytes(self.head).decode("utf-8", "replace"),
+            self.dropped,
+            bytes(self.tail).decode("utf-8", "replace"),
+        )
+
+
+class Supervisor:
+    def __init__(self):
+        self.config = {}
+        self.host_reader = FrameReader(MAX_HOST_FRAME)
+        self.worker_pid = None
+        self.ctrl = None
+        self.ctrl_reader = None
+        self.out_r = self.err_r = None
+        self.worker_started = False
+        self.current = None  # the request the worker is busy with
+        self.deadline = None
+        self.kill_at = None
+        self.interrupted = False
+        self.restart_note = None
+        self.out = self.err = None
+        self.streamed = 0
+        self.last_good_cell = 0
+
+    # -- host channel --
+    def send_host(self, obj):
+        write_all(1, encode(obj))
+
+    # -- worker lifecycle --
+    def spawn_worker(self, restore):
+        if self.out_r is None:
+            self.out_r, out_w = os.pipe()
+            self.err_r, err_w = os.pipe()
+            self._pipe_w = (out_w, err_w)
+            for fd in (self.out_r, self.err_r):
+                fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+                fcntl.fcntl(fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
+        out_w, err_w = self._pipe_w
+        parent, child = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                parent.close()
+                os.setpgid(0, 0)
+                devnull = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(devnull, 0)
+                os.dup2(out_w, 1)
+                os.dup2(err_w, 2)
+                keep = {0, 1, 2, child.fileno()}
+                for fd in (devnull, out_w, err_w, self.out_r, self.err_r):
+                    if fd not in keep:
+                        try:
+                            os.close(fd)
+                        except OSError:
+                            pass
+                child.set_inheritable(False)
+                worker_main(child, self.config, restore, self.last_good_cell)
+            except BaseException:
+                try:
+                    traceback.print_exc()
+                except BaseException:
+                    pass
+            os._exit(70)
+        child.close()
+        self.worker_pid = pid
+        self.ctrl = parent
+        self.ctrl.setblocking(False)
+        self.ctrl_reader = FrameReader(1 << 30)
+        self.worker_started = False
+
+    def kill_worker(self):
+        if self.worker_pid is None:
+            return None
+        try:
+            os.killpg(self.worker_pid, signal.SIGKILL)
+        except OSError:
+            pass
+        status = self.reap_worker(block=True)
+        return status
+
+    def reap_worker(self, block):
+        if self.worker_pid is None:
+            return None
+        try:
+            pid, status = os.waitpid(self.worker_pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.worker_pid, 0
+        if not pid:
+            return None
+        self.worker_pid = None
+        if self.ctrl is not None:
+            self.ctrl.close()
+            self.ctrl = None
+        return status
+
+    # -- request handling --
+    def start_request(self, msg):
+        if self.current is not None:
+            self.send_host(
+                {
+                    "type": "error",
+                    "id": msg.get("id"),
+                    "error": "busy: a request is already running",
+                }
+            )
+            return
+        self.current = msg
+        self.interrupted = False
+        self.kill_at = None
+        timeout = msg.get("timeout")
+        self.deadline = (time.monotonic() + float(timeout)) if timeout else None
+        self.streamed = 0
+        if self.worker_pid is None:
+            self.spawn_worker(restore=True)
+        if self.worker_started:
+            self.forward(msg)
+
+    def forward(self, msg):
+        try:
+            sock_send_blocking(self.ctrl, msg)
+        except OSError:
+            pass  # the worker died; its EOF is handled by the loop
+
+    def on_worker_frame(self, msg):
+        kind = msg.get("type")
+        if kind == "started":
+            self.worker_started = True
+            if msg.get("note"):
+                self.restart_note = msg.get("note")
+            if self.current is not None:
+                self.forward(self.current)
+            return
+        if self.current is None:
+            return
+        self.drain_output()
+        if kind == "done":
+            self.finish_cell(msg)
+        elif kind == "reply":
+            reply = dict(msg)
+            self.current = None
+            self.send_host(reply)
+
+    def finish_cell(self, msg, status=None, note=None):
+        req = self.current
+        self.current = None
+        self.deadline = self.kill_at = None
+        st = status or msg.get("status", "ok")
+        if (
+            self.interrupted
+            and st in ("ok", "error")
+            and msg.get("exception") == "KeyboardInterrupt"
+        ):
+            st = "timeout" if self.interrupted == "timeout" else "interrupted"
+        if st in ("ok", "error", "timeout", "interrupted") and not note:
+            self.last_good_cell = req.get("id", 0)
+        err = self.err.text()
+        notes = []
+        if st == "timeout" and not note:
+            notes.append(
+                "dockerrepl: cell exceeded its %ss timeout and was interrupted; state kept"
+                % (req.get("timeout"),)
+            )
+        if note:
+            notes.append(note)
+        if self.restart_note:
+            notes.append("dockerrepl: " + self.restart_note)
+            self.restart_note = None
+        if notes:
+            err = err + ("" if not err or err.endswith("\n") else "\n") + "\n".join(notes) + "\n"
+        result = {
+            "type": "result",
+            "id": req.get("id"),
+            "stdout": self.out.text(),
+            "stderr": err,
+            "status": st,
+            "exception": msg.get("exception"),
+            "locals": msg.get("locals") or {},
+            "final_answer": msg.get("final_answer"),
+            "truncated": {"stdout": self.out.dropped, "stderr": self.err.dropped},
+        }
+        self.out.reset()
+        self.err.reset()
+        self.send_host(result)
+
+    def worker_died(self, status):
+        """The worker exited: answer the request it was running, then respawn lazily."""
+        self.worker_pid = None
+        if self.ctrl is not None:
+            try:
+                self.ctrl.close()
+            except OSError:
+                pass
+            self.ctrl = None
+        if status is None:
+            status = 0
+        self.drain_output()
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            try:
+                signame = signal.Signals(sig).name
+            except ValueError:
+                signame = str(sig)
+            how = "killed by %s" % signame
+        else:
+            how = "exited with status %d" % os.WEXITSTATUS(status)
+        oom = _oom_suspected()
+        if self.current is not None:
+            req = self.current
+            if self.kill_at is not None or self.interrupted == "timeout":
+                st = "timeout"
+                why = (
+                    "cell exceeded its %ss timeout and ignored the interrupt; the worker was killed"
+                    % req.get("timeout")
+                )
+            elif oom or (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
+                st = "oom" if oom else "crashed"
+                why = "the worker was %s%s" % (how, " (out of memory)" if oom else "")
+            else:
+                st = "crashed"
+                why = "the worker %s" % how
+            self.spawn_worker(restore=True)
+            # wait for the new worker to come up so the note can say what was restored
+            note = self.wait_started()
+            self.restart_note = None
+            text = "dockerrepl: %s; a new worker was started and %s" % (
+                why,
+                note or "the namespace starts empty",
+            )
+            if req.get("type") == "exec":
+                self.current = req
+                self.finish_cell(
+                    {
+                        "status": st,
+                        "exception": None,
+                        "locals": self.names_locals(),
+                        "final_answer": None,
+                    },
+                    status=st,
+                    note=text,
+                )
+            else:
+                self.current = None
+                self.send_host(
+                    {
+                        "type": "reply",
+                        "id": req.get("id"),
+                        "ok": False,
+                        "error": text,
+                        "exception": "WorkerDied",
+                    }
+                )
+        else:
+            self.restart_note = "the worker %s between cells; it was restarted" % how
+
+    def names_locals(self):
+        return {}
+
+    def wait_started(self):
+        """Block until a freshly spawned worker sends 'started' (bounded)."""
+        end = time.monotonic() + 120
+        while time.monotonic() < end and self.ctrl is not None:
+            r, _, _ = select.select([self.ctrl, self.out_r, self.err_r], [], [], 0.5)
+            if self.out_r in r or self.err_r in r:
+                self.drain_output()
+            if self.ctrl in r:
+                try:
+                    data = self.ctrl.recv(1 << 16)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    return "the replacement worker failed to start"
+                self.ctrl_reader.feed(data)
+                for m in self.ctrl_reader.frames():
+                    if m.get("type") == "started":
+                        self.worker_started = True
+                        return m.get("note")
+        return None
+
+    def drain_output(self):
+        for fd, buf, name in ((self.out_r, self.out, "stdout"), (self.err_r, self.err, "stderr")):
+            while True:
+                try:
+                    data = os.read(fd, 1 << 16)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    break
+                if not data:
+                    break
+                self.on_output(buf, name, data)
+
+    def on_output(self, buf, name, data):
+        buf.add(data)
+        req = self.current
+        if req is not None and req.get("stream"):
+            cap = self.config.get("max_output", 1 << 20)
+            if self.streamed < cap:
+                chunk = data[: cap - self.streamed]
+                self.streamed += len(chunk)
+                self.send_host(
+                    {
+                        "type": "output",
+                        "id": req.get("id"),
+                        "stream": name,
+                        "data": chunk.decode("utf-8", "replace"),
+                    }
+                )
+
+    # -- timers --
+    def on_timer(self):
+        now = time.monotonic()
+        if self.current is None or self.worker_pid is None:
+            return
+        if self.kill_at is not None and now >= self.kill_at:
+            self.kill_at = now + 3600  # once
+            try:
+                os.killpg(self.worker_pid, signal.SIGKILL)
+            except OSError:
+                pass
+            return
+        if self.deadline is not None and now >= self.deadline:
+            self.deadline = None
+            self.interrupt("timeout")
+
+    def interrupt(self, why):
+        if self.worker_pid is None or self.current is None:
+            return
+        self.interrupted = why
+        try:
+            os.kill(self.worker_pid, signal.SIGINT)
+        except OSError:
+            pass
+        self.kill_at = time.monotonic() + float(self.config.get("grace", 2.0))
+
+    def next_timeout(self):
+        t = [x for x in (self.deadline, self.kill_at) if x is not None]
+        if not t:
+            return None
+        return max(0.0, min(t) - time.monotonic())
+
+    # -- main loop --
+    def handle_host(self, msg):
+        kind = msg.get("type")
+        if kind in ("exec", "call"):
+            self.start_request(msg)
+        elif kind == "interrupt":
+            self.interrupt("interrupt")
+        elif kind == "ping":
+            self.send_host({"type": "pong", "id": msg.get("id"), "busy": self.current is not None})
+        elif kind == "shutdown":
+            self.shutdown(bool(msg.get("purge")))
+        else:
+            self.send_host(
+                {"type": "error", "id": msg.get("id"), "error": "unknown message type %r" % (kind,)}
+            )
+
+    def shutdown(self, purge):
+        self.kill_worker()
+        if purge:
+            _purge_workspace()
+        os._exit(0)
+
+    def run(self):
+        # hello first (blocking), so the worker starts with its configuration
+        fl = fcntl.fcntl(0, fcntl.F_GETFL)
+        fcntl.fcntl(0, fcntl.F_SETFL, fl | os.O_NONBLOCK)
+        hello = None
+        while hello is None:
+            if not self.read_host(block=True):
+                os._exit(0)
+            frames = self.host_reader.frames()
+            if frames:
+                hello = frames.pop(0)
+                pending = frames
+        if hello.get("type") != "hello" or hello.get("version") != PROTOCOL_VERSION:
+            self.send_host(
+                {
+                    "type": "error",
+                    "error": "protocol mismatch: bootstrap speaks version %d, host sent %r"
+                    % (PROTOCOL_VERSION, hello.get("version")),
+                }
+            )
+            os._exit(2)
+        self.config = hello.get("config") or {}
+        cap = int(self.config.get("max_output", 1 << 20))
+        self.out, self.err = OutputBuffer(cap), OutputBuffer(cap)
+        dill_from = _dill_origin()
+        self.spawn_worker(restore=bool(self.config.get("restore")))
+        self.send_host(
+            {
+                "type": "ready",
+                "version": PROTOCOL_VERSION,
+                "python": sys.version.split()[0],
+                "dill": dill_from,
+                "pid": os.getpid(),
+                "uid": os.getuid(),
+            }
+        )
+        for m in pending:
+            self.handle_host(m)
+        signal.signal(signal.SIGCHLD, lambda *a: None)  # wake select() when the worker dies
+        while True:
+            fds = [0, self.out_r, self.err_r]
+            if self.ctrl is not None:
+                fds.append(self.ctrl)
+            try:
+                r, _, _ = select.select(fds, [], [], self.next_timeout())
+            except InterruptedError:
+                r = []
+            if 0 in r:
+                if not self.read_host(block=False):
+                    self.shutdown(purge=False)  # stdin closed: the host is gone
+                for m in self.host_reader.frames():
+                    self.handle_host(m)
+            if self.out_r in r or self.err_r in r:
+                self.drain_output()
+            if self.ctrl is not None and self.ctrl in r:
+                try:
+                    data = self.ctrl.recv(1 << 16)
+                except BlockingIOError:
+                    data = None
+                except OSError:
+                    data = b""
+                if data:
+                    self.ctrl_reader.feed(data)
+                    for m in self.ctrl_reader.frames():
+                        self.on_worker_frame(m)
+                elif data == b"":
+                    self.worker_died(self.kill_worker())
+            if self.worker_pid is not None:
+                status = self.reap_worker(block=False)
+                if status is not None:
+                    self.worker_died(status)
+            self.on_timer()
+
+    def read_host(self, block):
+        while True:
+            try:
+                data = os.read(0, 1 << 20)
+            except BlockingIOError:
+                if block:
+                    select.select([0], [], [])
+                    continue
+                return True
+            except InterruptedError:
+                continue
+            if not data:
+                return False
+            self.host_reader.feed(data)
+            if not block:
+                continue
+            return True
+
+
+def sock_send_blocking(sock, obj):
+    data = encode(obj)
+    view = memoryview(data)
+    while view:
+        try:
+            n = sock.send(view)
+        except BlockingIOError:
+            select.select([], [sock], [])
+            continue
+        except InterruptedError:
+            continue
+        view = view[n:]
+
+
+def _dill_origin():
+    lib = os.path.join(HERE, "lib")
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("dill")
+    except Exception:
+        spec = None
+    if spec is not None and spec.origin:
+        return "image"
+    if os.path.isdir(os.path.join(lib, "dill")):
+        return "mount"
+    return None
+
+
+def _oom_suspected():
+    """Best effort: did the kernel's OOM killer act in this container's cgroup?"""
+    for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == "oom_kill":
+                count = int(parts[1])
+                prev = _OOM_SEEN[0]
+                _OOM_SEEN[0] = count
+                return count > prev
+    return False
+
+
+_OOM_SEEN = [0]
+
+
+def _purge_workspace():
+    for name in os.listdir(WORKSPACE):
+        path = os.path.join(WORKSPACE, name)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                import shutil
+
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def main():
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are for the worker
+    try:
+        _oom_suspected()  # record the baseline count
+    except Exception:
+        pass
+    try:
+        Supervisor().run()
+    except BrokenPipeError:
+        os._exit(0)
+    except OSError as e:
+        if e.errno == errno.EPIPE:
+            os._exit(0)
+        raise
+
+
+if __name__ == "__main__":
+    # Re-import this file as a proper module so the REPL helpers are importable
+    # by name (dill then pickles them by reference, not by value).
+    sys.path.insert(0, HERE)
+    import dockerrepl_bootstrap
+
+    dockerrepl_bootstrap.main()

@@ -1,0 +1,442 @@
+"""Container lifecycle: the hardened ``docker run -i`` and its framed stdio channel.
+
+A :class:`Container` owns one ``docker run -i --rm`` process. Its stdin and
+stdout carry length-prefixed JSON frames to and from the bootstrap supervisor.
+Closing stdin is the dead-man switch: the supervisor exits, and ``--rm`` removes
+the container, even when the host process was killed with SIGKILL.
+
+Local-engine assumptions (bind mounts, ``host.docker.internal``) live here and
+in :mod:`dockerrepl.repl` only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import select
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, Optional
+
+from . import _docker
+from ._wire import HEADER, decode_body, encode_frame
+from .errors import (
+    BootstrapError,
+    ContainerDied,
+    DockerError,
+    DockerReplError,
+    FrameTooLarge,
+    NoSuchImage,
+    ProtocolError,
+    ProxyError,
+    SecurityCheckError,
+)
+
+__all__ = ["Container", "ContainerConfig", "bridge_gateway", "owner_label", "process_start_time"]
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_NAME = "dockerrepl_bootstrap.py"
+PROTOCOL_VERSION = 1
+MOUNT_POINT = "/workspace"
+LABEL_PREFIX = "dockerrepl."
+
+# Which interpreter name works in an image (python3 or python), learned once per image.
+_PYTHON_FOR_IMAGE: dict[tuple[str, str], str] = {}
+_GATEWAY_CACHE: dict[tuple[str, str], str] = {}
+_cache_lock = threading.Lock()
+
+
+def process_start_time(pid: int) -> str:
+    """Field 22 of ``/proc/<pid>/stat`` (start time in clock ticks since boot); "0" if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode("ascii", "replace")
+    except OSError:
+        return "0"
+    # comm (field 2) may contain spaces and parentheses: split after the last ')'
+    rest = data.rsplit(")", 1)[-1].split()
+    return rest[19] if len(rest) > 19 else "0"
+
+
+def owner_label(pid: Optional[int] = None) -> str:
+    """``<hostname>:<pid>:<start>`` for the owner process (default: this one)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{process_start_time(pid)}"
+
+
+def bridge_gateway(docker: str = "docker") -> str:
+    """The host address that ``host-gateway`` maps to: the default bridge's gateway.
+
+    Cached per docker binary and ``DOCKER_HOST``.
+    """
+    key = (docker, os.environ.get("DOCKER_HOST", ""))
+    with _cache_lock:
+        if key in _GATEWAY_CACHE:
+            return _GATEWAY_CACHE[key]
+    res = _docker.run(
+        ["network", "inspect", "bridge", "--format", "{{json .IPAM.Config}}"],
+        timeout=20,
+        docker=docker,
+    )
+    gateway = ""
+    try:
+        for cfg in json.loads(res.stdout.strip() or "[]") or []:
+            if cfg.get("Gateway"):
+                gateway = cfg["Gateway"]
+                break
+            if cfg.get("Subnet") and ":" not in cfg["Subnet"]:
+                # docker gives the bridge the first host address of its subnet
+                gateway = str(next(ipaddress.ip_network(cfg["Subnet"], strict=False).hosts()))
+                break
+    except (ValueError, StopIteration):
+        gateway = ""
+    if not gateway:
+        raise ProxyError(
+            "could not determine the docker bridge gateway address"
+            " from `docker network inspect bridge`"
+        )
+    with _cache_lock:
+        _GATEWAY_CACHE[key] = gateway
+    return gateway
+
+
+@dataclass
+class ContainerConfig:
+    """Everything ``docker run`` needs to know (see :class:`dockerrepl.DockerREPL`)."""
+
+    image: str
+    workspace: str
+    docker: str = "docker"
+    memory: Optional[str] = "2g"
+    cpus: Optional[float] = None
+    pids_limit: Optional[int] = 512
+    network: str = "bridge"
+    user: Optional[str] = None
+    read_only: bool = False
+    runtime: Optional[str] = None
+    labels: dict[str, str] = field(default_factory=dict)
+    extra_args: Sequence[str] = ()
+    start_timeout: float = 120.0
+    tmpfs_size: str = "256m"
+
+    def run_argv(self, name: str, python: str) -> list[str]:
+        """The ``docker run`` arguments (without the leading ``docker``)."""
+        argv = ["run", "-i", "--rm", "--init", "--name", name, "--pull", "missing"]
+        for k, v in sorted(self.labels.items()):
+            argv += ["--label", f"{k}={v}"]
+        argv += ["-v", f"{self.workspace}:{MOUNT_POINT}", "-w", MOUNT_POINT]
+        if self.network == "none":
+            argv += ["--network", "none"]
+        elif self.network == "bridge":
+            argv += ["--network", "bridge", "--add-host", "host.docker.internal:host-gateway"]
+        else:
+            raise ValueError(f"network must be 'bridge' or 'none', not {self.network!r}")
+        argv += ["--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+        if self.pids_limit:
+            argv += ["--pids-limit", str(int(self.pids_limit))]
+        if self.memory:
+            # swap off: --memory-swap equal to --memory
+            argv += ["--memory", str(self.memory), "--memory-swap", str(self.memory)]
+        if self.cpus:
+            argv += ["--cpus", str(self.cpus)]
+        if self.user:
+            argv += ["--user", str(self.user)]
+        if self.read_only:
+            argv += ["--read-only", "--tmpfs", f"/tmp:rw,nosuid,nodev,size={self.tmpfs_size}"]
+        if self.runtime:
+            argv += ["--runtime", self.runtime]
+        argv += list(self.extra_args)
+        argv += [
+            "--entrypoint",
+            python,
+            self.image,
+            "-B",
+            f"{MOUNT_POINT}/.dockerrepl/{BOOTSTRAP_NAME}",
+        ]
+        return argv
+
+
+class Container:
+    """One running sandbox container and its framed channel.
+
+    Not thread-safe by itself: :class:`dockerrepl.DockerREPL` serialises use.
+    """
+
+    def __init__(self, config: ContainerConfig, log_path: str, max_frame: int = 256 << 20) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.max_frame = max_frame
+        self.name = "dockerrepl-" + secrets.token_hex(6)
+        self.proc: Optional[Any] = None
+        self._buf = bytearray()
+        self._log: Optional[IO[bytes]] = None
+        self.info: dict[str, Any] = {}
+        self.id: Optional[str] = None
+
+    # -- start ---------------------------------------------------------------
+    def start(self, hello: dict[str, Any]) -> dict[str, Any]:
+        """Start the container, send ``hello`` and wait for the bootstrap's ``ready``."""
+        key = (self.config.docker, self.config.image)
+        with _cache_lock:
+            candidates = (
+                [_PYTHON_FOR_IMAGE[key]] if key in _PYTHON_FOR_IMAGE else ["python3", "python"]
+            )
+        last: Optional[BaseException] = None
+        for python in candidates:
+            try:
+                ready = self._start_with(python, hello)
+            except _NoInterpreter as exc:
+                last = exc
+                continue
+            with _cache_lock:
+                _PYTHON_FOR_IMAGE[key] = python
+            return ready
+        raise BootstrapError(
+            f"image {self.config.image!r} has neither `python3` nor `python` on its PATH"
+            " (dockerrepl needs Python 3.8+ in the image)"
+        ) from last
+
+    def _start_with(self, python: str, hello: dict[str, Any]) -> dict[str, Any]:
+        self._buf.clear()
+        self._log = open(self.log_path, "wb")
+        self.proc = _docker.spawn(
+            self.config.run_argv(self.name, python), docker=self.config.docker, stderr=self._log
+        )
+        # Pipelined: the hello waits in the pipe while the container starts.
+        try:
+            self.send(hello)
+        except ContainerDied:
+            pass
+        deadline = time.monotonic() + self.config.start_timeout
+        try:
+            ready = self.recv(deadline)
+        except ContainerDied:
+            self._raise_start_failure(python)
+            raise
+        except DockerReplError:
+            self.kill()
+            raise
+        if ready.get("type") != "ready":
+            self.kill()
+            raise BootstrapError(f"bootstrap did not start: {ready.get('error') or ready!r}")
+        if ready.get("version") != PROTOCOL_VERSION:
+            self.kill()
+            raise BootstrapError(
+                f"bootstrap protocol version {ready.get('version')!r} != host's {PROTOCOL_VERSION}"
+            )
+        self.info = ready
+        return ready
+
+    def _raise_start_failure(self, python: str) -> None:
+        rc = self.wait(10)
+        text = self.log_tail()
+        # runc says "executable file not found"; with --init, tini says "exec python3 failed"
+        missing = "executable file not found" in text or f"exec {python} failed" in text
+        if rc == 127 and missing and python in text:
+            raise _NoInterpreter(text)
+        if rc == 125 or "Error response from daemon" in text or rc is None:
+            err = _docker.classify_error(text, rc if rc is not None else -1, ["docker", "run"])
+            if isinstance(err, NoSuchImage):
+                err = NoSuchImage(
+                    f"image {self.config.image!r} is not present and could not be pulled",
+                    err.hint,
+                    text,
+                    err.returncode,
+                )
+            raise err
+        raise BootstrapError(
+            f"container exited with {rc} before the bootstrap was ready; log tail:\n{text}"
+        )
+
+    # -- channel -------------------------------------------------------------
+    def send(self, obj: Any) -> None:
+        """Write one frame to the container's stdin."""
+        proc = self.proc
+        if proc is None or proc.stdin is None:
+            raise ContainerDied("the container is not running")
+        data = encode_frame(obj)
+        try:
+            proc.stdin.write(data)
+        except (BrokenPipeError, ValueError, OSError) as exc:
+            raise ContainerDied(
+                f"the container's stdin is closed ({exc.__class__.__name__})"
+            ) from None
+
+    def recv(self, deadline: Optional[float]) -> dict[str, Any]:
+        """Read one frame, waiting until ``deadline`` (monotonic); ``TimeoutError`` after it."""
+        proc = self.proc
+        if proc is None or proc.stdout is None:
+            raise ContainerDied("the container is not running")
+        fd = proc.stdout.fileno()
+        while True:
+            frame = self._parse()
+            if frame is not None:
+                return frame
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                raise TimeoutError("no frame from the container before the deadline")
+            ready, _, _ = select.select([fd], [], [], timeout)
+            if not ready:
+                continue
+            try:
+                data = os.read(fd, 1 << 20)
+            except OSError as exc:
+                raise ContainerDied(f"reading from the container failed: {exc}") from None
+            if not data:
+                raise ContainerDied("the container's output closed (it exited or was killed)")
+            self._buf += data
+
+    def _parse(self) -> Optional[dict[str, Any]]:
+        buf = self._buf
+        if len(buf) < HEADER.size:
+            return None
+        (n,) = HEADER.unpack_from(buf)
+        if n > self.max_frame:
+            self.kill()
+            raise FrameTooLarge(f"container sent a frame of {n} bytes (limit {self.max_frame})")
+        if len(buf) < HEADER.size + n:
+            return None
+        body = bytes(buf[HEADER.size : HEADER.size + n])
+        del buf[: HEADER.size + n]
+        obj = decode_body(body)
+        if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+            raise ProtocolError("container sent a frame that is not an object with a 'type'")
+        return obj
+
+    # -- state ---------------------------------------------------------------
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait(self, timeout: float) -> Optional[int]:
+        if self.proc is None:
+            return None
+        try:
+            rc: int = self.proc.wait(timeout=timeout)
+            return rc
+        except _docker.TimeoutExpired:
+            return None
+
+    def log_tail(self, limit: int = 4000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - limit))
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def container_id(self, timeout: float = 20) -> str:
+        """The engine's id for this container (asked once, then cached)."""
+        if self.id is None:
+            res = _docker.run(
+                ["inspect", "--format", "{{.Id}}", self.name],
+                timeout=timeout,
+                docker=self.config.docker,
+            )
+            self.id = res.stdout.strip()
+        return self.id
+
+    def inspect(self, timeout: float = 20) -> dict[str, Any]:
+        res = _docker.run(["inspect", self.name], timeout=timeout, docker=self.config.docker)
+        data = json.loads(res.stdout)
+        if not data:
+            raise ContainerDied(f"docker inspect {self.name} returned nothing")
+        out: dict[str, Any] = data[0]
+        self.id = out.get("Id", self.id)
+        return out
+
+    def verify(self, attrs: dict[str, Any]) -> None:
+        """Fail closed if the engine did not apply the hardening that was asked for."""
+        hc = attrs.get("HostConfig") or {}
+        problems = []
+        caps = [c.upper() for c in (hc.get("CapDrop") or [])]
+        if "ALL" not in caps and "CAP_ALL" not in caps:
+            problems.append(f"CapDrop is {hc.get('CapDrop')!r}, not ALL")
+        if not any("no-new-privileges" in s for s in (hc.get("SecurityOpt") or [])):
+            problems.append("no-new-privileges is not set")
+        cfg = self.config
+        if cfg.pids_limit and (hc.get("PidsLimit") or 0) != int(cfg.pids_limit):
+            problems.append(f"PidsLimit is {hc.get('PidsLimit')!r}, not {cfg.pids_limit}")
+        if cfg.memory and not hc.get("Memory"):
+            problems.append("no memory limit was applied")
+        if cfg.memory and hc.get("MemorySwap") not in (hc.get("Memory"),):
+            problems.append("swap is not off (MemorySwap != Memory)")
+        if cfg.read_only and not hc.get("ReadonlyRootfs"):
+            problems.append("the root filesystem is not read-only")
+        if cfg.network == "none" and hc.get("NetworkMode") != "none":
+            problems.append(f"NetworkMode is {hc.get('NetworkMode')!r}, not none")
+        if cfg.user and (attrs.get("Config") or {}).get("User") != cfg.user:
+            problems.append(f"User is {(attrs.get('Config') or {}).get('User')!r}")
+        if problems:
+            raise SecurityCheckError("the engine did not apply: " + "; ".join(problems))
+
+    # -- stop ----------------------------------------------------------------
+    def close(self, timeout: float = 10.0, purge: bool = False) -> None:
+        """Ask the supervisor to exit, close stdin, and wait; kill if it lingers."""
+        proc = self.proc
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None:
+                try:
+                    self.send({"type": "shutdown", "purge": purge})
+                except DockerReplError:
+                    pass
+            try:
+                if proc.stdin is not None:
+                    proc.stdin.close()
+            except OSError:
+                pass
+            if self.wait(timeout) is None:
+                self.kill()
+        finally:
+            self._release()
+
+    def kill(self) -> None:
+        """Remove the container now (``docker rm -f``) and reap the CLI process."""
+        proc = self.proc
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None:
+                try:
+                    _docker.run(
+                        ["rm", "-f", self.name], timeout=30, docker=self.config.docker, check=False
+                    )
+                except DockerError as exc:
+                    log.warning("docker rm -f %s failed: %s", self.name, exc)
+                try:
+                    if proc.stdin is not None:
+                        proc.stdin.close()
+                except OSError:
+                    pass
+                if self.wait(10) is None:
+                    proc.kill()
+                    self.wait(5)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            for stream in (proc.stdin, proc.stdout):
+                try:
+                    if stream is not None:
+                        stream.close()
+                except OSError:
+                    pass
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class _NoInterpreter(BootstrapError):
+    """Internal: the tried interpreter name does not exist in the image."""

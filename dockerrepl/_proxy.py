@@ -1,0 +1,537 @@
+"""The HTTP proxy the container's ``llm_query()`` talks to.
+
+A ``socketserver`` HTTP/1.1 server (keep-alive: one long-lived connection and
+handler thread per container thread, no per-request thread churn) served on
+TCP at the docker bridge gateway address, or on a unix socket inside the
+workspace mount for ``network="none"``. Every request must carry the
+per-container token. Requests are forwarded to the LM Handler over a raw
+socket (rlm's framing) with the environment's depth, never the body's.
+
+Endpoints (POST, JSON): ``/llm_query``, ``/llm_query_batched``, ``/rlm_query``,
+``/rlm_query_batched`` as in rlm, and ``/host_tool`` for
+:func:`dockerrepl.host_tool` functions.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from ._serve import start_serving, stop_serving
+from .errors import DockerReplError, ProxyError
+from .lm_handler import LMConnection
+
+__all__ = ["ProxyServer", "ProxyState"]
+
+log = logging.getLogger(__name__)
+
+#: Largest request body accepted (a batched prompt list is the biggest honest body).
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+#: How long a kept-alive connection may sit idle or a client may dawdle mid-request.
+IDLE_TIMEOUT = 300.0
+
+Address = tuple[str, int]
+
+
+def _completion_dict(obj: Any) -> dict[str, Any]:
+    """A completion (ours, rlm's or a dict) as the wire's ``C`` dict."""
+    if isinstance(obj, dict):
+        return obj
+    to_dict = getattr(obj, "to_dict", None)
+    if callable(to_dict):
+        d = to_dict()
+        if isinstance(d, dict):
+            return d
+    raise TypeError(f"subcall_fn returned {type(obj).__name__}, not a completion")
+
+
+def _tokens(c: dict[str, Any]) -> int:
+    total = 0
+    usage = (c.get("usage_summary") or {}).get("model_usage_summaries") or {}
+    for u in usage.values():
+        if isinstance(u, dict):
+            total += int(u.get("total_input_tokens") or 0) + int(u.get("total_output_tokens") or 0)
+    return total
+
+
+@dataclass
+class ProxyState:
+    """What one REPL's proxy needs; mutable where rlm mutates it (handler address)."""
+
+    token: str
+    depth: int = 1
+    lm_handler_address: Optional[Address] = None
+    subcall_fn: Optional[Callable[[Any, Optional[str]], Any]] = None
+    max_concurrent_subcalls: int = 4
+    max_llm_calls: Optional[int] = None
+    max_llm_tokens: Optional[int] = None
+    host_tools: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    lm_timeout: float = 600.0
+    # runtime
+    calls: int = 0
+    tokens: int = 0
+    current_cell: int = 0
+    abandoned_below: int = 0
+    completions: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _subcall_sem: Optional[threading.BoundedSemaphore] = None
+
+    def subcall_semaphore(self) -> threading.BoundedSemaphore:
+        with self.lock:
+            if self._subcall_sem is None:
+                self._subcall_sem = threading.BoundedSemaphore(
+                    max(1, int(self.max_concurrent_subcalls))
+                )
+            return self._subcall_sem
+
+    def record(self, cell: int, completion: dict[str, Any]) -> None:
+        with self.lock:
+            self.tokens += _tokens(completion)
+            if cell >= self.abandoned_below:
+                self.completions.setdefault(cell, []).append(completion)
+
+    def take(self, cell: int) -> list[dict[str, Any]]:
+        """The completions a cell made; older cells' leftovers are dropped."""
+        with self.lock:
+            out = self.completions.pop(cell, [])
+            for k in [k for k in self.completions if k <= cell]:
+                del self.completions[k]
+            return out
+
+    def abandon_through(self, cell: int) -> None:
+        """Calls made by cells <= ``cell`` will never be attributed (their cell timed out)."""
+        with self.lock:
+            self.abandoned_below = max(self.abandoned_below, cell + 1)
+            for k in [k for k in self.completions if k <= cell]:
+                del self.completions[k]
+
+    def reserve_calls(self, n: int) -> int:
+        """How many of ``n`` LM calls the budget still allows (and count them)."""
+        with self.lock:
+            allowed = n
+            if self.max_llm_tokens is not None and self.tokens >= self.max_llm_tokens:
+                allowed = 0
+            if self.max_llm_calls is not None:
+                allowed = max(0, min(allowed, self.max_llm_calls - self.calls))
+            self.calls += allowed
+            return allowed
+
+    def budget_message(self) -> str:
+        if self.max_llm_tokens is not None and self.tokens >= self.max_llm_tokens:
+            return (
+                f"budget exceeded: max_llm_tokens={self.max_llm_tokens} used ({self.tokens} tokens)"
+            )
+        return f"budget exceeded: max_llm_calls={self.max_llm_calls} used"
+
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    411: "Length Required",
+    413: "Payload Too Large",
+    431: "Request Header Fields Too Large",
+}
+_MAX_LINE = 8192
+_MAX_HEADERS = 100
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    """A lean HTTP/1.1 server side: keep-alive, Content-Length bodies, JSON in and out.
+
+    ``http.server``'s handler parses headers with the email package, which
+    costs more than the whole LM round trip; this one reads exactly what the
+    container's client sends (and what curl or requests send), and nothing else.
+    """
+
+    timeout = IDLE_TIMEOUT
+    # the container waits for each answer: Nagle would hold the tail of it back
+    disable_nagle_algorithm = True
+    server: _ServerMixin  # type: ignore[assignment]
+
+    def setup(self) -> None:
+        super().setup()
+        self._lm: Optional[LMConnection] = None
+        self._lm_addr: Optional[Address] = None
+        self.path = ""
+        self.headers: dict[str, str] = {}
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        except OSError:
+            pass
+        finally:
+            if self._lm is not None:
+                self._lm.close()
+
+    def handle(self) -> None:
+        while True:
+            try:
+                keep = self._handle_one()
+            except _BadRequest as exc:
+                self._reply(exc.status, {"error": str(exc)}, close=True)
+                return
+            except (OSError, ValueError):
+                return  # timeout, reset, or a closed file: drop the connection
+            if not keep:
+                return
+
+    def _read_line(self) -> bytes:
+        line = self.rfile.readline(_MAX_LINE + 1)
+        if len(line) > _MAX_LINE:
+            raise _BadRequest(431, "request line or header too long")
+        return line
+
+    def _handle_one(self) -> bool:
+        line = self._read_line()
+        if not line:
+            return False  # clean EOF between requests
+        parts = line.decode("latin-1").split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise _BadRequest(400, "malformed request line")
+        method, self.path, version = parts
+        headers: dict[str, str] = {}
+        while True:
+            h = self._read_line()
+            if h in (b"\r\n", b"\n"):
+                break
+            if not h:
+                return False
+            if len(headers) >= _MAX_HEADERS:
+                raise _BadRequest(431, "too many headers")
+            name, sep, value = h.decode("latin-1").partition(":")
+            if not sep or not name.strip():
+                raise _BadRequest(400, "malformed header")
+            headers[name.strip().lower()] = value.strip()
+        self.headers = headers
+        keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+        if method != "POST":
+            self._reply(405, {"error": "use POST"}, close=not keep)
+            return keep
+        if "transfer-encoding" in headers:
+            raise _BadRequest(411, "chunked bodies are not accepted; send Content-Length")
+        try:
+            length = int(headers["content-length"])
+        except (KeyError, ValueError):
+            raise _BadRequest(411, "a valid Content-Length is required") from None
+        if length < 0:
+            raise _BadRequest(400, "negative Content-Length")
+        state = self.server.state
+        token = headers.get("authorization", "")
+        if not hmac.compare_digest(
+            token.encode("utf-8", "replace"), f"Bearer {state.token}".encode()
+        ):
+            self._reply(401, {"error": "missing or wrong token"}, close=True)
+            return False
+        if length > self.server.max_body:
+            raise _BadRequest(413, f"body over {self.server.max_body} bytes")
+        if headers.get("expect", "").lower() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        raw = self.rfile.read(length)
+        if len(raw) != length:
+            return False
+        self._reply(*self._route(raw), close=not keep)
+        return keep
+
+    def _route(self, raw: bytes) -> tuple[int, dict[str, Any]]:
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            return 400, {"error": f"bad JSON: {exc}"}
+        if not isinstance(body, dict):
+            return 400, {"error": "body must be a JSON object"}
+        try:
+            cell = int(self.headers.get("x-dockerrepl-cell", "0"))
+        except ValueError:
+            cell = 0
+        route = {
+            "/llm_query": self._llm_single,
+            "/llm_query_batched": self._llm_batched,
+            "/rlm_query": self._rlm_single,
+            "/rlm_query_batched": self._rlm_batched,
+            "/host_tool": self._host_tool,
+        }.get(self.path)
+        if route is None:
+            return 404, {"error": f"no such endpoint {self.path[:200]!r}"}
+        try:
+            return 200, route(body, cell)
+        except Exception as exc:  # never leave the container without an answer
+            log.debug("proxy handler failed", exc_info=True)
+            return 200, {"error": f"proxy error: {type(exc).__name__}: {exc}"}
+
+    def _reply(self, status: int, data: dict[str, Any], close: bool = False) -> None:
+        payload = json.dumps(data, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+            + ("Connection: close\r\n" if close else "")
+            + "\r\n"
+        )
+        try:
+            self.wfile.write(head.encode("latin-1") + payload)  # one write: one segment
+        except OSError:
+            pass
+
+    # -- LM Handler ----------------------------------------------------------
+    def _lm_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        state = self.server.state
+        addr = state.lm_handler_address
+        if not addr:
+            return {"error": "No LM handler configured"}
+        addr = (str(addr[0]), int(addr[1]))
+        if self._lm is None or self._lm_addr != addr:
+            if self._lm is not None:
+                self._lm.close()
+            self._lm = LMConnection(addr, timeout=state.lm_timeout)
+            self._lm_addr = addr
+        try:
+            return self._lm.request(req)
+        except (DockerReplError, OSError, ValueError) as exc:
+            self._lm.close()
+            self._lm = None
+            return {"error": f"LM handler at {addr[0]}:{addr[1]} failed: {exc}"}
+
+    def _prompt_fields(self, body: dict[str, Any]) -> tuple[Any, Optional[str]]:
+        model = body.get("model")
+        return body.get("prompt"), (model if isinstance(model, str) else None)
+
+    def _llm_single(self, body: dict[str, Any], cell: int) -> dict[str, Any]:
+        state = self.server.state
+        prompt, model = self._prompt_fields(body)
+        if state.reserve_calls(1) < 1:
+            return {"error": state.budget_message()}
+        req: dict[str, Any] = {"prompt": prompt, "depth": state.depth}
+        if model is not None:
+            req["model"] = model
+        resp = self._lm_request(req)
+        comp = resp.get("chat_completion")
+        if resp.get("error") or not isinstance(comp, dict):
+            return {"error": str(resp.get("error") or "LM handler sent no completion")}
+        state.record(cell, comp)
+        return {"response": str(comp.get("response") or "")}
+
+    def _llm_batched(self, body: dict[str, Any], cell: int) -> dict[str, Any]:
+        state = self.server.state
+        prompts = body.get("prompts")
+        if not isinstance(prompts, list):
+            return {"error": "'prompts' must be a list"}
+        if not prompts:
+            return {"responses": []}
+        _, model = self._prompt_fields(body)
+        allowed = state.reserve_calls(len(prompts))
+        out: list[str] = [f"Error: {state.budget_message()}"] * len(prompts)
+        if allowed:
+            req: dict[str, Any] = {"prompts": prompts[:allowed], "depth": state.depth}
+            if model is not None:
+                req["model"] = model
+            resp = self._lm_request(req)
+            comps = resp.get("chat_completions")
+            if resp.get("error") or not isinstance(comps, list):
+                msg = f"Error: {resp.get('error') or 'LM handler sent no completions'}"
+                out[:allowed] = [msg] * allowed
+            else:
+                for i, c in enumerate(comps[:allowed]):
+                    if not isinstance(c, dict):
+                        out[i] = "Error: malformed completion"
+                    elif c.get("error"):
+                        out[i] = f"Error: {c['error']}"
+                    else:
+                        state.record(cell, c)
+                        out[i] = str(c.get("response") or "")
+        return {"responses": out}
+
+    def _subcall(self, prompt: Any, model: Optional[str], cell: int) -> tuple[str, Optional[str]]:
+        """One rlm_query: (response, error). Bounded by max_concurrent_subcalls per REPL."""
+        state = self.server.state
+        fn = state.subcall_fn
+        assert fn is not None
+        with state.subcall_semaphore():
+            try:
+                comp = _completion_dict(fn(prompt, model))
+            except Exception as exc:
+                return "", f"RLM query failed - {exc}"
+        state.record(cell, comp)
+        return str(comp.get("response") or ""), None
+
+    def _rlm_single(self, body: dict[str, Any], cell: int) -> dict[str, Any]:
+        if self.server.state.subcall_fn is None:
+            return self._llm_single(body, cell)
+        prompt, model = self._prompt_fields(body)
+        resp, err = self._subcall(prompt, model, cell)
+        return {"error": err} if err else {"response": resp}
+
+    def _rlm_batched(self, body: dict[str, Any], cell: int) -> dict[str, Any]:
+        state = self.server.state
+        if state.subcall_fn is None:
+            return self._llm_batched(body, cell)
+        prompts = body.get("prompts")
+        if not isinstance(prompts, list):
+            return {"error": "'prompts' must be a list"}
+        _, model = self._prompt_fields(body)
+
+        def one(p: Any) -> str:
+            if cell < state.abandoned_below:
+                return "Error: the cell that asked was abandoned (timeout)"
+            resp, err = self._subcall(p, model, cell)
+            return f"Error: {err}" if err else resp
+
+        return {"responses": list(self.server.executor().map(one, prompts))}
+
+    def _host_tool(self, body: dict[str, Any], cell: int) -> dict[str, Any]:
+        name = body.get("tool")
+        fn = self.server.state.host_tools.get(name) if isinstance(name, str) else None
+        if fn is None:
+            return {"error": f"no host tool named {name!r}", "exception": "NameError"}
+        args = body.get("args") or []
+        kwargs = body.get("kwargs") or {}
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            return {"error": "args must be a list and kwargs an object", "exception": "TypeError"}
+        try:
+            result = fn(*args, **kwargs)
+            json.dumps(result)
+        except Exception as exc:
+            return {"error": str(exc), "exception": type(exc).__name__}
+        return {"result": result}
+
+
+class _ServerMixin:
+    state: ProxyState
+    max_body: int
+    _executor: Optional[ThreadPoolExecutor] = None
+    _exec_lock = threading.Lock()
+
+    def executor(self) -> ThreadPoolExecutor:
+        with self._exec_lock:
+            if self._executor is None:
+                # sub-calls are bounded by the state's semaphore; the pool only needs room
+                self._executor = ThreadPoolExecutor(
+                    max_workers=64, thread_name_prefix="dockerrepl-subcall"
+                )
+            return self._executor
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("proxy: error while serving %r", client_address, exc_info=True)
+
+    @property
+    def lm_handler_address(self) -> Optional[Address]:
+        """rlm's attribute: where requests are forwarded (updated by update_handler_address)."""
+        return self.state.lm_handler_address
+
+    @lm_handler_address.setter
+    def lm_handler_address(self, value: Optional[Address]) -> None:
+        self.state.lm_handler_address = value
+
+
+class _TCPServer(_ServerMixin, socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+
+class _UnixServer(_ServerMixin, socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+    request_queue_size = 64
+
+    def get_request(self) -> Any:
+        sock, _ = super().get_request()
+        return sock, ("unix", 0)  # BaseHTTPRequestHandler expects an (address, port) pair
+
+
+class ProxyServer:
+    """One REPL's proxy: TCP on ``(host, 0)`` or a unix socket path."""
+
+    def __init__(
+        self,
+        state: ProxyState,
+        *,
+        host: Optional[str] = None,
+        unix_path: Optional[str] = None,
+        max_body: int = DEFAULT_MAX_BODY,
+    ) -> None:
+        if (host is None) == (unix_path is None):
+            raise ValueError("give exactly one of host= or unix_path=")
+        self.state = state
+        self.unix_path = unix_path
+        self._server: Union[_TCPServer, _UnixServer]
+        try:
+            if unix_path is not None:
+                if os.path.exists(unix_path):
+                    os.unlink(unix_path)
+                self._server = _UnixServer(unix_path, _Handler)
+                # the container user may be anyone: the token is the access control
+                os.chmod(unix_path, 0o666)
+            else:
+                assert host is not None
+                self._server = _TCPServer((host, 0), _Handler)
+        except OSError as exc:
+            where = unix_path or f"{host}:0"
+            raise ProxyError(
+                f"cannot bind the LM proxy to {where}: {exc}"
+                + ("" if unix_path else " (is this the docker bridge gateway of a local engine?)")
+            ) from None
+        self._server.state = state
+        self._server.max_body = max_body
+        self._thread = start_serving(self._server, "dockerrepl-proxy")
+
+    @property
+    def server(self) -> Union[_TCPServer, _UnixServer]:
+        return self._server
+
+    @property
+    def port(self) -> int:
+        if self.unix_path is not None:
+            return 0
+        addr: Any = self._server.server_address
+        return int(addr[1])
+
+    @property
+    def host(self) -> str:
+        addr: Any = self._server.server_address
+        return "" if self.unix_path is not None else str(addr[0])
+
+    def close(self) -> None:
+        """Stop serving (idempotent)."""
+        srv = self._server
+        if getattr(srv, "_closed", False):
+            return
+        srv._closed = True  # type: ignore[union-attr]
+        stop_serving(srv, self._thread)
+        if srv._executor is not None:
+            srv._executor.shutdown(wait=False)
+        if self.unix_path:
+            try:
+                os.unlink(self.unix_path)
+            except OSError:
+                pass
+
+
+def wait_port_closed(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Test helper: True once nothing accepts on host:port."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                pass
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False

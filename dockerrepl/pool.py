@@ -1,0 +1,125 @@
+"""A warm pool of pre-started REPLs.
+
+Starting a container costs ~0.3-0.5 s; :meth:`DockerREPLPool.acquire` hands out
+one that is already running, and starts its replacement in the background.
+A REPL is handed out once and never returned to the pool (no state can leak
+from one user to the next); members that were never handed out die with the
+pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any, Optional
+
+from .errors import DockerReplError, ReplClosed
+from .repl import DockerREPL
+
+__all__ = ["DockerREPLPool"]
+
+log = logging.getLogger(__name__)
+
+
+class DockerREPLPool:
+    """Keep ``size`` ready :class:`DockerREPL` instances built with ``repl_kwargs``.
+
+    ``acquire()`` returns a ready REPL (the caller owns it and must
+    ``cleanup()`` it); ``close()`` removes every REPL not yet handed out.
+    Per-user data (``context_payload``, ``setup_code``) can be given as pool
+    kwargs if all users share it, or loaded after ``acquire()``.
+    """
+
+    def __init__(self, size: int = 2, **repl_kwargs: Any) -> None:
+        if not isinstance(size, int) or size < 1:
+            raise ValueError("size must be a positive int")
+        self.size = size
+        self.repl_kwargs = repl_kwargs
+        self._ready: queue.Queue[DockerREPL] = queue.Queue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._starting = 0
+        self._errors: list[BaseException] = []
+        self._threads: list[threading.Thread] = []
+        for _ in range(size):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._starting += 1
+            t = threading.Thread(target=self._start_one, name="dockerrepl-pool", daemon=True)
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+
+    def _start_one(self) -> None:
+        repl: Optional[DockerREPL] = None
+        try:
+            repl = DockerREPL(**self.repl_kwargs)
+        except BaseException as exc:
+            log.warning("pool: starting a REPL failed: %s", exc)
+            with self._lock:
+                self._errors.append(exc)
+        finally:
+            with self._lock:
+                self._starting -= 1
+                closed = self._closed
+        if repl is None:
+            return
+        if closed:
+            repl.cleanup()
+        else:
+            self._ready.put(repl)
+
+    def acquire(self, timeout: Optional[float] = 120.0) -> DockerREPL:
+        """A ready REPL, yours alone; a replacement starts in the background.
+
+        Raises :class:`DockerReplError` when members cannot be started (the
+        cause is chained) and ``TimeoutError`` when none is ready in time.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._closed:
+                raise ReplClosed("the pool is closed")
+            try:
+                repl = self._ready.get(timeout=0.05)
+            except queue.Empty:
+                with self._lock:
+                    err = self._errors[-1] if self._errors and self._starting == 0 else None
+                    if err is not None:
+                        self._errors.clear()
+                if err is not None:
+                    self._spawn()  # keep trying for later callers
+                    raise DockerReplError(f"the pool could not start a REPL: {err}") from err
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError("no REPL became ready in time") from None
+                continue
+            self._spawn()
+            return repl
+
+    @property
+    def ready_count(self) -> int:
+        """How many REPLs are ready right now."""
+        return self._ready.qsize()
+
+    def close(self) -> None:
+        """Remove every REPL not handed out (idempotent). Handed-out REPLs stay their owners'."""
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        for t in threads:  # members still starting clean themselves up when they finish
+            t.join(timeout=180)
+        while True:
+            try:
+                self._ready.get_nowait().cleanup()
+            except queue.Empty:
+                break
+
+    def __enter__(self) -> DockerREPLPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,727 @@
+"""DockerREPL: a persistent Python REPL inside a Docker container.
+
+One long-lived container per REPL; cells travel as frames over the
+``docker run -i`` pipes to the in-container supervisor, which runs them in a
+worker process that keeps the namespace in memory. Checkpoints to
+``/workspace/state.dill`` are taken in the background after every completed
+cell, so a killed worker or container is restored up to the last completed cell.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, Optional, Union
+
+from . import __version__
+from ._container import Container, ContainerConfig, bridge_gateway, owner_label
+from ._files import DEFAULT_MAX_FILE, copy_in, copy_out
+from ._proxy import ProxyServer, ProxyState
+from .errors import (
+    BootstrapError,
+    ContainerDied,
+    DockerReplError,
+    ProtocolError,
+    ReplClosed,
+)
+from .types import REPLResult, RLMChatCompletion
+
+__all__ = ["DEFAULT_CELL_TIMEOUT", "DEFAULT_IMAGE", "RESERVED_NAMES", "DockerREPL", "host_tool"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IMAGE = "python:3.11-slim"
+#: Per-cell wall-clock limit unless the caller passes ``timeout=`` (None disables it).
+DEFAULT_CELL_TIMEOUT = 900.0
+#: Names the REPL owns: restored after every cell and refused as custom-tool names.
+RESERVED_NAMES = frozenset(
+    {
+        "llm_query",
+        "llm_query_batched",
+        "rlm_query",
+        "rlm_query_batched",
+        "SHOW_VARS",
+        "answer",
+        "context",
+        "history",
+    }
+)
+#: Extra seconds the host waits past a cell's timeout + grace before it declares
+#: the whole container unresponsive and replaces it.
+HOST_MARGIN = 15.0
+_BOOTSTRAP_SRC = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "_bootstrap", "dockerrepl_bootstrap.py"
+)
+# Images known to ship dill themselves: no need to copy the host's into the mount.
+_IMAGE_HAS_DILL: dict[tuple[str, str], bool] = {}
+
+OutputCallback = Callable[[str, str], None]
+Address = tuple[str, int]
+
+
+class HostTool:
+    """A host function exposed in the REPL as a stub that calls it through the proxy.
+
+    Arguments and the result cross as JSON; an exception comes back as an
+    exception of the same name (a builtin type when one exists). The function
+    runs on the host with arguments chosen by model-written code: treat it as
+    an API exposed to untrusted callers.
+    """
+
+    def __init__(self, fn: Callable[..., Any], description: str = "") -> None:
+        if not callable(fn):
+            raise TypeError("host_tool() needs a callable")
+        self.fn = fn
+        self.description = description or (fn.__doc__ or "").strip()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+def host_tool(fn: Callable[..., Any], description: str = "") -> HostTool:
+    """Mark ``fn`` as a host tool for ``custom_tools`` (see :class:`HostTool`)."""
+    return HostTool(fn, description)
+
+
+def _tool_specs(
+    tools: Mapping[str, Any],
+) -> tuple[dict[str, dict[str, Any]], dict[str, Callable[..., Any]]]:
+    """Validate custom tools; return (specs for the container, host functions)."""
+    specs: dict[str, dict[str, Any]] = {}
+    host: dict[str, Callable[..., Any]] = {}
+    for name, entry in tools.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"custom tool name {name!r} is not a Python identifier")
+        if name in RESERVED_NAMES:
+            raise ValueError(f"custom tool name {name!r} is reserved by the REPL")
+        value = entry["tool"] if isinstance(entry, dict) and "tool" in entry else entry
+        if isinstance(value, HostTool):
+            specs[name] = {"kind": "host"}
+            host[name] = value.fn
+        elif isinstance(value, str) and value.lstrip().startswith(("def ", "class ", "async def ")):
+            specs[name] = {"kind": "code", "code": value}
+        elif isinstance(value, str) and value.lstrip().startswith("lambda"):
+            try:
+                compile(value, f"<tool {name}>", "eval")
+            except SyntaxError as exc:
+                raise ValueError(
+                    f"custom tool {name!r}: the lambda does not compile: {exc}"
+                ) from None
+            specs[name] = {"kind": "expr", "code": value}
+        elif callable(value):
+            warnings.warn(
+                f"custom tool {name!r} is a host callable and cannot cross into the container; "
+                "it is skipped (pass a code string, or wrap it with dockerrepl.host_tool)",
+                stacklevel=4,
+            )
+        else:
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(
+                    f"custom tool {name!r} is neither code nor JSON data: {exc}"
+                ) from None
+            specs[name] = {"kind": "data", "value": value}
+    return specs, host
+
+
+class DockerREPL:
+    """A Python REPL in a Docker container, with ``llm_query()`` to the host.
+
+    The first four arguments are the seed's (``image``, ``lm_handler_address``,
+    ``context_payload``, ``setup_code``); the next group is rlm's environment
+    contract; the keyword-only options are dockerrepl's. Unknown keyword
+    arguments are accepted and ignored (rlm passes some).
+
+    Args:
+        image: the image; default ``$DOCKERREPL_IMAGE`` or ``python:3.11-slim``.
+            Any image with Python 3.8+ as ``python3`` or ``python`` works.
+        lm_handler_address: ``(host, port)`` of an LM Handler (ours or rlm's).
+        context_payload: ``str``, ``dict`` or ``list`` loaded as ``context``.
+        setup_code: code run once after start (e.g. imports).
+        persistent, depth, subcall_fn, custom_tools, custom_sub_tools,
+            compaction, max_concurrent_subcalls: rlm's environment contract.
+        timeout: per-cell wall-clock limit in seconds (``None``: no limit).
+        memory, cpus, pids_limit: container limits (swap is always off).
+        network: ``"bridge"`` (default) or ``"none"`` (``llm_query`` then goes
+            through a unix socket in the mount).
+        user: run as this ``uid:gid`` inside the container.
+        read_only: read-only root filesystem with a tmpfs ``/tmp``.
+        workspace_dir: where the host temp dir is created.
+        docker: the docker CLI to use.
+        max_output_bytes: per-cell cap on each of stdout/stderr (head and tail kept).
+        repr_cap: the longest repr kept per variable in ``REPLResult.locals``.
+        max_llm_calls, max_llm_tokens: budgets; past them ``llm_query`` returns
+            an ``"Error: budget exceeded ..."`` string.
+        auto_checkpoint: snapshot the namespace in the background after each cell.
+    """
+
+    def __init__(
+        self,
+        image: Optional[str] = None,
+        lm_handler_address: Optional[Address] = None,
+        context_payload: Union[str, dict[str, Any], list[Any], None] = None,
+        setup_code: Optional[str] = None,
+        persistent: bool = False,
+        depth: int = 1,
+        subcall_fn: Optional[Callable[[Any, Optional[str]], Any]] = None,
+        custom_tools: Optional[Mapping[str, Any]] = None,
+        custom_sub_tools: Optional[Mapping[str, Any]] = None,
+        compaction: bool = False,
+        max_concurrent_subcalls: int = 4,
+        *,
+        timeout: Optional[float] = DEFAULT_CELL_TIMEOUT,
+        memory: Optional[str] = "2g",
+        cpus: Optional[float] = None,
+        pids_limit: Optional[int] = 512,
+        network: str = "bridge",
+        user: Optional[str] = None,
+        read_only: bool = False,
+        workspace_dir: Optional[str] = None,
+        docker: str = "docker",
+        runtime: Optional[str] = None,
+        max_output_bytes: int = 1_000_000,
+        repr_cap: int = 1000,
+        max_llm_calls: Optional[int] = None,
+        max_llm_tokens: Optional[int] = None,
+        auto_checkpoint: bool = True,
+        grace: float = 2.0,
+        start_timeout: float = 120.0,
+        verify_security: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs:
+            log.debug("DockerREPL ignores unknown arguments: %s", sorted(kwargs))
+        if network not in ("bridge", "none"):
+            raise ValueError(f"network must be 'bridge' or 'none', not {network!r}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive or None")
+        if setup_code is not None and not isinstance(setup_code, str):
+            raise TypeError("setup_code must be a str")
+        self.image = image or os.environ.get("DOCKERREPL_IMAGE") or DEFAULT_IMAGE
+        self.persistent = persistent
+        self.depth = depth
+        self.subcall_fn = subcall_fn
+        self.compaction = compaction
+        self.max_concurrent_subcalls = max_concurrent_subcalls
+        self.timeout = timeout
+        self.network = network
+        self.custom_tools: dict[str, Any] = dict(custom_tools or {})
+        self.custom_sub_tools: dict[str, Any] = (
+            dict(custom_sub_tools) if custom_sub_tools is not None else dict(self.custom_tools)
+        )
+        self._tool_specs, host_tools = _tool_specs(self.custom_tools)
+        self._options = {
+            "memory": memory,
+            "cpus": cpus,
+            "pids_limit": pids_limit,
+            "user": user,
+            "read_only": read_only,
+            "runtime": runtime,
+            "docker": docker,
+            "start_timeout": start_timeout,
+        }
+        self._max_output = int(max_output_bytes)
+        self._repr_cap = int(repr_cap)
+        self._auto_checkpoint = auto_checkpoint
+        self._grace = float(grace)
+        self._verify = verify_security
+        self._workspace_dir = workspace_dir
+        self._lock = threading.RLock()
+        self._send_lock = threading.Lock()
+        self._closed = False
+        self._cell = 0
+        self._req = 0
+        self._context_count = 0
+        self._history_count = 0
+        self._compaction_history: list[Any] = []
+        self._container: Optional[Container] = None
+        self.proxy: Optional[ProxyServer] = None
+        self.temp_dir = ""
+        self._root = ""
+        self.restarts = 0
+        self._state = ProxyState(
+            token="",
+            depth=depth,
+            lm_handler_address=tuple(lm_handler_address) if lm_handler_address else None,  # type: ignore[arg-type]
+            subcall_fn=subcall_fn,
+            max_concurrent_subcalls=max_concurrent_subcalls,
+            max_llm_calls=max_llm_calls,
+            max_llm_tokens=max_llm_tokens,
+            host_tools=host_tools,
+        )
+        try:
+            self.setup()
+            if self.compaction:
+                self._call("compaction", {"history": self._compaction_history})
+            if context_payload is not None:
+                self.load_context(context_payload)
+            if setup_code:
+                res = self.execute_code(setup_code)
+                if res.stderr and res.status != "ok":
+                    log.warning("setup_code failed: %s", res.stderr.strip()[-500:])
+        except BaseException:
+            self.cleanup()
+            raise
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Create the workspace, start the proxy and the container (called by ``__init__``)."""
+        import secrets
+
+        self._root = tempfile.mkdtemp(prefix="dockerrepl-", dir=self._workspace_dir)
+        self.temp_dir = os.path.join(self._root, "workspace")
+        boot_dir = os.path.join(self.temp_dir, ".dockerrepl")
+        os.makedirs(boot_dir)
+        # a non-root container user must be able to write state and checkpoints;
+        # the 0700 parent keeps other host users out
+        os.chmod(self.temp_dir, 0o777 if self._options["user"] else 0o755)
+        os.chmod(boot_dir, 0o777 if self._options["user"] else 0o755)
+        shutil.copyfile(_BOOTSTRAP_SRC, os.path.join(boot_dir, "dockerrepl_bootstrap.py"))
+        docker = str(self._options["docker"])
+        if not _IMAGE_HAS_DILL.get((docker, self.image)):
+            _copy_dill(os.path.join(boot_dir, "lib"))
+        self._state.token = secrets.token_urlsafe(24)
+        if self.network == "none":
+            self.proxy = ProxyServer(self._state, unix_path=os.path.join(boot_dir, "proxy.sock"))
+            target: dict[str, Any] = {"unix": "/workspace/.dockerrepl/proxy.sock"}
+        else:
+            self.proxy = ProxyServer(self._state, host=bridge_gateway(docker))
+            target = {"host": "host.docker.internal", "port": self.proxy.port}
+        self._proxy_target = target
+        self._start_container(restore=False)
+
+    def _hello(self, restore: bool) -> dict[str, Any]:
+        return {
+            "type": "hello",
+            "version": 1,
+            "config": {
+                "depth": self.depth,
+                "proxy": self._proxy_target,
+                "token": self._state.token,
+                "max_output": self._max_output,
+                "repr_cap": self._repr_cap,
+                "compaction": self.compaction,
+                "auto_checkpoint": self._auto_checkpoint,
+                "grace": self._grace,
+                "restore": restore,
+            },
+        }
+
+    def _start_container(self, restore: bool) -> None:
+        opts = self._options
+        cfg = ContainerConfig(
+            image=self.image,
+            workspace=self.temp_dir,
+            docker=str(opts["docker"]),
+            memory=opts["memory"],  # type: ignore[arg-type]
+            cpus=opts["cpus"],  # type: ignore[arg-type]
+            pids_limit=opts["pids_limit"],  # type: ignore[arg-type]
+            network=self.network,
+            user=opts["user"],  # type: ignore[arg-type]
+            read_only=bool(opts["read_only"]),
+            runtime=opts["runtime"],  # type: ignore[arg-type]
+            start_timeout=float(opts["start_timeout"]),  # type: ignore[arg-type]
+            labels={
+                "dockerrepl.version": __version__,
+                "dockerrepl.owner": owner_label(),
+                "dockerrepl.workspace": self._root,
+            },
+        )
+        container = Container(cfg, os.path.join(self._root, "docker-run.log"))
+        self._container = container
+        ready = container.start(self._hello(restore))
+        if ready.get("dill") == "image":
+            _IMAGE_HAS_DILL[(cfg.docker, cfg.image)] = True
+        elif ready.get("dill") is None:
+            log.warning("dill is not available in %s: checkpoints will fail", self.image)
+        if self._verify:
+            container.verify(container.inspect())
+
+    # --------------------------------------------------------------- channel
+    def _next_req(self) -> int:
+        self._req += 1
+        return self._req
+
+    def _send(self, obj: dict[str, Any]) -> None:
+        container = self._container
+        if container is None:
+            raise ContainerDied("no container")
+        with self._send_lock:
+            container.send(obj)
+
+    def _call(self, op: str, args: dict[str, Any], timeout: float = 600.0) -> Any:
+        """Run an internal operation in the worker; raise on failure."""
+        with self._lock:
+            self._check_open()
+            self._ensure_container()
+            rid = self._next_req()
+            self._send({"type": "call", "id": rid, "op": op, "args": args, "timeout": timeout})
+            container = self._container
+            assert container is not None
+            deadline = time.monotonic() + timeout + self._grace + HOST_MARGIN
+            while True:
+                try:
+                    msg = container.recv(deadline)
+                except TimeoutError:
+                    self._restart("the container did not answer an internal request")
+                    raise ContainerDied(
+                        f"internal operation {op!r} timed out; the container was replaced"
+                    ) from None
+                if msg.get("id") != rid:
+                    continue
+                if msg.get("type") == "reply":
+                    if not msg.get("ok"):
+                        err = str(msg.get("error"))
+                        if msg.get("exception") in (
+                            "TypeError",
+                            "ValueError",
+                            "NameError",
+                            "SyntaxError",
+                        ):
+                            raise ValueError(f"{op} failed in the REPL: {err}")
+                        raise DockerReplError(f"{op} failed in the REPL: {err}")
+                    return msg.get("value")
+                if msg.get("type") == "error":
+                    raise ProtocolError(str(msg.get("error")))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ReplClosed("this DockerREPL was cleaned up")
+
+    def _ensure_container(self) -> None:
+        c = self._container
+        if c is None or not c.alive():
+            self._restart("the container had exited")
+
+    def _restart(self, why: str) -> str:
+        """Replace the container and restore the last checkpoint; returns a note for stderr."""
+        log.warning("dockerrepl: %s; starting a new container", why)
+        old = self._container
+        self._container = None
+        if old is not None:
+            old.kill()
+        self.restarts += 1
+        try:
+            self._start_container(restore=True)
+            self._after_restore()
+        except DockerReplError as exc:
+            raise ContainerDied(f"{why}, and a replacement could not be started: {exc}") from exc
+        return f"dockerrepl: {why}; a new container was started and the last checkpoint restored"
+
+    def _after_restore(self) -> None:
+        if self.compaction:
+            self._call("compaction", {"history": self._compaction_history})
+        if self._tool_specs:
+            self._call("define_tools", {"tools": self._tool_specs})
+
+    # ----------------------------------------------------------------- cells
+    def execute_code(
+        self,
+        code: str,
+        *,
+        timeout: Union[float, str, None] = "default",
+        on_output: Optional[OutputCallback] = None,
+    ) -> REPLResult:
+        """Run one cell; state persists between cells.
+
+        Never raises for problems in the code itself: exceptions, timeouts,
+        crashes and memory exhaustion come back as a :class:`REPLResult` with
+        ``status`` set and a message in ``stderr``. ``on_output(stream, text)``
+        receives stdout/stderr chunks as they are printed.
+        """
+        if not isinstance(code, str):
+            raise TypeError(f"code must be a str, not {type(code).__name__}")
+        limit = self.timeout if timeout == "default" else timeout
+        if limit is not None and (not isinstance(limit, (int, float)) or limit <= 0):
+            raise ValueError("timeout must be a positive number or None")
+        start = time.perf_counter()
+        with self._lock:
+            self._check_open()
+            note = ""
+            c = self._container
+            if c is None or not c.alive():
+                note = self._restart("the container had exited") + "\n"
+            self._cell += 1
+            cell = self._cell
+            self._state.current_cell = cell
+            msg = {
+                "type": "exec",
+                "id": cell,
+                "code": code,
+                "timeout": limit,
+                "stream": on_output is not None,
+            }
+            try:
+                self._send(msg)
+                res = self._await_result(cell, limit, on_output)
+            except ContainerDied as exc:
+                self._state.abandon_through(cell)
+                note += self._restart(f"the container died during the cell ({exc})") + "\n"
+                return self._result(
+                    cell, start, {"status": "crashed", "stdout": "", "stderr": note}
+                )
+            except TimeoutError:
+                self._state.abandon_through(cell)
+                note += (
+                    self._restart(f"the container stopped answering (cell timeout {limit}s)") + "\n"
+                )
+                return self._result(
+                    cell, start, {"status": "timeout", "stdout": "", "stderr": note}
+                )
+            if note:
+                res["stderr"] = note + str(res.get("stderr", ""))
+            if res.get("status") not in ("ok", "error"):
+                self._state.abandon_through(cell)
+            return self._result(cell, start, res)
+
+    def _await_result(
+        self, cell: int, limit: Optional[float], on_output: Optional[OutputCallback]
+    ) -> dict[str, Any]:
+        container = self._container
+        assert container is not None
+        deadline = (
+            None if limit is None else time.monotonic() + limit + self._grace + HOST_MARGIN + 5
+        )
+        while True:
+            msg = container.recv(deadline)
+            kind = msg.get("type")
+            if kind == "output":
+                if on_output is not None and msg.get("id") == cell:
+                    try:
+                        on_output(str(msg.get("stream")), str(msg.get("data")))
+                    except Exception:
+                        log.exception("on_output callback failed")
+                continue
+            if kind == "result" and msg.get("id") == cell:
+                return msg
+            if kind == "error":
+                raise ProtocolError(str(msg.get("error")))
+
+    def _result(self, cell: int, start: float, res: dict[str, Any]) -> REPLResult:
+        calls = [RLMChatCompletion.from_dict(c) for c in self._state.take(cell)]
+        raw_locals = res.get("locals")
+        return REPLResult(
+            stdout=str(res.get("stdout", "")),
+            stderr=str(res.get("stderr", "")),
+            locals=dict(raw_locals) if isinstance(raw_locals, dict) else {},
+            execution_time=time.perf_counter() - start,
+            rlm_calls=calls,
+            final_answer=res.get("final_answer")
+            if isinstance(res.get("final_answer"), str)
+            else None,
+            status=str(res.get("status", "ok")),
+            exception=res.get("exception") if isinstance(res.get("exception"), str) else None,
+            output_truncated=dict(res.get("truncated") or {}),
+        )
+
+    def interrupt(self) -> None:
+        """Interrupt the running cell (KeyboardInterrupt inside it; state kept). Thread-safe."""
+        if self._container is not None and not self._closed:
+            try:
+                self._send({"type": "interrupt"})
+            except DockerReplError:
+                pass
+
+    # --------------------------------------------------------------- context
+    def load_context(self, context_payload: Union[str, dict[str, Any], list[Any]]) -> None:
+        """Load ``context_payload`` as ``context_0`` (aliased as ``context``)."""
+        self.add_context(context_payload, 0)
+
+    def add_context(
+        self,
+        context_payload: Union[str, dict[str, Any], list[Any]],
+        context_index: Optional[int] = None,
+    ) -> int:
+        """Add a context as ``context_N`` (next free index unless given); returns N."""
+        index = self._context_count if context_index is None else int(context_index)
+        if index < 0:
+            raise ValueError("context_index must be >= 0")
+        path, kind = self._write_payload(f"context_{index}", context_payload)
+        self._call(
+            "load_file",
+            {
+                "name": f"context_{index}",
+                "path": path,
+                "kind": kind,
+                "aliases": ["context"] if index == 0 else [],
+            },
+        )
+        self._context_count = max(self._context_count, index + 1)
+        return index
+
+    def get_context_count(self) -> int:
+        """How many contexts have been loaded."""
+        return self._context_count
+
+    def add_history(self, message_history: list[Any], history_index: Optional[int] = None) -> int:
+        """Store a message history (deep copy) as ``history_N``; returns N."""
+        if not isinstance(message_history, list):
+            raise TypeError("message_history must be a list")
+        index = self._history_count if history_index is None else int(history_index)
+        if index < 0:
+            raise ValueError("history_index must be >= 0")
+        path, kind = self._write_payload(f"history_{index}", message_history)
+        aliases = ["history"] if index == 0 and not self.compaction else []
+        self._call(
+            "load_file",
+            {"name": f"history_{index}", "path": path, "kind": kind, "aliases": aliases},
+        )
+        self._history_count = max(self._history_count, index + 1)
+        return index
+
+    def get_history_count(self) -> int:
+        """How many histories have been stored."""
+        return self._history_count
+
+    def append_compaction_entry(self, entry: Union[list[Any], dict[str, Any]]) -> None:
+        """Append to the host-kept compaction ``history`` (no-op unless ``compaction``)."""
+        if not self.compaction:
+            return
+        try:
+            json.dumps(entry)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"compaction entry is not JSON-serialisable: {exc}") from None
+        self._compaction_history.append(copy.deepcopy(entry))
+        self._call("compaction", {"history": self._compaction_history})
+
+    def update_handler_address(self, address: Address) -> None:
+        """Point ``llm_query`` at another LM Handler; also resets ``answer``."""
+        self._state.lm_handler_address = (str(address[0]), int(address[1]))
+        self._call("reset_answer", {})
+
+    def _write_payload(self, stem: str, payload: Any) -> tuple[str, str]:
+        self._check_open()
+        if isinstance(payload, str):
+            rel = f"{stem}.txt"
+            with open(
+                os.path.join(self.temp_dir, rel), "w", encoding="utf-8", errors="surrogatepass"
+            ) as f:
+                f.write(payload)
+            return rel, "text"
+        if not isinstance(payload, (dict, list)):
+            raise TypeError(f"context must be str, dict or list, not {type(payload).__name__}")
+        try:
+            data = json.dumps(payload, ensure_ascii=False)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"context payload is not JSON-serialisable: {exc}") from None
+        rel = f"{stem}.json"
+        with open(
+            os.path.join(self.temp_dir, rel), "w", encoding="utf-8", errors="surrogatepass"
+        ) as f:
+            f.write(data)
+        return rel, "json"
+
+    # ----------------------------------------------------------- checkpoints
+    def checkpoint(self) -> list[str]:
+        """Write ``/workspace/state.dill`` now, atomically.
+
+        Returns the names of the variables dill could not pickle (skipped).
+        """
+        value = self._call("checkpoint", {"cell": self._cell})
+        return list(value.get("skipped") or [])
+
+    # ----------------------------------------------------------------- files
+    def upload(
+        self, local_path: str, remote_path: str, *, max_bytes: int = DEFAULT_MAX_FILE
+    ) -> int:
+        """Copy a host file into ``/workspace`` (``remote_path`` relative to it); returns bytes.
+
+        Raises :class:`~dockerrepl.errors.WorkspacePathError` for paths that
+        escape the workspace (``..``, absolute paths elsewhere, symlinks).
+        """
+        self._check_open()
+        return copy_in(self.temp_dir, local_path, remote_path, max_bytes)
+
+    def download(
+        self, remote_path: str, local_path: str, *, max_bytes: int = DEFAULT_MAX_FILE
+    ) -> int:
+        """Copy a file from ``/workspace`` to the host; returns bytes. Symlinks are refused."""
+        self._check_open()
+        return copy_out(self.temp_dir, remote_path, local_path, max_bytes)
+
+    # ------------------------------------------------------------- rlm attrs
+    @property
+    def container_id(self) -> Optional[str]:
+        """The engine's id of the current container (None once cleaned up)."""
+        c = self._container
+        if c is None or self._closed:
+            return None
+        return c.container_id()
+
+    @property
+    def container_name(self) -> Optional[str]:
+        return None if self._container is None else self._container.name
+
+    @property
+    def proxy_port(self) -> int:
+        """TCP port of the proxy (0 with ``network="none"``: a unix socket)."""
+        return 0 if self.proxy is None else self.proxy.port
+
+    @property
+    def proxy_server(self) -> Any:
+        """The socketserver serving the proxy (has ``lm_handler_address``, as in rlm)."""
+        return None if self.proxy is None else self.proxy.server
+
+    @property
+    def lm_handler_address(self) -> Optional[Address]:
+        return self._state.lm_handler_address
+
+    @lm_handler_address.setter
+    def lm_handler_address(self, value: Optional[Address]) -> None:
+        self._state.lm_handler_address = None if value is None else (str(value[0]), int(value[1]))
+
+    # -------------------------------------------------------------- teardown
+    def cleanup(self) -> None:
+        """Stop the container and the proxy and remove the workspace. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            container, self._container = self._container, None
+            try:
+                if container is not None:
+                    # a non-root host user cannot delete files the container's root made
+                    container.close(purge=os.geteuid() != 0)
+            finally:
+                if self.proxy is not None:
+                    self.proxy.close()
+                if self._root:
+                    shutil.rmtree(self._root, ignore_errors=True)
+
+    def __enter__(self) -> DockerREPL:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    def __del__(self) -> None:
+        try:
+            if not getattr(self, "_closed", True):
+                self.cleanup()
+        except Exception:
+            pass
+
+
+def _copy_dill(dest: str) -> None:
+    """Copy the host's pure-Python dill package into the mount (lib/dill)."""
+    import dill
+
+    src = os.path.dirname(os.path.abspath(dill.__file__))
+    if os.path.isdir(os.path.join(dest, "dill")):
+        return
+    shutil.copytree(
+        src, os.path.join(dest, "dill"), ignore=shutil.ignore_patterns("__pycache__", "tests")
+    )
+
+
+# re-exported for error messages elsewhere
+_ = BootstrapError

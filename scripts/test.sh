@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The project's test command (README, CI). Installs and starts what it needs:
+# Python test deps, a docker engine if none answers, the offline test images.
+#   scripts/test.sh            lint + type check + the whole suite
+#   scripts/test.sh -k NAME    extra arguments go to pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DOCKERREPL_REQUIRE_DOCKER=1
+PY="${PYTHON:-python3}"
+
+echo "== python deps"
+"$PY" -m pip install -q -e '.[test,dev]' rlms >/dev/null
+
+echo "== docker engine"
+if ! timeout 20 docker info >/dev/null 2>&1; then
+  if ! command -v dockerd >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null
+  fi
+  if ! timeout 20 docker info >/dev/null 2>&1; then
+    (dockerd >/tmp/dockerd.log 2>&1 &)
+    for _ in $(seq 1 60); do timeout 5 docker info >/dev/null 2>&1 && break; sleep 1; done
+  fi
+fi
+timeout 20 docker info --format 'engine {{.ServerVersion}} ({{.Driver}})'
+
+echo "== images"
+scripts/build-image.sh
+scripts/build-image.sh --tag dockerrepl/rlm-python:bookworm --packages python3-dill,python3-requests,python-is-python3
+
+echo "== ruff"
+"$PY" -m ruff check dockerrepl tests scripts examples
+echo "== mypy"
+"$PY" -m mypy
+
+echo "== pytest"
+set +e
+"$PY" -m pytest -q -p no:cacheprovider "$@"
+rc=$?
+set -e
+left=$(docker ps -aq --filter label=dockerrepl.version | wc -l)
+if [ "$left" != 0 ]; then
+  echo "containers left behind by the tests:" >&2
+  docker ps -a --filter label=dockerrepl.version >&2
+  rc=1
+fi
+exit $rc

@@ -1,0 +1,103 @@
+"""Shared fixtures.
+
+Docker tests skip locally when no engine answers, but FAIL when
+``DOCKERREPL_REQUIRE_DOCKER=1`` (set by scripts/test.sh, so in CI) or with
+``--require-docker``. Every test that uses the ``docker_engine`` fixture (or a
+fixture built on it) gets the ``docker`` marker automatically.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_TEST_IMAGE = "dockerrepl/python:3.11-bookworm"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--require-docker", action="store_true", help="fail, not skip, without docker")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if any(n in names for n in ("docker_engine", "image", "repl", "handler_repl")):
+            item.add_marker(pytest.mark.docker)
+
+
+def _require(config: pytest.Config) -> bool:
+    return (
+        bool(config.getoption("--require-docker"))
+        or os.environ.get("DOCKERREPL_REQUIRE_DOCKER") == "1"
+    )
+
+
+@pytest.fixture(scope="session")
+def docker_engine(pytestconfig: pytest.Config) -> str:
+    """Probe the engine once; skip (or fail in CI) without one."""
+    try:
+        out = subprocess.run(
+            ["docker", "version", "--format", "{{.Server.Version}}"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        ok = out.returncode == 0 and out.stdout.strip()
+        reason = out.stderr.strip()[-300:]
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        ok, reason = False, str(exc)
+    if not ok:
+        if _require(pytestconfig):
+            pytest.fail(f"docker engine required but not reachable: {reason}")
+        pytest.skip(f"no docker engine: {reason}")
+    return str(out.stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def image(docker_engine: str) -> str:
+    """A python3-only image (no dill, no pip): built offline if absent."""
+    tag = os.environ.get("DOCKERREPL_TEST_IMAGE", DEFAULT_TEST_IMAGE)
+    have = subprocess.run(["docker", "image", "inspect", tag], capture_output=True, timeout=30)
+    if have.returncode != 0:
+        subprocess.run(
+            [os.path.join(ROOT, "scripts", "build-image.sh"), "--tag", tag], check=True, timeout=900
+        )
+    return tag
+
+
+@pytest.fixture
+def handler() -> Iterator[object]:
+    from dockerrepl.clients import EchoClient
+
+    from dockerrepl import LMHandler
+
+    with LMHandler(EchoClient()) as h:
+        yield h
+
+
+@pytest.fixture
+def repl(image: str, handler: object) -> Iterator[object]:
+    from dockerrepl import DockerREPL
+
+    r = DockerREPL(image=image, lm_handler_address=handler.address, timeout=60)  # type: ignore[attr-defined]
+    try:
+        yield r
+    finally:
+        r.cleanup()
+
+
+def our_containers() -> list[str]:
+    """Containers this test process owns (by the owner label)."""
+    from dockerrepl._container import owner_label
+
+    out = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"label=dockerrepl.owner={owner_label()}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return out.stdout.split()
