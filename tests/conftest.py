@@ -71,9 +71,8 @@ def image(docker_engine: str) -> str:
 
 @pytest.fixture
 def handler() -> Iterator[object]:
-    from dockerrepl.clients import EchoClient
-
     from dockerrepl import LMHandler
+    from dockerrepl.clients import EchoClient
 
     with LMHandler(EchoClient()) as h:
         yield h

@@ -814,7 +814,6 @@ def restore_checkpoint(expect_cell=0, wait=60.0):
     if late:
         note += " (a later snapshot was still being written after %ds;" % wait
         note += " changes up to cell %s may be lost)" % expect_cell
-        )
     if skipped:
         note += "; not restorable (dill cannot pickle them): %s" % ", ".join(skipped)
     return meta.get("cell"), note
