@@ -11,11 +11,13 @@ __version__ = "0.1.0"
 
 from .errors import DockerReplError
 from .lm_handler import LMHandler
+from .pool import DockerREPLPool
 from .repl import DockerREPL, host_tool
 from .types import ModelUsageSummary, REPLResult, RLMChatCompletion, UsageSummary
 
 __all__ = [
     "DockerREPL",
+    "DockerREPLPool",
     "DockerReplError",
     "LMHandler",
     "ModelUsageSummary",
