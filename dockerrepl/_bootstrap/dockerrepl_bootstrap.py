@@ -39,7 +39,9 @@ import types
 PROTOCOL_VERSION = 1
 HERE = os.path.dirname(os.path.abspath(__file__))
 BOOT_FILE = os.path.abspath(__file__)
-WORKSPACE = "/workspace"
+# Always /workspace in a container (the host passes no environment in); the
+# override exists so tests can run this file under the host Python.
+WORKSPACE = os.environ.get("DOCKERREPL_WORKSPACE") or "/workspace"
 STATE_FILE = os.path.join(WORKSPACE, "state.dill")
 META_FILE = os.path.join(HERE, "state.meta.json")
 LOCK_FILE = os.path.join(HERE, "checkpoint.lock")
