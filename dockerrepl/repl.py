@@ -9,12 +9,14 @@ cell, so a killed worker or container is restored up to the last completed cell.
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import logging
 import os
 import shutil
 import tempfile
+import textwrap
 import threading
 import time
 import warnings
@@ -91,6 +93,46 @@ def host_tool(fn: Callable[..., Any], description: str = "") -> HostTool:
     return HostTool(fn, description)
 
 
+def _code_kind(name: str, value: str) -> Optional[tuple[str, str]]:
+    """``("expr", src)`` for a lambda, ``("code", src)`` for code that binds ``name``, else None.
+
+    rlm runs every multi-line string as code; here a string is code only when it
+    parses as Python and binds the tool's name at top level (``def``, ``class``,
+    an assignment or an import), so a multi-line data string stays data. A string
+    that starts like code but does not compile, or code that never binds the
+    name, is rejected with a ``ValueError`` rather than guessed at.
+    """
+    src = textwrap.dedent(value).strip()
+    looks_like_code = src.startswith(("def ", "class ", "async def ", "lambda"))
+    if src.startswith("lambda"):
+        try:
+            tree: ast.AST = ast.parse(src, mode="eval")
+        except SyntaxError as exc:
+            raise ValueError(f"custom tool {name!r}: the lambda does not compile: {exc}") from None
+        if isinstance(tree, ast.Expression) and isinstance(tree.body, ast.Lambda):
+            return "expr", src
+    try:
+        module = ast.parse(src)
+    except SyntaxError as exc:
+        if looks_like_code:
+            raise ValueError(f"custom tool {name!r}: the code does not compile: {exc}") from None
+        return None
+    bound: set[str] = set()
+    for node in module.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            bound.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((a.asname or a.name).split(".")[0] for a in node.names)
+    if name in bound:
+        return "code", src
+    if looks_like_code:
+        raise ValueError(f"custom tool {name!r}: its code defines {sorted(bound)} but not {name!r}")
+    return None
+
+
 def _tool_specs(
     tools: Mapping[str, Any],
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Callable[..., Any]]]:
@@ -103,24 +145,17 @@ def _tool_specs(
         if name in RESERVED_NAMES:
             raise ValueError(f"custom tool name {name!r} is reserved by the REPL")
         value = entry["tool"] if isinstance(entry, dict) and "tool" in entry else entry
+        code = _code_kind(name, value) if isinstance(value, str) else None
         if isinstance(value, HostTool):
             specs[name] = {"kind": "host"}
             host[name] = value.fn
-        elif isinstance(value, str) and value.lstrip().startswith(("def ", "class ", "async def ")):
-            specs[name] = {"kind": "code", "code": value}
-        elif isinstance(value, str) and value.lstrip().startswith("lambda"):
-            try:
-                compile(value, f"<tool {name}>", "eval")
-            except SyntaxError as exc:
-                raise ValueError(
-                    f"custom tool {name!r}: the lambda does not compile: {exc}"
-                ) from None
-            specs[name] = {"kind": "expr", "code": value}
+        elif code is not None:
+            specs[name] = {"kind": code[0], "code": code[1]}
         elif callable(value):
             warnings.warn(
                 f"custom tool {name!r} is a host callable and cannot cross into the container; "
                 "it is skipped (pass a code string, or wrap it with dockerrepl.host_tool)",
-                stacklevel=4,
+                stacklevel=3,
             )
         else:
             try:
@@ -262,10 +297,13 @@ class DockerREPL:
             self.setup()
             if self.compaction:
                 self._call("compaction", {"history": self._compaction_history})
+            if self._tool_specs:
+                self._call("define_tools", {"tools": self._tool_specs})
             if context_payload is not None:
                 self.load_context(context_payload)
             if setup_code:
-                res = self.execute_code(setup_code)
+                # not self.execute_code: a subclass may return another result type
+                res = DockerREPL.execute_code(self, setup_code)
                 if res.stderr and res.status != "ok":
                     log.warning("setup_code failed: %s", res.stderr.strip()[-500:])
         except BaseException:
