@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 from ._serve import start_serving, stop_serving
-from ._wire import DEFAULT_MAX_FRAME, recv_frame, send_frame
-from .errors import FrameTooLarge, LMHandlerError, ProtocolError
+from ._wire import DEFAULT_MAX_FRAME, HEADER, decode_body, recv_exact, recv_frame, send_frame
+from .errors import LMHandlerError, ProtocolError
 from .types import ModelUsageSummary, RLMChatCompletion, UsageSummary
 
 __all__ = ["LMConnection", "LMHandler", "send_lm_request", "send_lm_request_batched"]
@@ -55,21 +55,32 @@ class _ConnHandler(socketserver.BaseRequestHandler):
         except OSError:
             pass
         while True:
+            # header and body read here, not with recv_frame: a body of JSON `null`
+            # must be answered (not taken for EOF), and a bad body must be told
+            # apart from an EOF mid-frame by type, not by the error's wording
             try:
-                req = recv_frame(sock, owner.max_frame)
-            except FrameTooLarge as exc:
-                log.warning("LM handler: %s; closing the connection", exc)
-                return
-            except ProtocolError as exc:
-                if "closed" in str(exc):
+                header = recv_exact(sock, HEADER.size)
+                if header is None:
+                    return  # clean EOF between frames
+                (length,) = HEADER.unpack(header)
+                if length > owner.max_frame:
+                    log.warning(
+                        "LM handler: frame of %d bytes over the limit of %d; closing",
+                        length,
+                        owner.max_frame,
+                    )
                     return
+                body = recv_exact(sock, length)
+                if body is None:
+                    return
+            except (ProtocolError, OSError):
+                return  # EOF mid-frame, reset or timeout
+            try:
+                req = decode_body(body)
+            except ProtocolError as exc:
                 # the length was valid, so the stream is still aligned: answer and go on
                 resp = _error(f"Bad request: {exc}")
-            except OSError:
-                return
             else:
-                if req is None:
-                    return
                 resp = owner.dispatch(req)
             try:
                 send_frame(sock, resp)
