@@ -409,7 +409,13 @@ class _Handler(socketserver.StreamRequestHandler):
             result = fn(*args, **kwargs)
             json.dumps(result)
         except Exception as exc:
-            return {"error": str(exc), "exception": type(exc).__name__}
+            out: dict[str, Any] = {"error": str(exc), "exception": type(exc).__name__}
+            try:
+                json.dumps(list(exc.args))
+                out["args"] = list(exc.args)  # so the REPL raises e.g. KeyError('k'), not "'k'"
+            except (TypeError, ValueError):
+                pass
+            return out
         return {"result": result}
 
 

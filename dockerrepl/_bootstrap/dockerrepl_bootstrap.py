@@ -334,6 +334,9 @@ def SHOW_VARS():
     return "Available variables: %s" % (avail,)
 
 
+_host_exceptions = {}
+
+
 def _host_tool_stub(tool_name):
     def stub(*args, **kwargs):
         d = _post(
@@ -347,12 +350,23 @@ def _host_tool_stub(tool_name):
             (d or {}).get("exception", "RuntimeError") if isinstance(d, dict) else "RuntimeError"
         )
         msg = (d or {}).get("error", "host tool failed") if isinstance(d, dict) else str(d)
+        exc_args = d.get("args") if isinstance(d, dict) else None
+        if not isinstance(exc_args, list):
+            exc_args = [msg]
         import builtins
 
         cls = getattr(builtins, str(exc_name), None)
         if not (isinstance(cls, type) and issubclass(cls, Exception)):
-            cls = type(str(exc_name), (RuntimeError,), {})
-        raise cls(msg)
+            cls = _host_exceptions.get(str(exc_name))
+            if cls is None:
+                # a class of that name (not importable in here); tracebacks show the bare name
+                cls = type(str(exc_name), (RuntimeError,), {"__module__": "__main__"})
+                _host_exceptions[str(exc_name)] = cls
+        try:
+            err = cls(*exc_args)
+        except Exception:
+            err = cls(msg)
+        raise err
 
     stub.__name__ = tool_name
     stub.__qualname__ = tool_name
@@ -427,7 +441,12 @@ def bounded_repr(value, cap):
 NS = {}
 _main_module = None
 _file_backed = {}  # name -> (id(obj), path, kind): skipped by checkpoints, reloaded on restore
-_compaction = {"list": None, "given": None}
+_compaction = {"list": None, "given": None, "ids": None}
+_tools = {}  # name -> the callable custom tool, put back after every cell (as rlm does)
+# what the host sent for compaction and tools, kept in the mount so a respawned
+# worker (timeout kill, crash) gets them back: neither lives in the namespace
+SCAFFOLD_FILE = os.path.join(HERE, "scaffold.json")
+_scaffold_sent = {}
 _known_bad = {}  # name -> id(obj) of values dill could not pickle
 
 
@@ -439,14 +458,24 @@ def _install_scaffold():
         NS["answer"] = {"content": "", "ready": False}
     if "context_0" in NS:
         NS["context"] = NS["context_0"]
+    for name, obj in _tools.items():
+        if NS.get(name) is not obj:
+            NS[name] = obj
     if CONFIG.get("compaction"):
         canonical = _compaction["list"]
         if canonical is not None:
             current = NS.get("history")
-            if current is not _compaction["given"] or len(current) != len(canonical):
+            # healed when rebound, resized, or an entry replaced (cheap: identities only)
+            if (
+                current is None
+                or current is not _compaction["given"]
+                or len(current) != len(canonical)
+                or [id(e) for e in current] != _compaction["ids"]
+            ):
                 import copy
 
                 _compaction["given"] = copy.deepcopy(canonical)
+                _compaction["ids"] = [id(e) for e in _compaction["given"]]
                 NS["history"] = _compaction["given"]
     elif "history_0" in NS:
         NS["history"] = NS["history_0"]
@@ -609,6 +638,8 @@ def _checkpoint_state():
             continue
         if _known_bad.get(k) == id(v):
             continue
+        if _tools.get(k) is v:
+            continue  # reinstalled from scaffold.json on restore (host-tool stubs do not pickle)
         if k == "history" and CONFIG.get("compaction"):
             continue
         if k == "context" and "context_0" in NS and NS["context_0"] is v:
@@ -849,9 +880,33 @@ def op_set_vars(args):
     return {}
 
 
+def _save_scaffold(key, value):
+    _scaffold_sent[key] = value
+    tmp = SCAFFOLD_FILE + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_scaffold_sent, f)
+    os.replace(tmp, SCAFFOLD_FILE)
+
+
+def _reload_scaffold():
+    """After a respawn: the compaction list and the callable tools, as last sent."""
+    try:
+        with open(SCAFFOLD_FILE) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return
+    _scaffold_sent.update(saved)
+    if "compaction" in saved:
+        _compaction["list"] = saved["compaction"]
+        _compaction["given"] = None
+    if "tools" in saved:
+        _define_tools(saved["tools"], restoring=True)
+
+
 def op_compaction(args):
     _compaction["list"] = args.get("history") or []
     _compaction["given"] = None
+    _save_scaffold("compaction", _compaction["list"])
     _install_scaffold()
     return {}
 
@@ -863,7 +918,14 @@ def op_reset_answer(args):
 
 def op_define_tools(args):
     """Install custom tools: code strings exec'd, data set, host tools as stubs."""
-    for name, spec in (args.get("tools") or {}).items():
+    tools = args.get("tools") or {}
+    _define_tools(tools, restoring=False)
+    _save_scaffold("tools", tools)
+    return {}
+
+
+def _define_tools(tools, restoring):
+    for name, spec in tools.items():
         kind = spec.get("kind")
         if kind == "code":
             NS.pop(name, None)
@@ -875,10 +937,16 @@ def op_define_tools(args):
                 compile(spec["code"], "<tool %s>" % name, "eval", dont_inherit=True), NS
             )
         elif kind == "data":
-            NS[name] = spec["value"]
+            # data is the model's to change; a restore keeps what the checkpoint had
+            if not restoring or name not in NS:
+                NS[name] = spec["value"]
+            continue
         elif kind == "host":
             NS[name] = _host_tool_stub(name)
-    return {}
+        else:
+            continue
+        if callable(NS.get(name)):
+            _tools[name] = NS[name]
 
 
 def op_checkpoint(args):
@@ -935,6 +1003,13 @@ def worker_main(ctrl, config, restore, expect_cell=0):
             _, note = restore_checkpoint(expect_cell)
         except BaseException as e:
             note = "restoring the checkpoint failed (%s: %s); the namespace starts empty" % (
+                type(e).__name__,
+                e,
+            )
+        try:
+            _reload_scaffold()
+        except Exception as e:
+            note = (note or "") + "; custom tools could not be reinstalled (%s: %s)" % (
                 type(e).__name__,
                 e,
             )
