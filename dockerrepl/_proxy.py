@@ -163,11 +163,15 @@ class _Handler(socketserver.StreamRequestHandler):
     """
 
     timeout = IDLE_TIMEOUT
-    # the container waits for each answer: Nagle would hold the tail of it back
-    disable_nagle_algorithm = True
+    # TCP_NODELAY is set in setup(), for TCP only: the class-level switch would
+    # also try it on the unix socket (network="none"), where it fails
+    disable_nagle_algorithm = False
     server: _ServerMixin  # type: ignore[assignment]
 
     def setup(self) -> None:
+        if self.request.family != socket.AF_UNIX:
+            # the container waits for each answer: Nagle would hold the tail of it back
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().setup()
         self._lm: Optional[LMConnection] = None
         self._lm_addr: Optional[Address] = None
