@@ -750,11 +750,27 @@ class _Checkpointer:
         try:
             fcntl.flock(pending, fcntl.LOCK_SH)
             pid = os.fork()
+        except OSError:
+            # no process left under the pids limit (a flood the cell left behind), or
+            # no memory: skip this snapshot, the next completed cell tries again. The
+            # worker must not die for it: its namespace is newer than any checkpoint.
+            os.close(pending)
+            self.last_fp = None
+            return
         except BaseException:
             os.close(pending)
             raise
         if pid != 0:
             os.close(pending)  # the child's copy of the descriptor keeps the lock
+            if "dill" not in sys.modules:
+                # once per worker, after the first snapshot is on its way: later
+                # snapshot children inherit dill and land in ~5 ms instead of ~50 ms
+                # (importing it is most of a small snapshot's time), which shrinks the
+                # window in which a killed container loses the last completed cell
+                try:
+                    _dill()
+                except Exception:
+                    pass
         if pid == 0:  # the child: a copy-on-write snapshot of the namespace
             code = 1
             try:
