@@ -1189,6 +1189,13 @@ class Supervisor:
                     pass
             os._exit(70)
         child.close()
+        try:
+            # the child does this too; doing it here as well closes the race in which
+            # a kill (stdin closed right after start) comes before the child's setpgid:
+            # killpg then found no group and the supervisor waited for ever
+            os.setpgid(pid, pid)
+        except OSError:
+            pass
         self.worker_pid = pid
         self.ctrl = parent
         self.ctrl.setblocking(False)
@@ -1201,7 +1208,10 @@ class Supervisor:
         try:
             os.killpg(self.worker_pid, signal.SIGKILL)
         except OSError:
-            pass
+            try:
+                os.kill(self.worker_pid, signal.SIGKILL)  # no group: the worker itself
+            except OSError:
+                pass
         status = self.reap_worker(block=True)
         return status
 
