@@ -53,6 +53,8 @@ MAX_HOST_FRAME = 1 << 30
 SCAFFOLD_FUNCS = ("llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched", "SHOW_VARS")
 RESERVED = SCAFFOLD_FUNCS + ("answer", "context", "history")
 HIDDEN_LOCALS = frozenset(SCAFFOLD_FUNCS) | {"__builtins__"}
+# the name snapshot writers give themselves, so the supervisor's sweep spares them
+SNAPSHOT_COMM = "drepl-snapshot"
 
 
 # --------------------------------------------------------------------------- #
@@ -778,6 +780,7 @@ class _Checkpointer:
                     _CTRL[0].close()  # so the supervisor sees EOF if the worker dies
                 # its own process group: killing a runaway worker must not kill the snapshot
                 os.setpgid(0, 0)
+                _set_comm(SNAPSHOT_COMM)  # and the supervisor's sweep spares it by this name
                 try:
                     os.nice(10)  # cells come first; the snapshot uses what is left
                 except Exception:
@@ -803,6 +806,15 @@ class _Checkpointer:
             if k in NS:
                 _known_bad[k] = id(NS[k])
         return skipped
+
+
+def _set_comm(name):
+    """Name this process (``/proc/self/comm``, 15 bytes at most); best effort."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name)
+    except OSError:
+        pass
 
 
 def _read_meta():
@@ -1010,11 +1022,18 @@ def worker_main(ctrl, config, restore, expect_cell=0):
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), **enc)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), **enc)
     sys.__stdout__, sys.__stderr__, sys.__stdin__ = sys.stdout, sys.stderr, sys.stdin
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # the supervisor's wake-up pipe and SIGCHLD handler are not the worker's business
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     note = None
     if restore:
+        # SIGINT stays ignored (inherited from the supervisor) until the namespace
+        # is back: an interrupted restore would leave an empty namespace
         try:
             _, note = restore_checkpoint(expect_cell)
         except BaseException as e:
@@ -1022,6 +1041,12 @@ def worker_main(ctrl, config, restore, expect_cell=0):
                 type(e).__name__,
                 e,
             )
+            try:
+                # keep it from being overwritten by the next (empty) checkpoint
+                os.replace(STATE_FILE, STATE_FILE + ".unrestorable")
+                note += "; the file was kept as state.dill.unrestorable"
+            except OSError:
+                pass
         try:
             _reload_scaffold()
         except Exception as e:
@@ -1030,6 +1055,7 @@ def worker_main(ctrl, config, restore, expect_cell=0):
                 e,
             )
     _install_scaffold()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sock_send(ctrl, {"type": "started", "pid": os.getpid(), "note": note})
     auto = config.get("auto_checkpoint", True)
     while True:
@@ -1148,6 +1174,10 @@ class Supervisor:
         self.out = self.err = None
         self.streamed = 0
         self.last_good_cell = 0
+        self.timeout_s = None  # the current cell's timeout; its clock starts once the worker runs
+        # SIGCHLD wakes select() through this pipe (PEP 475 retries EINTR)
+        self.wake_r = self.wake_w = None
+        self.kill_reason = None  # why the supervisor killed the worker, for the cell's note
 
     # -- host channel --
     def send_host(self, obj):
@@ -1164,7 +1194,15 @@ class Supervisor:
                 fcntl.fcntl(fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
         out_w, err_w = self._pipe_w
         parent, child = socket.socketpair()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            # the pids limit is full of what earlier cells left behind: clear it and
+            # try once more (if that fails too, this process exits, the container
+            # with it, and the host starts a fresh one)
+            sweep_processes()
+            time.sleep(0.1)
+            pid = os.fork()
         if pid == 0:
             try:
                 parent.close()
@@ -1174,8 +1212,8 @@ class Supervisor:
                 os.dup2(out_w, 1)
                 os.dup2(err_w, 2)
                 keep = {0, 1, 2, child.fileno()}
-                for fd in (devnull, out_w, err_w, self.out_r, self.err_r):
-                    if fd not in keep:
+                for fd in (devnull, out_w, err_w, self.out_r, self.err_r, self.wake_r, self.wake_w):
+                    if fd is not None and fd not in keep:
                         try:
                             os.close(fd)
                         except OSError:
@@ -1244,13 +1282,28 @@ class Supervisor:
         self.current = msg
         self.interrupted = False
         self.kill_at = None
-        timeout = msg.get("timeout")
-        self.deadline = (time.monotonic() + float(timeout)) if timeout else None
+        self.kill_reason = None
+        self.timeout_s = _positive(msg.get("timeout"))
+        # the cell's clock starts when a worker can run it: restoring a checkpoint
+        # first is not the cell's time (an interrupt in the middle of a restore would
+        # leave an empty namespace that the next checkpoint writes over the good one)
+        self.deadline = None
         self.streamed = 0
         if self.worker_pid is None:
             self.spawn_worker(restore=True)
+            self.progress("restoring")
         if self.worker_started:
+            self.start_clock()
             self.forward(msg)
+
+    def start_clock(self):
+        if self.timeout_s is not None:
+            self.deadline = time.monotonic() + self.timeout_s
+
+    def progress(self, state):
+        """Tell the host how a request is doing (a restore may take longer than its margin)."""
+        if self.current is not None:
+            self.send_host({"type": "progress", "id": self.current.get("id"), "state": state})
 
     def forward(self, msg):
         try:
@@ -1265,6 +1318,8 @@ class Supervisor:
             if msg.get("note"):
                 self.restart_note = msg.get("note")
             if self.current is not None:
+                self.progress("running")
+                self.start_clock()
                 self.forward(self.current)
             return
         if self.current is None:
@@ -1299,6 +1354,13 @@ class Supervisor:
             )
         if note:
             notes.append(note)
+        if st != "ok" and _in_container() and _pids_exhausted():
+            # a flood left no process slots: nothing could fork, not even a snapshot
+            n = sweep_processes(spare=self.worker_pid)
+            notes.append(
+                "dockerrepl: the container had run out of processes (pids limit);"
+                " %d left-over processes were killed" % n
+            )
         if self.restart_note:
             notes.append("dockerrepl: " + self.restart_note)
             self.restart_note = None
@@ -1343,19 +1405,29 @@ class Supervisor:
         oom = _oom_suspected()
         if self.current is not None:
             req = self.current
-            if self.kill_at is not None or self.interrupted == "timeout":
+            if self.kill_reason:
+                st, why = "crashed", self.kill_reason
+            elif self.interrupted == "interrupt" and self.kill_at is not None:
+                st = "interrupted"
+                why = "the cell ignored the interrupt; the worker was killed"
+            elif self.kill_at is not None or self.interrupted == "timeout":
                 st = "timeout"
                 why = (
                     "cell exceeded its %ss timeout and ignored the interrupt; the worker was killed"
                     % req.get("timeout")
                 )
-            elif oom or (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
+            elif os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
                 st = "oom" if oom else "crashed"
                 why = "the worker was %s%s" % (how, " (out of memory)" if oom else "")
             else:
                 st = "crashed"
                 why = "the worker %s" % how
+            self.kill_reason = None
+            if st in ("timeout", "interrupted"):
+                # a cell that had to be killed may have left processes outside its group
+                sweep_processes()
             self.spawn_worker(restore=True)
+            self.progress("restoring")
             # wait for the new worker to come up so the note can say what was restored
             note = self.wait_started()
             self.restart_note = None
@@ -1407,8 +1479,12 @@ class Supervisor:
                 if not data:
                     return "the replacement worker failed to start"
                 self.ctrl_reader.feed(data)
-                for m in self.ctrl_reader.frames():
-                    if m.get("type") == "started":
+                try:
+                    frames = self.ctrl_reader.frames()
+                except (ValueError, RecursionError):
+                    return "the replacement worker failed to start (protocol error)"
+                for m in frames:
+                    if isinstance(m, dict) and m.get("type") == "started":
                         self.worker_started = True
                         return m.get("note")
         return None
@@ -1460,8 +1536,8 @@ class Supervisor:
             self.interrupt("timeout")
 
     def interrupt(self, why):
-        if self.worker_pid is None or self.current is None:
-            return
+        if self.worker_pid is None or self.current is None or not self.worker_started:
+            return  # nothing runs yet (a restore): the cell can be interrupted once it does
         self.interrupted = why
         try:
             os.kill(self.worker_pid, signal.SIGINT)
@@ -1477,8 +1553,15 @@ class Supervisor:
 
     # -- main loop --
     def handle_host(self, msg):
+        if not isinstance(msg, dict):
+            self.send_host({"type": "error", "id": None, "error": "a message must be an object"})
+            return
         kind = msg.get("type")
-        if kind in ("exec", "call"):
+        if kind == "exec" and not isinstance(msg.get("code"), str):
+            self.send_host({"type": "error", "id": msg.get("id"), "error": "exec needs str code"})
+        elif kind == "call" and not isinstance(msg.get("op"), str):
+            self.send_host({"type": "error", "id": msg.get("id"), "error": "call needs a str op"})
+        elif kind in ("exec", "call"):
             self.start_request(msg)
         elif kind == "interrupt":
             self.interrupt("interrupt")
@@ -1535,15 +1618,27 @@ class Supervisor:
         )
         for m in pending:
             self.handle_host(m)
-        signal.signal(signal.SIGCHLD, lambda *a: None)  # wake select() when the worker dies
+        # Wake select() when the worker dies. A handler alone does not: select() is
+        # retried after EINTR (PEP 475), and the ctrl socket's EOF never comes while a
+        # child the cell forked still holds a copy of it.
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *a: None)
         while True:
-            fds = [0, self.out_r, self.err_r]
+            fds = [0, self.out_r, self.err_r, self.wake_r]
             if self.ctrl is not None:
                 fds.append(self.ctrl)
             try:
                 r, _, _ = select.select(fds, [], [], self.next_timeout())
             except InterruptedError:
                 r = []
+            if self.wake_r in r:
+                try:
+                    os.read(self.wake_r, 4096)
+                except OSError:
+                    pass
             if 0 in r:
                 if not self.read_host(block=False):
                     self.shutdown(purge=False)  # stdin closed: the host is gone
@@ -1560,7 +1655,19 @@ class Supervisor:
                     data = b""
                 if data:
                     self.ctrl_reader.feed(data)
-                    for m in self.ctrl_reader.frames():
+                    try:
+                        frames = self.ctrl_reader.frames()
+                        if not all(isinstance(m, dict) for m in frames):
+                            raise ValueError("a frame that is not an object")
+                    except (ValueError, RecursionError) as e:
+                        # cell code (or a child it forked, which inherits the socket)
+                        # wrote garbage: the worker's reports cannot be trusted any more
+                        frames = []
+                        self.kill_reason = (
+                            "the worker broke the protocol (%s); it was killed" % str(e)[:200]
+                        )
+                        self.worker_died(self.kill_worker())
+                    for m in frames:
                         self.on_worker_frame(m)
                 elif data == b"":
                     self.worker_died(self.kill_worker())
@@ -1601,6 +1708,75 @@ def sock_send_blocking(sock, obj):
         except InterruptedError:
             continue
         view = view[n:]
+
+
+def _positive(value):
+    """A timeout from the host: a finite number > 0, else None (no limit)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if 0 < value < float("inf") else None
+
+
+def _in_container():
+    """True when this supervisor runs under the container's init (docker run --init).
+
+    The sweep below kills every other process it can see: it must never run
+    where the bootstrap was started by something else (tests on the host).
+    """
+    if os.getpid() == 1:
+        return True
+    if os.getppid() != 1:
+        return False
+    try:
+        with open("/proc/1/cmdline", "rb") as f:
+            init = f.read().split(b"\0", 1)[0]
+    except OSError:
+        return False
+    return os.path.basename(init) in (b"docker-init", b"tini", b"tini-static", b"dumb-init")
+
+
+def sweep_processes(spare=None):
+    """Kill what a killed worker left behind: children that left its process group
+    (``setsid``), fork floods that fill the pids limit. Spares init, the
+    supervisor and snapshot writers (they finish the last completed cell's
+    checkpoint, which the restore waits for). Returns how many were killed.
+    """
+    if not _in_container():
+        return 0
+    me, killed = os.getpid(), 0
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return 0
+    for name in names:
+        if not name.isdigit() or int(name) in (1, me, spare):
+            continue
+        try:
+            with open("/proc/%s/comm" % name) as f:
+                if f.read().strip() == SNAPSHOT_COMM:
+                    continue
+            os.kill(int(name), signal.SIGKILL)
+            killed += 1
+        except OSError:
+            pass
+    return killed
+
+
+def _pids_exhausted():
+    """True when the container's pids cgroup is (nearly) full (cgroup v1 or v2)."""
+    for d in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup"):
+        try:
+            with open(d + "/pids.max") as f:
+                limit = f.read().strip()
+            with open(d + "/pids.current") as f:
+                current = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if not limit.isdigit():
+            return False
+        return current >= int(limit) - 2
+    return False
 
 
 def _dill_origin():
