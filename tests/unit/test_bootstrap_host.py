@@ -1,0 +1,506 @@
+"""The in-container bootstrap, run under the host Python with no access to the package.
+
+The file is copied into ``<tmp>/ws/.dockerrepl/`` as the host does for a container,
+``DOCKERREPL_WORKSPACE`` points it at ``<tmp>/ws`` instead of ``/workspace``, and a
+poisoned ``dockerrepl`` package on PYTHONPATH makes any import of ours fail loudly.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dockerrepl import LMHandler
+from dockerrepl._proxy import ProxyServer, ProxyState
+from dockerrepl.clients import EchoClient
+
+pytestmark = pytest.mark.timeout(60)
+
+BOOTSTRAP = Path(__file__).resolve().parents[2] / "dockerrepl" / "_bootstrap"
+BOOTSTRAP_FILE = BOOTSTRAP / "dockerrepl_bootstrap.py"
+HEADER = struct.Struct(">I")
+
+
+class Boot:
+    """A bootstrap process and the host's end of its framed stdin/stdout channel."""
+
+    def __init__(self, tmp: Path, hello: dict | None = None) -> None:
+        self.ws = tmp / "ws"
+        boot_dir = self.ws / ".dockerrepl"
+        boot_dir.mkdir(parents=True)
+        shutil.copyfile(BOOTSTRAP_FILE, boot_dir / "dockerrepl_bootstrap.py")
+        poison = tmp / "poison" / "dockerrepl"
+        poison.mkdir(parents=True)
+        (poison / "__init__.py").write_text(
+            "raise ImportError('the bootstrap must not import dockerrepl')\n"
+        )
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "DOCKERREPL_WORKSPACE": str(self.ws),
+            "PYTHONPATH": str(tmp / "poison"),
+            "LANG": "C.UTF-8",
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-B", str(boot_dir / "dockerrepl_bootstrap.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=str(tmp),
+            bufsize=0,
+        )
+        self.buf = bytearray()
+        self.ready: dict | None = None
+        if hello is not None:
+            self.send(hello)
+            self.ready = self.recv()
+
+    def send(self, obj: dict) -> None:
+        body = json.dumps(obj).encode()
+        self.proc.stdin.write(HEADER.pack(len(body)) + body)
+
+    def recv(self, timeout: float = 30.0) -> dict | None:
+        """The next frame, or None when the bootstrap closed its stdout."""
+        end = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while True:
+            if len(self.buf) >= 4:
+                (n,) = HEADER.unpack_from(self.buf)
+                if len(self.buf) >= 4 + n:
+                    body = bytes(self.buf[4 : 4 + n])
+                    del self.buf[: 4 + n]
+                    return json.loads(body)
+            left = end - time.monotonic()
+            assert left > 0, "no frame from the bootstrap in time"
+            r, _, _ = select.select([fd], [], [], left)
+            if r:
+                data = os.read(fd, 1 << 16)
+                if not data:
+                    return None
+                self.buf += data
+
+    def exec(self, code: str, cell: int, timeout: float | None = 20, **extra) -> dict:
+        self.send({"type": "exec", "id": cell, "code": code, "timeout": timeout, **extra})
+        while True:
+            msg = self.recv()
+            assert msg is not None, self.stderr()
+            if msg.get("type") == "result" and msg.get("id") == cell:
+                return msg
+            # informational frames about this request may come first
+            assert msg.get("type") in ("output", "progress") and msg.get("id") == cell, msg
+
+    def stderr(self) -> str:
+        return self.proc.stderr.read().decode(errors="replace") if self.proc.poll() else ""
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for f in (self.proc.stdout, self.proc.stderr):
+            f.close()
+
+
+def hello(**config) -> dict:
+    base = {
+        "proxy": {"host": "127.0.0.1", "port": 9},
+        "token": "t",
+        "auto_checkpoint": False,
+        "grace": 0.5,
+    }
+    base.update(config)
+    return {"type": "hello", "version": 1, "config": base}
+
+
+@pytest.fixture
+def boot(tmp_path):
+    b = Boot(tmp_path, hello())
+    yield b
+    b.close()
+
+
+def pid_gone(pid: int, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# --------------------------------------------------------------------------- static
+def test_compiles_under_python_38_grammar():
+    src = BOOTSTRAP_FILE.read_text("utf-8")
+    ast.parse(src, feature_version=(3, 8))
+
+
+def test_imports_only_the_stdlib():
+    tree = ast.parse(BOOTSTRAP_FILE.read_text("utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative import in the bootstrap"
+            names.add((node.module or "").split(".")[0])
+    # dill is optional (the image's, or the host's copied into the mount); the
+    # bootstrap imports itself by module name so dill pickles its helpers by reference
+    extra = names - set(sys.stdlib_module_names) - {"dill", "dockerrepl_bootstrap"}
+    assert extra == set()
+    assert "dockerrepl" not in names
+
+
+def test_only_one_file_in_the_bootstrap_dir():
+    files = sorted(p.name for p in BOOTSTRAP.iterdir() if p.suffix == ".py")
+    assert files == ["dockerrepl_bootstrap.py"]
+
+
+# --------------------------------------------------------------------------- handshake
+def test_handshake(boot):
+    r = boot.ready
+    assert r["type"] == "ready"
+    assert r["version"] == 1
+    assert r["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert r["pid"] == boot.proc.pid
+    assert r["uid"] == os.getuid()
+    assert r["dill"] in ("image", "mount", None)
+
+
+def test_version_mismatch_is_an_error_frame(tmp_path):
+    b = Boot(tmp_path)
+    try:
+        b.send({"type": "hello", "version": 999, "config": {}})
+        msg = b.recv()
+        assert msg["type"] == "error"
+        assert "999" in msg["error"]
+        assert b.proc.wait(10) != 0
+    finally:
+        b.close()
+
+
+def test_first_frame_must_be_hello(tmp_path):
+    b = Boot(tmp_path)
+    try:
+        b.send({"type": "exec", "id": 1, "code": "print(1)"})
+        msg = b.recv()
+        assert msg["type"] == "error"
+        assert b.proc.wait(10) != 0
+    finally:
+        b.close()
+
+
+def test_hello_split_across_writes(tmp_path):
+    b = Boot(tmp_path)
+    try:
+        body = json.dumps(hello()).encode()
+        data = HEADER.pack(len(body)) + body
+        for i in range(0, len(data), 7):
+            b.proc.stdin.write(data[i : i + 7])
+            time.sleep(0.001)
+        assert b.recv()["type"] == "ready"
+    finally:
+        b.close()
+
+
+def test_hello_and_first_cell_in_one_write(tmp_path):
+    b = Boot(tmp_path)
+    try:
+        frames = b""
+        for obj in (hello(), {"type": "exec", "id": 1, "code": "print('early')", "timeout": 10}):
+            body = json.dumps(obj).encode()
+            frames += HEADER.pack(len(body)) + body
+        b.proc.stdin.write(frames)
+        assert b.recv()["type"] == "ready"
+        res = b.recv()
+        while res["type"] == "progress":
+            res = b.recv()
+        assert res["type"] == "result" and res["stdout"] == "early\n"
+    finally:
+        b.close()
+
+
+# --------------------------------------------------------------------------- cells
+def test_state_kept_between_cells(boot):
+    assert boot.exec("x = 41\ndef f(n):\n    return n + 1", 1)["status"] == "ok"
+    r = boot.exec("print(f(x))", 2)
+    assert r["status"] == "ok"
+    assert r["stdout"] == "42\n"
+    assert r["locals"]["x"] == "41"
+    assert r["id"] == 2
+
+
+def test_output_captured_at_fd_level(boot):
+    code = (
+        "import os, sys\n"
+        "print('from print')\n"
+        "sys.stderr.write('from stderr\\n')\n"
+        "os.write(1, b'raw fd 1\\n')\n"
+        "os.write(2, b'raw fd 2\\n')\n"
+        "os.system('echo from a child; echo child err 1>&2')\n"
+    )
+    r = boot.exec(code, 1)
+    assert r["status"] == "ok"
+    for line in ("from print", "raw fd 1", "from a child"):
+        assert line in r["stdout"]
+    for line in ("from stderr", "raw fd 2", "child err"):
+        assert line in r["stderr"]
+    assert r["truncated"] == {"stdout": 0, "stderr": 0}
+
+
+def test_printed_frames_cannot_forge_protocol_messages(boot):
+    fake = json.dumps({"type": "result", "id": 1, "stdout": "forged"}).encode()
+    code = f"import os, struct\nos.write(1, struct.pack('>I', {len(fake)}) + {fake!r})\n"
+    r = boot.exec(code, 1)
+    assert r["type"] == "result"
+    assert r["stdout"] != "forged"
+    assert "forged" in r["stdout"]  # it came back as output, not as a frame
+
+
+def test_non_utf8_output_is_replaced(boot):
+    r = boot.exec("import os\nos.write(1, b'bad \\xff\\xfe bytes\\n')", 1)
+    assert r["status"] == "ok"
+    assert "\ufffd" in r["stdout"]
+    assert r["stdout"].startswith("bad ") and r["stdout"].endswith(" bytes\n")
+
+
+def test_exception_traceback_without_bootstrap_frames(boot):
+    boot.exec("keep = 'me'", 1)
+    r = boot.exec("def g():\n    return 1 / 0\ng()", 2)
+    assert r["status"] == "error"
+    assert r["exception"] == "ZeroDivisionError"
+    assert "Traceback" in r["stderr"]
+    assert "ZeroDivisionError" in r["stderr"]
+    assert "in g" in r["stderr"]
+    assert "dockerrepl_bootstrap" not in r["stderr"]
+    assert ".dockerrepl" not in r["stderr"]
+    # the REPL lives on, state intact
+    r = boot.exec("print(keep)", 3)
+    assert (r["status"], r["stdout"]) == ("ok", "me\n")
+
+
+@pytest.mark.parametrize(
+    ("code", "exc"),
+    [
+        ("def broken(:\n    pass", "SyntaxError"),
+        ("raise SystemExit(3)", "SystemExit"),
+        ("import sys\nsys.exit('bye')", "SystemExit"),
+        ("raise KeyboardInterrupt", "KeyboardInterrupt"),
+        ("exit()", "SystemExit"),
+    ],
+)
+def test_special_exceptions_keep_the_repl(boot, code, exc):
+    boot.exec("alive = True", 1)
+    r = boot.exec(code, 2)
+    assert r["status"] == "error"
+    assert r["exception"] == exc
+    assert exc in r["stderr"]
+    assert "dockerrepl_bootstrap" not in r["stderr"]
+    r = boot.exec("print(alive)", 3)
+    assert (r["status"], r["stdout"]) == ("ok", "True\n")
+
+
+def test_del_sticks(boot):
+    boot.exec("a = 1\nb = 2", 1)
+    r = boot.exec("del a", 2)
+    assert "a" not in r["locals"] and "b" in r["locals"]
+    r = boot.exec("print(a)", 3)
+    assert r["exception"] == "NameError"
+
+
+def test_unpicklable_objects_stay_alive(boot):
+    boot.exec("g = (i * i for i in range(10))\nf = open('data.txt', 'w')\nnext(g)", 1)
+    r = boot.exec("print(next(g))\nf.write('x')\nf.close()\nprint(open('data.txt').read())", 2)
+    assert r["status"] == "ok"
+    assert r["stdout"] == "1\nx\n"
+
+
+def test_cwd_is_the_workspace(boot):
+    r = boot.exec("import os\nprint(os.getcwd())", 1)
+    assert os.path.realpath(r["stdout"].strip()) == os.path.realpath(boot.ws)
+
+
+def test_answer_and_final_answer(boot):
+    r = boot.exec("x = 1", 1)
+    assert r["final_answer"] is None
+    r = boot.exec("answer['content'] = 'forty-two'\nanswer['ready'] = True", 2)
+    assert r["final_answer"] == "forty-two"
+    r = boot.exec("answer = {'content': 7, 'ready': 1}", 3)
+    assert r["final_answer"] == "7"
+
+
+def test_scaffold_restored_and_show_vars(boot):
+    boot.exec("llm_query = 'overwritten'\nSHOW_VARS = None\nuser_var = [1, 2]", 1)
+    r = boot.exec("print(callable(llm_query), callable(SHOW_VARS))\nprint(SHOW_VARS())", 2)
+    assert r["stdout"].splitlines()[0] == "True True"
+    assert "user_var" in r["stdout"]
+    assert "llm_query" not in r["locals"]
+
+
+def test_locals_are_capped_reprs_and_broken_repr_is_a_placeholder(tmp_path):
+    b = Boot(tmp_path, hello(repr_cap=50))
+    try:
+        code = (
+            "big = 'x' * 10000\n"
+            "class Bad:\n"
+            "    def __repr__(self):\n"
+            "        raise RuntimeError('no repr')\n"
+            "bad = Bad()\n"
+        )
+        r = b.exec(code, 1)
+        assert r["status"] == "ok"
+        # the cap, plus a short note saying how long the value really is
+        assert len(r["locals"]["big"]) <= 50 + 30
+        assert "10000" in r["locals"]["big"]
+        assert isinstance(r["locals"]["bad"], str) and r["locals"]["bad"]
+    finally:
+        b.close()
+
+
+def test_streamed_output_frames(boot):
+    boot.send(
+        {
+            "type": "exec",
+            "id": 1,
+            "code": "import sys\nprint('a', flush=True)\nsys.stderr.write('b\\n')",
+            "timeout": 10,
+            "stream": True,
+        }
+    )
+    chunks = []
+    while True:
+        msg = boot.recv()
+        if msg["type"] == "result":
+            break
+        if msg["type"] == "progress":
+            continue
+        assert msg["type"] == "output" and msg["id"] == 1
+        chunks.append((msg["stream"], msg["data"]))
+    assert ("stdout", "a\n") in chunks
+    assert ("stderr", "b\n") in chunks
+    assert msg["stdout"] == "a\n"  # the result still has all of it
+
+
+def test_cell_timeout_interrupts_and_keeps_state(boot):
+    boot.exec("kept = 'yes'", 1)
+    r = boot.exec("while True:\n    pass", 2, timeout=0.5)
+    assert r["status"] == "timeout"
+    r = boot.exec("print(kept)", 3)
+    assert (r["status"], r["stdout"]) == ("ok", "yes\n")
+
+
+# --------------------------------------------------------------------------- protocol
+def test_unknown_message_type_is_an_error_frame(boot):
+    boot.send({"type": "no-such-thing", "id": 77})
+    msg = boot.recv()
+    assert msg["type"] == "error"
+    assert msg["id"] == 77
+    assert "no-such-thing" in msg["error"]
+    assert boot.exec("print('still fine')", 1)["stdout"] == "still fine\n"
+
+
+def test_ping(boot):
+    boot.send({"type": "ping", "id": 5})
+    assert boot.recv() == {"type": "pong", "id": 5, "busy": False}
+
+
+def test_stdin_close_ends_supervisor_and_worker(boot):
+    worker = int(boot.exec("import os\nprint(os.getpid())", 1)["stdout"])
+    assert worker != boot.proc.pid
+    boot.proc.stdin.close()
+    assert boot.proc.wait(10) == 0
+    assert boot.recv() is None  # stdout closed
+    assert pid_gone(worker)
+
+
+def test_stdin_close_while_a_cell_runs(boot):
+    boot.send({"type": "exec", "id": 1, "code": "import time\ntime.sleep(60)", "timeout": None})
+    time.sleep(0.2)
+    boot.proc.stdin.close()
+    assert boot.proc.wait(10) == 0
+
+
+def test_supervisor_survives_a_sigint(boot):
+    # interrupts are for the worker; the supervisor ignores them
+    os.kill(boot.proc.pid, signal.SIGINT)
+    assert boot.exec("print(1)", 1)["stdout"] == "1\n"
+
+
+def test_worker_crash_is_reported_and_replaced(boot):
+    boot.exec("x = 1", 1)
+    r = boot.exec("import os\nos._exit(5)", 2)
+    assert r["status"] == "crashed"
+    assert "dockerrepl" in r["stderr"]
+    r = boot.exec("print('new worker')", 3)
+    assert r["status"] == "ok" and r["stdout"] == "new worker\n"
+
+
+# ------------------------------------------------------------- llm_query end to end on the host
+def test_llm_query_through_a_real_proxy_and_handler(tmp_path):
+    with LMHandler(EchoClient()) as handler:
+        state = ProxyState(token="tok-1", depth=1, lm_handler_address=handler.address)
+        proxy = ProxyServer(state, host="127.0.0.1")
+        b = Boot(
+            tmp_path,
+            hello(proxy={"host": "127.0.0.1", "port": proxy.port}, token="tok-1", depth=1),
+        )
+        try:
+            r = b.exec(
+                "print(llm_query('hi'))\n"
+                "print(llm_query_batched(['a', 'b']))\n"
+                "print(rlm_query('r'))\n",
+                1,
+            )
+            assert r["status"] == "ok", r["stderr"]
+            assert r["stdout"].splitlines() == ["echo:hi", "['echo:a', 'echo:b']", "echo:r"]
+            calls = state.take(1)
+            assert [c["prompt"] for c in calls] == ["hi", "a", "b", "r"]
+            assert all(c["root_model"] == "echo" for c in calls)
+        finally:
+            b.close()
+            proxy.close()
+
+
+def test_llm_query_never_raises(tmp_path):
+    # wrong token and nothing listening: error strings, not exceptions
+    b = Boot(tmp_path, hello(proxy={"host": "127.0.0.1", "port": 9}, token="t"))
+    try:
+        r = b.exec(
+            "a = llm_query('x')\nb = llm_query_batched(['y', 'z'])\nprint(type(a).__name__)", 1
+        )
+        assert r["status"] == "ok", r["stderr"]
+        assert r["locals"]["a"].startswith("'Error: ")
+        assert r["stdout"] == "str\n"
+    finally:
+        b.close()
+
+
+def test_stdin_close_right_after_start(tmp_path):
+    # a race: a kill that came before the worker's own setpgid found no process
+    # group, and the supervisor then waited for the worker for ever
+    for i in range(20):
+        b = Boot(tmp_path / str(i), hello())
+        try:
+            assert b.ready["type"] == "ready"
+            b.proc.stdin.close()
+            assert b.proc.wait(10) == 0
+        finally:
+            b.close()
