@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import stat
-import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -112,20 +115,6 @@ def test_redact_hides_env_values():
     assert "OPENAI_API_KEY=***" in shown
 
 
-def test_only_one_module_imports_subprocess():
-    root = os.path.join(os.path.dirname(__file__), "..", "..", "dockerrepl")
-    users = []
-    for dirpath, _, files in os.walk(root):
-        if "_bootstrap" in dirpath:
-            continue  # runs inside the container, not on the host
-        for f in files:
-            if f.endswith(".py"):
-                text = open(os.path.join(dirpath, f), encoding="utf-8").read()
-                if "import subprocess" in text:
-                    users.append(f)
-    assert users == ["_docker.py"]
-
-
 def test_run_argv_hardened_defaults(tmp_path):
     cfg = ContainerConfig(image="img", workspace=str(tmp_path), labels={"dockerrepl.version": "1"})
     argv = cfg.run_argv("name", "python3")
@@ -160,22 +149,195 @@ def test_owner_label_uses_proc_start_time():
     assert start == process_start_time(os.getpid()) != "0"
 
 
-def test_import_does_nothing(tmp_path):
-    code = (
-        "import threading, sys, atexit\n"
-        "import logging, concurrent.futures, socketserver  # stdlib registers its own\n"
-        "before = atexit._ncallbacks()\n"
-        "import dockerrepl, dockerrepl.clients, dockerrepl.lm_handler\n"
-        "assert threading.active_count() == 1, threading.enumerate()\n"
-        "assert atexit._ncallbacks() == before\n"
-        "print(dockerrepl.__version__)\n"
-    )
-    env = {
-        "PATH": "",
-        "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+# --------------------------------------------------------------------------- every mapped error
+@pytest.mark.parametrize(
+    "stderr",
+    [
+        "Unable to find image 'x:1' locally\nError response from daemon: manifest unknown",
+        "Error response from daemon: pull access denied for x, repository does not exist",
+        'Error response from daemon: Get "https://registry-1.docker.io/v2/": dial tcp: '
+        "lookup registry-1.docker.io on 10.0.0.1:53: no such host",
+        'Error response from daemon: failed to resolve reference "docker.io/library/x:1"',
+        "Error: No such image: x:1",
+    ],
+)
+def test_image_not_found_and_not_pullable_variants(tmp_path, stderr):
+    docker = fake_docker(tmp_path, stderr=stderr, rc=125)
+    with pytest.raises(NoSuchImage) as info:
+        _docker.run(["run", "x:1"], timeout=10, docker=docker)
+    assert "scripts/build-image.sh" in info.value.hint
+    assert info.value.returncode == 125
+    assert info.value.stderr == stderr.strip()  # the CLI's own words kept for the user
+
+
+def test_hints_say_what_to_do(tmp_path):
+    cases = {
+        DockerDaemonError: "Cannot connect to the Docker daemon at unix:///var/run/docker.sock."
+        " Is the docker daemon running?",
+        DockerPermissionError: "Got permission denied while trying to connect to the Docker daemon"
+        " socket at unix:///var/run/docker.sock: dial unix /var/run/docker.sock: connect:"
+        " permission denied",
     }
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30
+    hints = {}
+    for i, (cls, stderr) in enumerate(cases.items()):
+        d = tmp_path / str(i)
+        d.mkdir()
+        with pytest.raises(cls) as info:
+            _docker.run(["info"], timeout=10, docker=fake_docker(d, stderr=stderr, rc=1))
+        hints[cls] = info.value.hint
+        assert info.value.hint in str(info.value)
+    assert "docker" in hints[DockerPermissionError] and "group" in hints[DockerPermissionError]
+    assert "dockerd" in hints[DockerDaemonError] or "start" in hints[DockerDaemonError]
+
+
+def test_docker_path_not_executable(tmp_path):
+    path = tmp_path / "docker"
+    path.write_text("#!/bin/sh\nexit 0\n")  # no x bit
+    with pytest.raises(DockerNotFound):
+        _docker.run(["ps"], timeout=5, docker=str(path))
+    with pytest.raises(DockerNotFound):
+        _docker.run(["ps"], timeout=5, docker=str(tmp_path / "absent" / "docker"))
+    with pytest.raises(DockerNotFound):
+        _docker.spawn(["run", "-i", "x"], docker=str(tmp_path / "absent" / "docker"))
+
+
+def test_timeout_kills_the_process(tmp_path):
+    pidfile = tmp_path / "pid"
+    path = tmp_path / "docker"
+    path.write_text(
+        f"#!{sys.executable}\nimport os, time\n"
+        f"open({str(pidfile)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n"
     )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip()
+    path.chmod(0o755)
+    with pytest.raises(DockerTimeout) as info:
+        _docker.run(["pull", "x"], timeout=1, docker=str(path))
+    assert info.value.hint
+    pid = int(pidfile.read_text())
+    # subprocess.run killed and reaped it: the pid is no longer ours
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_check_false_returns_the_failure(tmp_path):
+    docker = fake_docker(tmp_path, stderr="Error: No such container: c1", rc=1, stdout="partial")
+    res = _docker.run(["rm", "-f", "c1"], timeout=10, docker=docker, check=False)
+    assert res.returncode == 1
+    assert res.stdout == "partial"
+    assert "No such container" in res.stderr
+    assert res.argv[1:] == ("rm", "-f", "c1")
+
+
+def test_run_passes_input_and_argv_without_a_shell(tmp_path):
+    path = tmp_path / "docker"
+    path.write_text(
+        f"#!{sys.executable}\nimport sys, json\n"
+        "print(json.dumps({'argv': sys.argv[1:], 'stdin': sys.stdin.read()}))\n"
+    )
+    path.chmod(0o755)
+    tricky = ["run", "--name", "a b; rm -rf /", "$(echo no)"]
+    res = _docker.run(tricky, timeout=10, docker=str(path), input=b"fed in")
+    assert json.loads(res.stdout) == {"argv": tricky, "stdin": "fed in"}
+
+
+def test_spawn_gives_binary_pipes(tmp_path):
+    path = tmp_path / "docker"
+    path.write_text(
+        f"#!{sys.executable}\nimport sys\n"
+        "data = sys.stdin.buffer.read()\nsys.stdout.buffer.write(data[::-1])\n"
+    )
+    path.chmod(0o755)
+    proc = _docker.spawn(["run", "-i", "img"], docker=str(path))
+    try:
+        out, _ = proc.communicate(b"\x00\x01frame\xff", timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert out == b"\xff" + b"emarf" + b"\x01\x00"
+
+
+# --------------------------------------------------------------------------- through the public API
+@pytest.fixture
+def short_ws():
+    """A workspace parent with a short path: with network="none" the proxy's unix
+    socket lives inside it, and AF_UNIX paths are limited to 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="drw-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def script_docker(tmp_path, run_stderr: str, other_stderr: str = "", other_rc: int = 0) -> str:
+    """A fake docker whose `run` fails like the engine does; other commands as given."""
+    path = tmp_path / "docker"
+    path.write_text(
+        textwrap.dedent(f"""\
+        #!{sys.executable}
+        import sys
+        if sys.argv[1] == "run":
+            sys.stderr.write({run_stderr!r})
+            sys.exit(125)
+        sys.stderr.write({other_stderr!r})
+        print("[]")
+        sys.exit({other_rc})
+    """)
+    )
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("run_stderr", "cls"),
+    [
+        (
+            "Unable to find image 'nope:1' locally\ndocker: Error response from daemon: pull"
+            " access denied for nope, repository does not exist or may require 'docker login'.\n",
+            NoSuchImage,
+        ),
+        (
+            "docker: Cannot connect to the Docker daemon at unix:///var/run/docker.sock."
+            " Is the docker daemon running?\n",
+            DockerDaemonError,
+        ),
+        (
+            "docker: permission denied while trying to connect to the Docker daemon socket at"
+            " unix:///var/run/docker.sock\n",
+            DockerPermissionError,
+        ),
+    ],
+)
+def test_repl_start_failures_are_typed_and_leave_nothing(tmp_path, short_ws, run_stderr, cls):
+    from dockerrepl import DockerREPL
+
+    ws = short_ws
+    docker = script_docker(tmp_path, run_stderr)
+    with pytest.raises(cls) as info:
+        DockerREPL(image="nope:1", docker=docker, network="none", workspace_dir=str(ws))
+    assert info.value.hint
+    if cls is NoSuchImage:
+        assert "scripts/build-image.sh" in info.value.hint
+        assert "nope:1" in str(info.value)
+    assert list(ws.iterdir()) == []  # the half-started REPL removed its temp dir
+
+
+def test_repl_daemon_down_on_the_bridge_network(tmp_path):
+    from dockerrepl import DockerREPL
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    down = "Cannot connect to the Docker daemon at unix:///x.sock. Is the docker daemon running?"
+    docker = script_docker(tmp_path, down, other_stderr=down, other_rc=1)
+    with pytest.raises(DockerDaemonError):
+        DockerREPL(image="img", docker=docker, workspace_dir=str(ws))
+    assert list(ws.iterdir()) == []
+
+
+def test_repl_without_docker(tmp_path, short_ws):
+    from dockerrepl import DockerREPL
+
+    ws = short_ws
+    with pytest.raises(DockerNotFound) as info:
+        DockerREPL(
+            image="img", docker=str(tmp_path / "no-docker"), network="none", workspace_dir=str(ws)
+        )
+    assert "install" in info.value.hint.lower()
+    assert list(ws.iterdir()) == []
