@@ -7,6 +7,7 @@ contract rlm's RLM relies on: persistence, compaction, sub-calls, custom tools.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -150,7 +151,19 @@ def test_types_convert_to_rlms_own(image: str, handler: Any, no_leftovers: None)
 
     from dockerrepl.integrations.rlm import RlmDockerREPL
 
-    with RlmDockerREPL(image=image, lm_handler_address=handler.address) as repl:
+    with RlmDockerREPL(
+        image=image,
+        lm_handler_address=handler.address,
+        depth=3,
+        persistent=True,
+        an_option_rlm_may_add_later=1,  # unknown keyword arguments are accepted
+    ) as repl:
+        # the attributes callers of rlm's DockerREPL read
+        assert repl.depth == 3 and repl.persistent is True
+        assert isinstance(repl.container_id, str) and repl.container_id
+        assert os.path.isdir(repl.temp_dir)
+        assert repl.proxy_port > 0
+        assert repl.lm_handler_address == repl.proxy_server.lm_handler_address == handler.address
         r = repl.execute_code("x = [1, 2]\nprint(llm_query('p'))")
         assert isinstance(r, rlm_types.REPLResult)
         assert r.stdout == "echo:p\n" and r.stderr == ""
@@ -338,6 +351,8 @@ def test_custom_tools(image: str, handler: Any) -> None:
         table = {"a": [1, 2]}
         if key == "boom":
             raise KeyError(key)
+        if key == "set":
+            return {1, 2}
         if key == "custom":
 
             class QuotaError(Exception):
@@ -382,7 +397,10 @@ def test_custom_tools(image: str, handler: Any) -> None:
         assert r.exception == "QuotaError" and "over quota" in r.stderr
         r = repl.execute_code("lookup(object())")
         assert r.exception == "TypeError"  # arguments must be JSON
-        assert len(calls) == 4
+        assert len(calls) == 4  # ... found out in the container, before any host call
+        r = repl.execute_code("lookup('set')")
+        assert r.exception == "TypeError"  # so must the result be
+        assert len(calls) == 5
         # callable tools come back after the model overwrites them; data is the model's
         repl.execute_code("double = 5\nlookup = None\nconfig['limits'].append(4)")
         r = repl.execute_code("print(double(1), lookup('a'), config['limits'])")
