@@ -1,0 +1,186 @@
+"""``dockerrepl repl``: an interactive prompt into a sandbox.
+
+Input is read like Python's own REPL: ``codeop`` decides when a statement is
+complete (a compound statement ends with an empty line), the value of a
+trailing expression is shown with ``sys.displayhook`` inside the container,
+readline gives line editing, history and name completion. Ctrl-C at the prompt
+drops the line; while a cell runs it interrupts the cell (state kept); Ctrl-D
+leaves and removes the container.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import builtins
+import codeop
+import keyword
+import logging
+import os
+import sys
+import warnings
+from typing import Any, Optional
+
+from . import __version__
+from ._cli_sandbox import Output, Sandbox
+from .repl import RESERVED_NAMES
+
+__all__ = ["cmd_repl", "is_complete", "with_display"]
+
+log = logging.getLogger(__name__)
+
+HISTORY_LENGTH = 1000
+_DISPLAY = "__import__('sys').displayhook"
+_EXIT_WORDS = frozenset({"exit", "quit", "exit()", "quit()"})
+
+
+def is_complete(source: str) -> bool:
+    """True when ``source`` is ready to run (or is broken beyond more input)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return codeop.compile_command(source, "<stdin>", "single") is not None
+        except (SyntaxError, ValueError, OverflowError):
+            pass
+        # "single" refuses several statements (a pasted block): try it as a module
+        try:
+            return codeop.compile_command(source, "<stdin>", "exec") is not None
+        except (SyntaxError, ValueError, OverflowError):
+            return True  # let the container's Python report the error
+
+
+def _offset(lines: list[str], lineno: int, col: int) -> int:
+    """A string index for an ast (1-based line, UTF-8 byte column) position."""
+    line = lines[lineno - 1] if lineno - 1 < len(lines) else ""
+    return sum(len(x) for x in lines[: lineno - 1]) + len(
+        line.encode("utf-8")[:col].decode("utf-8", "replace")
+    )
+
+
+def with_display(source: str) -> str:
+    """Show a trailing top-level expression's value with ``sys.displayhook``, as Python's REPL.
+
+    The expression keeps its own line(s) (the wrapper goes on the lines around
+    it), so a traceback quotes what was typed.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return source
+    if not tree.body or not isinstance(tree.body[-1], ast.Expr):
+        return source
+    node = tree.body[-1].value
+    if node.end_lineno is None or node.end_col_offset is None:
+        return source
+    lines = source.splitlines(keepends=True)
+    start = _offset(lines, node.lineno, node.col_offset)
+    end = _offset(lines, node.end_lineno, node.end_col_offset)
+    return f"{source[:start]}{_DISPLAY}((\n{source[start:end]}\n)){source[end:]}"
+
+
+class _Completer:
+    """Completes Python keywords, builtins, the REPL's names and the user's variables."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self._matches: list[str] = []
+
+    def __call__(self, text: str, state: int) -> Optional[str]:
+        if state == 0:
+            pool = self.names | set(keyword.kwlist) | set(dir(builtins)) | set(RESERVED_NAMES)
+            self._matches = sorted(n for n in pool if n.startswith(text) and "." not in text)
+        return self._matches[state] if state < len(self._matches) else None
+
+
+def _history_path() -> Optional[str]:
+    env = os.environ.get("DOCKERREPL_HISTFILE")
+    if env is not None:
+        return env or None
+    home = os.path.expanduser("~")
+    return None if home == "~" else os.path.join(home, ".dockerrepl_history")
+
+
+def _setup_readline(completer: _Completer) -> Optional[Any]:
+    try:
+        import readline
+    except ImportError:  # e.g. a Python built without it: plain input() still works
+        return None
+    readline.set_history_length(HISTORY_LENGTH)
+    path = _history_path()
+    if path:
+        try:
+            readline.read_history_file(path)
+        except OSError:
+            pass
+    readline.set_completer(completer)
+    readline.set_completer_delims(" \t\n`~!@#$%^&*()-=+[{]}\\|;:'\",<>/?")
+    readline.parse_and_bind("tab: complete")
+    return readline
+
+
+def _save_history(readline: Optional[Any]) -> None:
+    path = _history_path()
+    if readline is None or not path:
+        return
+    try:
+        readline.write_history_file(path)
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        log.debug("could not save the history to %s: %s", path, exc)
+
+
+def cmd_repl(args: argparse.Namespace) -> int:
+    """``dockerrepl repl``: read cells from the terminal and run them in one sandbox."""
+    interactive = sys.stdin.isatty()
+    box = Sandbox(args, sys.stderr)
+    completer = _Completer()
+    readline = _setup_readline(completer) if interactive else None
+    try:
+        repl = box.open()
+        probe = repl.execute_code(
+            "import sys as _s\nprint('%d.%d.%d' % _s.version_info[:3])\ndel _s"
+        )
+        if interactive:
+            sys.stderr.write(
+                f"dockerrepl {__version__}: Python {probe.stdout.strip() or '?'} in {box.image} "
+                f"(container {repl.container_name}), llm_query() -> {box.backend}\n"
+                "Ctrl-C interrupts a running cell (state is kept); Ctrl-D exits and removes "
+                "the container.\n"
+            )
+            sys.stderr.flush()
+        out = Output(sys.stdout, sys.stderr)
+        buf: list[str] = []
+        while True:
+            prompt = ("... " if buf else ">>> ") if interactive else ""
+            try:
+                line = input(prompt)
+            except EOFError:
+                if interactive:
+                    sys.stdout.write("\n")
+                return 0
+            except KeyboardInterrupt:
+                sys.stdout.write("\nKeyboardInterrupt\n")
+                sys.stdout.flush()
+                buf = []
+                continue
+            if not buf and line.strip() in _EXIT_WORDS:
+                return 0
+            buf.append(line)
+            source = "\n".join(buf)
+            if not is_complete(source):
+                continue
+            buf = []
+            if not source.strip():
+                continue
+            out.reset()
+            res = box.run_cell(with_display(source), out)
+            out.finish(res)
+            completer.names = set(res.locals)
+            if out.broken:
+                return 1
+    finally:
+        if readline is not None:
+            _save_history(readline)
+        box.close()

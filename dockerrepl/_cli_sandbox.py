@@ -1,0 +1,425 @@
+"""What ``run`` and ``repl`` share: an LM Handler + DockerREPL pair driven from a terminal.
+
+A cell runs in a helper thread while the main thread waits, so Ctrl-C (SIGINT)
+and SIGTERM land in the main thread at a safe place: they become
+:meth:`DockerREPL.interrupt` (the cell gets ``KeyboardInterrupt``, state kept),
+never an exception in the middle of the framed channel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import IO, Any, Optional, Protocol, Union
+
+from . import _docker
+from .clients import EchoClient, OpenAIClient
+from .errors import DockerReplError, DockerTimeout, NoSuchImage
+from .lm_handler import LMHandler
+from .repl import DEFAULT_IMAGE, DockerREPL
+from .types import REPLResult
+
+__all__ = [
+    "EXIT_SETUP",
+    "CliError",
+    "Output",
+    "Sandbox",
+    "Terminated",
+    "add_sandbox_options",
+    "default_image",
+    "ensure_image",
+    "exit_status",
+]
+
+log = logging.getLogger(__name__)
+
+EXIT_ERROR = 1  # the code raised (or the sandbox crashed)
+EXIT_USAGE = 2  # bad command line or unreadable input file
+EXIT_TIMEOUT = 124  # the cell ran past --timeout (as coreutils' timeout)
+EXIT_SETUP = 125  # dockerrepl could not set the sandbox up (as `docker run`)
+EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_OOM = 137  # killed for memory
+DEFAULT_MODEL = "gpt-5-mini"
+PULL_TIMEOUT = 900.0
+BUILD_HINT = (
+    "no registry is reachable? Build an image offline with scripts/build-image.sh "
+    "(in the dockerrepl source tree), then pass --image dockerrepl/python:3.11-bookworm "
+    "or export DOCKERREPL_IMAGE=dockerrepl/python:3.11-bookworm"
+)
+
+
+class TextSink(Protocol):
+    """Where progress and notes go (a text stream, or anything with write/flush)."""
+
+    def write(self, s: str, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+
+class CliError(Exception):
+    """A failure the user can fix; printed as ``error: message`` and ``fix: hint``."""
+
+    def __init__(self, message: str, hint: str = "", code: int = EXIT_USAGE) -> None:
+        super().__init__(message, hint, code)
+        self.message = message
+        self.hint = hint
+        self.code = code
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: stop the cell, clean up, exit 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def default_image() -> str:
+    """The image DockerREPL uses when none is given."""
+    return os.environ.get("DOCKERREPL_IMAGE") or DEFAULT_IMAGE
+
+
+def add_sandbox_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", help=f"image to run (default: $DOCKERREPL_IMAGE or {DEFAULT_IMAGE})")
+    p.add_argument(
+        "--context",
+        metavar="FILE",
+        help="load FILE as `context` (a .json file is parsed; anything else is text)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=900.0,
+        metavar="SECONDS",
+        help="per-cell time limit (default 900; 0 = none)",
+    )
+    p.add_argument("--network", choices=("bridge", "none"), default="bridge")
+    p.add_argument("--memory", default="2g", help="memory limit, swap off (default 2g; 0 = none)")
+    p.add_argument("--cpus", type=float, help="CPU quota, e.g. 1.5")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "echo", "openai"),
+        default="auto",
+        help="who answers llm_query(): openai (needs OPENAI_API_KEY or OPENAI_BASE_URL), "
+        "echo (answers 'echo:<prompt>'), auto = openai when configured, else echo",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"model name for the openai backend (default: $DOCKERREPL_MODEL or {DEFAULT_MODEL})",
+    )
+
+
+def make_client(backend: str, model: Optional[str], err: TextSink) -> tuple[Any, str]:
+    """The LM client for ``--backend``; says on ``err`` when it falls back to echo."""
+    if backend in ("auto", "openai"):
+        if os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL"):
+            name = model or os.environ.get("DOCKERREPL_MODEL") or DEFAULT_MODEL
+            client = OpenAIClient(model_name=name)
+            return client, f"openai ({name} at {client.base_url})"
+        err.write(
+            "dockerrepl: no OPENAI_API_KEY (or OPENAI_BASE_URL) is set: llm_query() answers "
+            "with the echo backend ('echo:<prompt>'); pass --backend echo to hide this note\n"
+        )
+    return EchoClient(), "echo"
+
+
+def read_context(path: str) -> Union[str, dict[str, Any], list[Any]]:
+    """The ``--context`` file as a str, or parsed when it is a ``.json`` file."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError as exc:
+        raise CliError(f"cannot read the context file {path}: {exc.strerror or exc}") from None
+    if path.lower().endswith(".json"):
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise CliError(
+                f"{path} is not valid JSON: {exc}",
+                "fix the file, or give it another extension to load it as text",
+            ) from None
+        if isinstance(value, (dict, list, str)):
+            return value
+        return text
+    return text
+
+
+def ensure_image(image: str, docker: str, err: TextSink, pull_timeout: float = PULL_TIMEOUT) -> str:
+    """Make sure ``image`` is present: ``"present"``, or pull it with progress: ``"pulled"``.
+
+    Raises :class:`NoSuchImage` (with what to do offline) when it cannot be pulled.
+    """
+    try:
+        _docker.run(["image", "inspect", "--format", "{{.Id}}", image], timeout=30, docker=docker)
+        return "present"
+    except NoSuchImage:
+        pass
+    err.write(f"dockerrepl: image {image} is not here; pulling it (up to {pull_timeout:g}s)\n")
+    err.flush()
+    rc, tail = _pull(image, docker, err, pull_timeout)
+    if rc != 0:
+        first = (tail.strip().splitlines() or [""])[-1]
+        raise NoSuchImage(
+            f"image {image!r} is not present and could not be pulled: {first}", BUILD_HINT, tail, rc
+        )
+    return "pulled"
+
+
+def _pull(image: str, docker: str, err: TextSink, timeout: float) -> tuple[int, str]:
+    """``docker pull`` with its progress lines copied to ``err``; returns (rc, output tail)."""
+    import select
+    import tempfile
+
+    with tempfile.TemporaryFile() as errfile:
+        proc = _docker.spawn(["pull", image], docker=docker, stderr=errfile)
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.close()
+        fd = proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        out = bytearray()
+        buf = b""
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    proc.kill()
+                    proc.wait(10)
+                    raise DockerTimeout(
+                        f"`docker pull {image}` did not finish within {timeout:g}s",
+                        "check the network / registry, or build the image offline "
+                        "(scripts/build-image.sh)",
+                    )
+                ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+                if not ready:
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                out += chunk
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    err.write("  " + line.decode("utf-8", "replace") + "\n")
+                err.flush()
+            rc = proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            proc.stdout.close()
+        errfile.seek(0)
+        tail = (bytes(out[-2000:]) + errfile.read()[-2000:]).decode("utf-8", "replace")
+    return rc, tail
+
+
+def exit_status(res: REPLResult) -> int:
+    """The process exit status for a cell's outcome (see docs/cli.md)."""
+    if res.status == "ok":
+        return 0
+    if res.status == "error" and res.exception == "SystemExit":
+        lines = [ln for ln in res.stderr.splitlines() if ln.startswith("SystemExit:")]
+        code = lines[-1][len("SystemExit:") :].strip() if lines else ""
+        if not code:
+            return 0
+        try:
+            return int(code) & 0xFF
+        except ValueError:
+            return EXIT_ERROR  # sys.exit("message") exits 1, as Python does
+    return {"timeout": EXIT_TIMEOUT, "interrupted": EXIT_INTERRUPTED, "oom": EXIT_OOM}.get(
+        res.status, EXIT_ERROR
+    )
+
+
+def _remainder(full: str, streamed: str) -> str:
+    """What of a result's text was not streamed (e.g. notes added by the host)."""
+    if not streamed:
+        return full
+    i = full.find(streamed)
+    if i < 0:
+        return ""  # truncated by the output cap: everything was shown live
+    return full[:i] + full[i + len(streamed) :]
+
+
+class Output:
+    """Writes streamed chunks to the terminal at once; remembers what it wrote."""
+
+    def __init__(self, out: IO[str], err: IO[str]) -> None:
+        self.streams = {"stdout": out, "stderr": err}
+        self.seen = {"stdout": [], "stderr": []}  # type: dict[str, list[str]]
+        self.broken = False
+        self.on_broken: Optional[Callable[[], None]] = None
+
+    def reset(self) -> None:
+        self.seen = {"stdout": [], "stderr": []}
+
+    def __call__(self, stream: str, text: str) -> None:
+        self.seen.setdefault(stream, []).append(text)
+        if self.broken:
+            return
+        f = self.streams.get(stream, self.streams["stderr"])
+        try:
+            f.write(text)
+            f.flush()
+        except (BrokenPipeError, ValueError):
+            self.broken = True  # e.g. `dockerrepl run ... | head -1`: stop the cell
+            if self.on_broken is not None:
+                self.on_broken()
+
+    def finish(self, res: REPLResult) -> None:
+        """Print whatever the result holds that was not streamed."""
+        for name, full in (("stdout", res.stdout), ("stderr", res.stderr)):
+            rest = _remainder(full, "".join(self.seen.get(name, [])))
+            if rest:
+                self(name, rest if rest.endswith("\n") else rest + "\n")
+
+
+class Sandbox:
+    """One LM Handler and one DockerREPL, set up from the command-line options."""
+
+    def __init__(self, args: argparse.Namespace, err: IO[str]) -> None:
+        self.args = args
+        self.err = err
+        self.image = args.image or default_image()
+        self.docker: str = args.docker
+        self.handler: Optional[LMHandler] = None
+        self.repl: Optional[DockerREPL] = None
+        self.backend = ""
+
+    def open(self) -> DockerREPL:
+        a = self.args
+        context = read_context(a.context) if a.context else None
+        if a.timeout is not None and a.timeout < 0:
+            raise CliError("--timeout must be >= 0 (0 means no limit)")
+        client, self.backend = make_client(a.backend, a.model, self.err)
+        _docker.resolve_docker(self.docker)
+        ensure_image(self.image, self.docker, self.err)
+        self.handler = LMHandler(client)
+        self.handler.start()
+        memory = None if str(a.memory).lower() in ("0", "none", "") else str(a.memory)
+        log.debug("starting a sandbox on %s (backend %s)", self.image, self.backend)
+        self.repl = DockerREPL(
+            image=self.image,
+            lm_handler_address=self.handler.address,
+            context_payload=context,
+            timeout=a.timeout or None,
+            memory=memory,
+            cpus=a.cpus,
+            network=a.network,
+            docker=self.docker,
+        )
+        return self.repl
+
+    def run_cell(self, code: str, out: Output) -> REPLResult:
+        """Run ``code``, streaming to ``out``.
+
+        While it runs, Ctrl-C interrupts the cell (a third press abandons the
+        sandbox) and SIGTERM/SIGHUP interrupt it and then raise
+        :class:`Terminated`. The handlers only start a thread that sends the
+        interrupt: nothing is raised inside the framed channel.
+        """
+        repl = self.repl
+        assert repl is not None
+        presses = 0
+        terminated = 0
+
+        def interrupt() -> None:
+            threading.Thread(
+                target=repl.interrupt, name="dockerrepl-interrupt", daemon=True
+            ).start()
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            nonlocal presses
+            presses += 1
+            if presses >= 3:
+                threading.Thread(target=self.abandon, args=(EXIT_INTERRUPTED,), daemon=True).start()
+            else:
+                interrupt()
+
+        def on_term(signum: int, frame: Any) -> None:
+            nonlocal terminated
+            terminated = signum
+            interrupt()
+
+        out.on_broken = interrupt
+        saved: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            saved[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                saved[sig] = signal.signal(sig, on_term)
+        try:
+            res = repl.execute_code(code, on_output=out)
+        finally:
+            for signum, handler in saved.items():
+                signal.signal(signum, handler)
+        if terminated:
+            raise Terminated(terminated)
+        return res
+
+    def abandon(self, code: int) -> None:
+        """Last resort when a cell does not stop: remove the container and exit now."""
+        repl = self.repl
+        try:
+            self.err.write("\ndockerrepl: abandoning the sandbox\n")
+            self.err.flush()
+        except (OSError, ValueError, RuntimeError):
+            pass
+        if repl is not None:
+            name = repl.container_name
+            if name:
+                try:
+                    _docker.run(["rm", "-f", name], timeout=15, docker=self.docker, check=False)
+                except DockerReplError:
+                    pass
+            if repl.temp_dir:
+                shutil.rmtree(os.path.dirname(repl.temp_dir), ignore_errors=True)
+        os._exit(code)
+
+    def close(self) -> None:
+        """Remove the container and the workspace, stop the handler. Idempotent."""
+        try:
+            if self.repl is not None:
+                self.repl.cleanup()
+        finally:
+            if self.handler is not None:
+                self.handler.stop()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``dockerrepl run``: one sandbox, one cell, output streamed, exit status from the cell."""
+    if args.code is not None and args.file is not None:
+        raise CliError("give either FILE or -c CODE, not both")
+    if args.code is not None:
+        code = args.code
+    elif args.file in (None, "-"):
+        code = sys.stdin.read()
+    else:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                code = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise CliError(f"cannot read {args.file}: {reason}") from None
+    box = Sandbox(args, sys.stderr)
+    try:
+        box.open()
+        out = Output(sys.stdout, sys.stderr)
+        res = box.run_cell(code, out)
+        out.finish(res)
+        log.debug("cell finished: status=%s in %.3fs", res.status, res.execution_time)
+        if out.broken:
+            return EXIT_ERROR
+        return exit_status(res)
+    finally:
+        box.close()
