@@ -1,14 +1,17 @@
 """A warm pool of pre-started REPLs.
 
-Starting a container costs ~0.3-0.5 s; :meth:`DockerREPLPool.acquire` hands out
-one that is already running, and starts its replacement in the background.
-A REPL is handed out once and never returned to the pool (no state can leak
-from one user to the next); members that were never handed out die with the
-pool.
+Starting a container costs ~0.3 s; :meth:`DockerREPLPool.acquire` hands out
+one that is already running (well under a millisecond) and starts its
+replacement in the background. A REPL is handed out once and never returned
+to the pool (no state can leak from one user to the next); members that were
+never handed out die with the pool: on :meth:`~DockerREPLPool.close`, when the
+pool is garbage-collected, and, like every DockerREPL, when the process exits
+(their stdin closes and ``--rm`` removes them).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import queue
 import threading
@@ -23,6 +26,45 @@ __all__ = ["DockerREPLPool"]
 log = logging.getLogger(__name__)
 
 
+class _ArgumentsOK(Exception):
+    """Raised by :class:`_Probe` once DockerREPL has checked its arguments."""
+
+
+class _Probe(DockerREPL):
+    """Runs DockerREPL's own argument checks, and stops before anything starts."""
+
+    def setup(self) -> None:
+        raise _ArgumentsOK
+
+    def cleanup(self) -> None:
+        self._closed = True
+
+
+def _check_repl_kwargs(repl_kwargs: dict[str, Any]) -> None:
+    """Fail now, in the caller's thread, on arguments every member would fail on."""
+    params = inspect.signature(DockerREPL).parameters
+    known = {
+        name
+        for name, p in params.items()
+        if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    }
+    unknown = sorted(set(repl_kwargs) - known)
+    if unknown:
+        # DockerREPL ignores unknown names (rlm passes some); a pool has no such caller,
+        # so an unknown name here is a typo that would otherwise be silently dropped
+        raise TypeError(
+            f"DockerREPLPool got unexpected keyword argument(s) {', '.join(map(repr, unknown))}"
+            f" (DockerREPL takes: {', '.join(sorted(known))})"
+        )
+    payload = repl_kwargs.get("context_payload")
+    if payload is not None and not isinstance(payload, (str, dict, list)):
+        raise TypeError(f"context must be str, dict or list, not {type(payload).__name__}")
+    try:
+        _Probe(**repl_kwargs)
+    except _ArgumentsOK:
+        return
+
+
 class DockerREPLPool:
     """Keep ``size`` ready :class:`DockerREPL` instances built with ``repl_kwargs``.
 
@@ -30,11 +72,19 @@ class DockerREPLPool:
     ``cleanup()`` it); ``close()`` removes every REPL not yet handed out.
     Per-user data (``context_payload``, ``setup_code``) can be given as pool
     kwargs if all users share it, or loaded after ``acquire()``.
+
+    Arguments that no member could start with (an unknown keyword, a bad
+    ``network`` or ``timeout``, a ``size`` that is not a positive int) raise
+    ``TypeError``/``ValueError`` here, before any container starts. Failures
+    that only starting a container reveals (no such image, no engine) are
+    raised by :meth:`acquire` as :class:`~dockerrepl.errors.DockerReplError`
+    with the cause chained.
     """
 
     def __init__(self, size: int = 2, **repl_kwargs: Any) -> None:
-        if not isinstance(size, int) or size < 1:
-            raise ValueError("size must be a positive int")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"size must be a positive int, not {size!r}")
+        _check_repl_kwargs(repl_kwargs)
         self.size = size
         self.repl_kwargs = repl_kwargs
         self._ready: queue.Queue[DockerREPL] = queue.Queue()
@@ -77,8 +127,9 @@ class DockerREPLPool:
     def acquire(self, timeout: Optional[float] = 120.0) -> DockerREPL:
         """A ready REPL, yours alone; a replacement starts in the background.
 
-        Raises :class:`DockerReplError` when members cannot be started (the
-        cause is chained) and ``TimeoutError`` when none is ready in time.
+        Raises :class:`~dockerrepl.errors.ReplClosed` after :meth:`close`,
+        :class:`DockerReplError` when members cannot be started (the cause is
+        chained) and ``TimeoutError`` when none is ready in time.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -98,6 +149,12 @@ class DockerREPLPool:
                     raise TimeoutError("no REPL became ready in time") from None
                 continue
             self._spawn()
+            if not _alive(repl):
+                # it died while it waited (killed from outside, engine restart): a
+                # fresh one is better than a restart on the caller's first cell
+                log.warning("pool: a ready REPL had died; it is replaced")
+                repl.cleanup()
+                continue
             return repl
 
     @property
@@ -123,3 +180,20 @@ class DockerREPLPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        # Members die with the pool. No joining here: a member still starting
+        # holds a reference to the pool, so by now none is.
+        try:
+            self._closed = True
+            while True:
+                self._ready.get_nowait().cleanup()
+        except queue.Empty:
+            pass
+        except Exception:
+            pass
+
+
+def _alive(repl: DockerREPL) -> bool:
+    container = repl._container
+    return container is not None and container.alive()
