@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import textwrap
 import threading
@@ -56,9 +57,11 @@ RESERVED_NAMES = frozenset(
         "history",
     }
 )
+#: Every ``REPLResult.status``; anything else a container reports becomes "crashed".
+RESULT_STATUSES = frozenset({"ok", "error", "timeout", "interrupted", "crashed", "oom"})
 #: Extra seconds the host waits past a cell's timeout + grace before it declares
 #: the whole container unresponsive and replaces it.
-HOST_MARGIN = 15.0
+HOST_MARGIN = 20.0
 _BOOTSTRAP_SRC = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "_bootstrap", "dockerrepl_bootstrap.py"
 )
@@ -196,7 +199,12 @@ class DockerREPL:
         repr_cap: the longest repr kept per variable in ``REPLResult.locals``.
         max_llm_calls, max_llm_tokens: budgets; past them ``llm_query`` returns
             an ``"Error: budget exceeded ..."`` string.
-        auto_checkpoint: snapshot the namespace in the background after each cell.
+        auto_checkpoint: ``True``: snapshot the namespace in the background after
+            each cell (a container killed within a few ms of a cell loses that
+            cell's changes, and says so); ``"sync"``: write the snapshot before
+            the result returns (nothing completed is ever lost; each cell that
+            changes the namespace pays the dump); ``False``: only
+            :meth:`checkpoint`.
     """
 
     def __init__(
@@ -227,7 +235,7 @@ class DockerREPL:
         repr_cap: int = 1000,
         max_llm_calls: Optional[int] = None,
         max_llm_tokens: Optional[int] = None,
-        auto_checkpoint: bool = True,
+        auto_checkpoint: Union[bool, str] = True,
         grace: float = 2.0,
         start_timeout: float = 120.0,
         verify_security: bool = True,
@@ -266,6 +274,8 @@ class DockerREPL:
         }
         self._max_output = int(max_output_bytes)
         self._repr_cap = int(repr_cap)
+        if auto_checkpoint not in (True, False, "sync"):
+            raise ValueError("auto_checkpoint must be True, False or 'sync'")
         self._auto_checkpoint = auto_checkpoint
         self._grace = float(grace)
         self._verify = verify_security
@@ -283,6 +293,7 @@ class DockerREPL:
         self.temp_dir = ""
         self._root = ""
         self.restarts = 0
+        self._last_completed = 0  # the last cell that ended ok or error
         self._state = ProxyState(
             token="",
             depth=depth,
@@ -448,12 +459,47 @@ class DockerREPL:
         if old is not None:
             old.kill()
         self.restarts += 1
+        saved = self._checkpoint_cell()
         try:
             self._start_container(restore=True)
             self._after_restore()
         except DockerReplError as exc:
             raise ContainerDied(f"{why}, and a replacement could not be started: {exc}") from exc
-        return f"dockerrepl: {why}; a new container was started and the last checkpoint restored"
+        if saved is None:
+            restored = "no checkpoint was found: the namespace starts empty"
+        else:
+            restored = f"the checkpoint taken after cell {saved} was restored"
+            if saved < self._last_completed:
+                # checkpoints are written in the background after each cell: one still
+                # on its way died with the container (see DockerREPL.checkpoint())
+                lost = saved + 1, self._last_completed
+                cells = f"cells {lost[0]}-{lost[1]}" if lost[0] < lost[1] else f"cell {lost[1]}"
+                restored += f" (changes made by {cells}, if any, were not in it)"
+        return f"dockerrepl: {why}; a new container was started and {restored}"
+
+    def _checkpoint_cell(self) -> Optional[int]:
+        """The cell the checkpoint in the mount was taken after (None: no checkpoint).
+
+        The file is the container's: opened without following links, never a
+        FIFO, read bounded, and only one integer is taken from it.
+        """
+        path = os.path.join(self.temp_dir, ".dockerrepl", "state.meta.json")
+        if not os.path.isfile(os.path.join(self.temp_dir, "state.dill")):
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            meta = json.loads(os.read(fd, 1 << 16))
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)
+        cell = meta.get("cell") if isinstance(meta, dict) else None
+        return cell if isinstance(cell, int) and not isinstance(cell, bool) else None
 
     def _after_restore(self) -> None:
         if self.compaction:
@@ -498,12 +544,22 @@ class DockerREPL:
                 "timeout": limit,
                 "stream": on_output is not None,
             }
+            notes: list[str] = []
             try:
-                self._send(msg)
-                res = self._await_result(cell, limit, on_output)
+                res = self._run_cell(msg, limit, on_output, notes)
+                note += "".join(notes)
             except ContainerDied as exc:
                 self._state.abandon_through(cell)
+                note += "".join(notes)
                 note += self._restart(f"the container died during the cell ({exc})") + "\n"
+                return self._result(
+                    cell, start, {"status": "crashed", "stdout": "", "stderr": note}
+                )
+            except ProtocolError as exc:
+                # frames from the container are untrusted: one that breaks the protocol
+                # ends that container; the REPL goes on in a new one
+                self._state.abandon_through(cell)
+                note += self._restart(f"the container broke the protocol ({exc})") + "\n"
                 return self._result(
                     cell, start, {"status": "crashed", "stdout": "", "stderr": note}
                 )
@@ -519,19 +575,62 @@ class DockerREPL:
                 res["stderr"] = note + str(res.get("stderr", ""))
             if res.get("status") not in ("ok", "error"):
                 self._state.abandon_through(cell)
+            else:
+                self._last_completed = cell
             return self._result(cell, start, res)
 
+    def _run_cell(
+        self,
+        msg: dict[str, Any],
+        limit: Optional[float],
+        on_output: Optional[OutputCallback],
+        notes: list[str],
+    ) -> dict[str, Any]:
+        """Send a cell and wait for its result.
+
+        A container that dies before showing any sign of the cell (the
+        supervisor acknowledges a cell still running after 20 ms) never ran
+        it, or ran it for a few milliseconds: it was killed between cells and
+        the docker CLI noticed late. It is replaced and the cell sent once more.
+        """
+        seen = [False]
+        try:
+            self._send(msg)
+            return self._await_result(msg["id"], limit, on_output, seen)
+        except ContainerDied as exc:
+            if seen[0]:
+                raise
+            notes.append(self._restart(f"the container had died ({exc})") + "\n")
+        seen[0] = False
+        self._send(msg)
+        return self._await_result(msg["id"], limit, on_output, seen)
+
     def _await_result(
-        self, cell: int, limit: Optional[float], on_output: Optional[OutputCallback]
+        self,
+        cell: int,
+        limit: Optional[float],
+        on_output: Optional[OutputCallback],
+        seen: Optional[list[bool]] = None,
     ) -> dict[str, Any]:
         container = self._container
         assert container is not None
-        deadline = (
-            None if limit is None else time.monotonic() + limit + self._grace + HOST_MARGIN + 5
-        )
+        margin = self._grace + HOST_MARGIN
+        deadline = None if limit is None else time.monotonic() + limit + margin
         while True:
             msg = container.recv(deadline)
             kind = msg.get("type")
+            if msg.get("id") == cell and seen is not None:
+                seen[0] = True
+            if kind == "progress":
+                if msg.get("id") == cell and limit is not None:
+                    # a restore has its own bound; the cell's clock restarts after it
+                    state = msg.get("state")
+                    if state == "restoring":
+                        restore_bound = float(self._options["start_timeout"])  # type: ignore[arg-type]
+                        deadline = time.monotonic() + restore_bound + margin
+                    elif state == "running":
+                        deadline = time.monotonic() + limit + margin
+                continue
             if kind == "output":
                 if on_output is not None and msg.get("id") == cell:
                     try:
@@ -545,20 +644,36 @@ class DockerREPL:
                 raise ProtocolError(str(msg.get("error")))
 
     def _result(self, cell: int, start: float, res: dict[str, Any]) -> REPLResult:
+        # The result frame comes from the container: every field is checked, never trusted.
         calls = [RLMChatCompletion.from_dict(c) for c in self._state.take(cell)]
         raw_locals = res.get("locals")
+        raw_trunc = res.get("truncated")
+        status = res.get("status", "ok")
+
+        def text(key: str) -> str:
+            value = res.get(key, "")
+            return value if isinstance(value, str) else ""
+
         return REPLResult(
-            stdout=str(res.get("stdout", "")),
-            stderr=str(res.get("stderr", "")),
-            locals=dict(raw_locals) if isinstance(raw_locals, dict) else {},
+            stdout=text("stdout"),
+            stderr=text("stderr"),
+            locals={k: v for k, v in raw_locals.items() if isinstance(v, str)}
+            if isinstance(raw_locals, dict)
+            else {},
             execution_time=time.perf_counter() - start,
             rlm_calls=calls,
             final_answer=res.get("final_answer")
             if isinstance(res.get("final_answer"), str)
             else None,
-            status=str(res.get("status", "ok")),
+            status=status if status in RESULT_STATUSES else "crashed",
             exception=res.get("exception") if isinstance(res.get("exception"), str) else None,
-            output_truncated=dict(res.get("truncated") or {}),
+            output_truncated={
+                k: v
+                for k, v in raw_trunc.items()
+                if k in ("stdout", "stderr") and isinstance(v, int) and not isinstance(v, bool)
+            }
+            if isinstance(raw_trunc, dict)
+            else {},
         )
 
     def interrupt(self) -> None:
@@ -640,9 +755,7 @@ class DockerREPL:
         self._check_open()
         if isinstance(payload, str):
             rel = f"{stem}.txt"
-            with open(
-                os.path.join(self.temp_dir, rel), "w", encoding="utf-8", errors="surrogatepass"
-            ) as f:
+            with self._open_new(rel) as f:
                 f.write(payload)
             return rel, "text"
         if not isinstance(payload, (dict, list)):
@@ -652,11 +765,26 @@ class DockerREPL:
         except (TypeError, ValueError) as exc:
             raise TypeError(f"context payload is not JSON-serialisable: {exc}") from None
         rel = f"{stem}.json"
-        with open(
-            os.path.join(self.temp_dir, rel), "w", encoding="utf-8", errors="surrogatepass"
-        ) as f:
+        with self._open_new(rel) as f:
             f.write(data)
         return rel, "json"
+
+    def _open_new(self, rel: str) -> Any:
+        """Open ``rel`` in the mount for writing as a new file.
+
+        The container can write the mount: whatever it left at that name (a
+        symlink to a host file, a FIFO) is removed, never followed or opened.
+        """
+        path = os.path.join(self.temp_dir, rel)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:
+            shutil.rmtree(path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o644)
+        return os.fdopen(fd, "w", encoding="utf-8", errors="surrogatepass")
 
     # ----------------------------------------------------------- checkpoints
     def checkpoint(self) -> list[str]:
@@ -665,7 +793,8 @@ class DockerREPL:
         Returns the names of the variables dill could not pickle (skipped).
         """
         value = self._call("checkpoint", {"cell": self._cell})
-        return list(value.get("skipped") or [])
+        skipped = value.get("skipped") if isinstance(value, dict) else None
+        return [str(k) for k in skipped] if isinstance(skipped, list) else []
 
     # ----------------------------------------------------------------- files
     def upload(

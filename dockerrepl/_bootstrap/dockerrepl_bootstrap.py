@@ -55,6 +55,8 @@ RESERVED = SCAFFOLD_FUNCS + ("answer", "context", "history")
 HIDDEN_LOCALS = frozenset(SCAFFOLD_FUNCS) | {"__builtins__"}
 # the name snapshot writers give themselves, so the supervisor's sweep spares them
 SNAPSHOT_COMM = "drepl-snapshot"
+# seconds after which a still-running cell is acknowledged to the host (see start_request)
+ACK_DELAY = 0.02
 
 
 # --------------------------------------------------------------------------- #
@@ -796,6 +798,18 @@ class _Checkpointer:
         else:
             self.waiting = pid
 
+    def sync_changed(self, cell_id):
+        """``sync`` unless nothing can have changed; a failure is reported in stderr."""
+        fp = _fingerprint()
+        if fp is not None and fp == self.last_fp:
+            return
+        try:
+            self.sync(cell_id)
+        except Exception as e:
+            self.last_fp = None
+            sys.stderr.write("dockerrepl: the checkpoint failed: %s: %s\n" % (type(e).__name__, e))
+            _flush_std()
+
     def sync(self, cell_id):
         self.reap(block=True)
         self.reap(block=True)
@@ -1071,8 +1085,12 @@ def worker_main(ctrl, config, restore, expect_cell=0):
                 res = run_cell(msg.get("code", ""), int(msg.get("id", 0)))
                 res["type"] = "done"
                 res["id"] = msg.get("id")
+                if auto == "sync" and res["status"] in ("ok", "error"):
+                    # durable before the result: a container killed right after the
+                    # cell still restores it (costs the dump, on changed namespaces)
+                    CHECKPOINTER.sync_changed(int(msg.get("id", 0)))
                 sock_send(ctrl, res)
-                if auto and res["status"] in ("ok", "error"):
+                if auto is True and res["status"] in ("ok", "error"):
                     CHECKPOINTER.request(int(msg.get("id", 0)))
             elif kind == "call":
                 fn = OPS.get(msg.get("op"))
@@ -1178,6 +1196,7 @@ class Supervisor:
         # SIGCHLD wakes select() through this pipe (PEP 475 retries EINTR)
         self.wake_r = self.wake_w = None
         self.kill_reason = None  # why the supervisor killed the worker, for the cell's note
+        self.ack_at = None  # when to tell the host that a still-running cell did arrive
 
     # -- host channel --
     def send_host(self, obj):
@@ -1289,6 +1308,10 @@ class Supervisor:
         # leave an empty namespace that the next checkpoint writes over the good one)
         self.deadline = None
         self.streamed = 0
+        # A cell still running after ACK_DELAY says so: a container that dies before
+        # any sign of a cell never ran it (killed between cells; the host notices a
+        # moment late), and the host may send that cell again. Fast cells send nothing.
+        self.ack_at = time.monotonic() + ACK_DELAY if msg.get("type") == "exec" else None
         if self.worker_pid is None:
             self.spawn_worker(restore=True)
             self.progress("restoring")
@@ -1330,12 +1353,13 @@ class Supervisor:
         elif kind == "reply":
             reply = dict(msg)
             self.current = None
+            self.ack_at = None
             self.send_host(reply)
 
     def finish_cell(self, msg, status=None, note=None):
         req = self.current
         self.current = None
-        self.deadline = self.kill_at = None
+        self.deadline = self.kill_at = self.ack_at = None
         st = status or msg.get("status", "ok")
         if (
             self.interrupted
@@ -1522,6 +1546,9 @@ class Supervisor:
     # -- timers --
     def on_timer(self):
         now = time.monotonic()
+        if self.ack_at is not None and now >= self.ack_at:
+            self.ack_at = None
+            self.progress("accepted")
         if self.current is None or self.worker_pid is None:
             return
         if self.kill_at is not None and now >= self.kill_at:
@@ -1546,7 +1573,7 @@ class Supervisor:
         self.kill_at = time.monotonic() + float(self.config.get("grace", 2.0))
 
     def next_timeout(self):
-        t = [x for x in (self.deadline, self.kill_at) if x is not None]
+        t = [x for x in (self.deadline, self.kill_at, self.ack_at) if x is not None]
         if not t:
             return None
         return max(0.0, min(t) - time.monotonic())
