@@ -314,7 +314,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         swept += 1
         out.write(f"{verb:<12} workspace {path} ({size / 1e6:.1f} MB): {reason}\n")
     out.write(
-        f"{'dry run: ' if args.dry_run else ''}{verb} {len(removed)} container(s) and "
+        f"{'gc (dry run)' if args.dry_run else 'gc'}: {verb} {len(removed)} container(s) and "
         f"{swept} workspace(s), {freed / 1e6:.1f} MB; "
         f"kept {len(considered) - len(removed)} container(s)\n"
     )

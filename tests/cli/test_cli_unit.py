@@ -1,0 +1,171 @@
+"""The CLI's pure parts, without an engine: input completeness, display, exit codes, gc rules."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dockerrepl import REPLResult
+from dockerrepl._cli_repl import is_complete, with_display
+from dockerrepl._cli_sandbox import Output, _remainder, exit_status, read_context
+from dockerrepl._container import owner_label
+from dockerrepl._gc import looks_like_workspace, owner_status, stale_workspaces
+
+pytestmark = pytest.mark.timeout(30)
+HOST = socket.gethostname()
+
+
+@pytest.mark.parametrize(
+    ("source", "complete"),
+    [
+        ("x = 1", True),
+        ("if x:", False),
+        ("if x:\n    pass", False),  # a block ends with an empty line
+        ("if x:\n    pass\n", True),
+        ("a = (1,", False),
+        ("'''doc", False),
+        ("@decorator", False),
+        ("def f():\n    return 1\nprint(f())", True),  # a pasted block runs as a module
+        ("1 +", True),  # a syntax error: the container reports it
+        ("print(1) )", True),
+    ],
+)
+def test_is_complete(source: str, complete: bool) -> None:
+    assert is_complete(source) is complete
+
+
+def _displayed(source: str) -> str:
+    out = io.StringIO()
+    old_out, old_hook = sys.stdout, sys.displayhook
+    sys.stdout = out
+    sys.displayhook = sys.__displayhook__
+    try:
+        exec(compile(with_display(source), "<cell>", "exec"), {})
+    finally:
+        sys.stdout, sys.displayhook = old_out, old_hook
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("source", "shown"),
+    [
+        ("1 + 1", "2\n"),
+        ("x = 5\nx", "5\n"),
+        ("a = 1; a  # comment", "1\n"),
+        ("1, 2", "(1, 2)\n"),
+        ("*[1], 2", "(1, 2)\n"),
+        ("(1,\n 2)", "(1, 2)\n"),
+        ("'é' * 2", "'éé'\n"),
+        ("x = 3", ""),
+        ("print('p')", "p\n"),  # None is not shown
+        ("def f():\n    return 7\n\nf()", "7\n"),
+        ("for i in range(2):\n    i\n", ""),  # only a trailing top-level expression
+    ],
+)
+def test_with_display(source: str, shown: str) -> None:
+    assert _displayed(source) == shown
+
+
+def test_with_display_keeps_the_typed_line_in_tracebacks() -> None:
+    wrapped = with_display("1/0")
+    assert "1/0" in wrapped.splitlines()  # the expression keeps a line of its own
+    assert with_display("def f(:") == "def f(:"  # broken code is sent as typed
+
+
+@pytest.mark.parametrize(
+    ("status", "exception", "stderr", "code"),
+    [
+        ("ok", None, "", 0),
+        ("error", "ZeroDivisionError", "Traceback...", 1),
+        ("error", "SystemExit", "SystemExit: 3\n", 3),
+        ("error", "SystemExit", "SystemExit: \n", 0),
+        ("error", "SystemExit", "SystemExit: bye\n", 1),
+        ("timeout", "KeyboardInterrupt", "", 124),
+        ("interrupted", "KeyboardInterrupt", "", 130),
+        ("oom", None, "", 137),
+        ("crashed", None, "", 1),
+    ],
+)
+def test_exit_status(status: str, exception: str | None, stderr: str, code: int) -> None:
+    res = REPLResult("", stderr, {}, status=status, exception=exception)
+    assert exit_status(res) == code
+
+
+def test_output_prints_only_what_was_not_streamed() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    o = Output(out, err)
+    o("stdout", "a\n")
+    o("stderr", "boom\n")
+    o.finish(REPLResult("a\n", "note from the host\nboom\n", {}))
+    assert out.getvalue() == "a\n"
+    assert err.getvalue() == "boom\nnote from the host\n"
+    assert _remainder("xyz", "") == "xyz"
+    assert _remainder("head...tail", "something else") == ""  # capped: all was shown live
+
+
+def test_read_context(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text('{"k": [1]}')
+    (tmp_path / "n.json").write_text("3")
+    (tmp_path / "t.txt").write_text('{"k": 1}')
+    assert read_context(str(tmp_path / "a.json")) == {"k": [1]}
+    assert read_context(str(tmp_path / "n.json")) == "3"  # not a dict/list/str: the text
+    assert read_context(str(tmp_path / "t.txt")) == '{"k": 1}'
+
+
+def test_owner_status() -> None:
+    assert owner_status(owner_label(), HOST)[0] == "live"
+    p = subprocess.Popen(["true"])
+    p.wait()
+    assert owner_status(f"{HOST}:{p.pid}:1", HOST)[0] == "dead"
+    assert owner_status(f"{HOST}:{os.getpid()}:1", HOST)[0] == "dead"  # pid reused
+    assert owner_status(f"{HOST}:{os.getpid()}:0", HOST)[0] == "live"  # start unknown: keep
+    assert owner_status("elsewhere:1:1", HOST)[0] == "foreign"
+    assert owner_status("", HOST)[0] == "unknown"
+    assert owner_status("garbage", HOST)[0] == "unknown"
+    assert owner_status(f"{HOST}:0:1", HOST)[0] == "dead"  # pid 0 is never an owner
+
+
+def _ws(parent: Path, name: str, age: float = 3600) -> Path:
+    root = parent / f"dockerrepl-{name}"
+    (root / "workspace" / ".dockerrepl").mkdir(parents=True)
+    t = time.time() - age
+    for p in (root / "workspace" / ".dockerrepl", root / "workspace", root):
+        os.utime(p, (t, t))
+    return root
+
+
+def test_looks_like_workspace(tmp_path: Path) -> None:
+    good = _ws(tmp_path, "good")
+    assert looks_like_workspace(str(good))
+    bare = tmp_path / "dockerrepl-bare"
+    bare.mkdir()
+    assert not looks_like_workspace(str(bare))
+    other = tmp_path / "other"
+    (other / "workspace" / ".dockerrepl").mkdir(parents=True)
+    assert not looks_like_workspace(str(other))  # not named dockerrepl-*
+    link = tmp_path / "dockerrepl-link"
+    link.symlink_to(good)
+    assert not looks_like_workspace(str(link))
+    assert not looks_like_workspace("dockerrepl-relative")
+
+
+def test_stale_workspaces_rules(tmp_path: Path) -> None:
+    stale = _ws(tmp_path, "stale")
+    young = _ws(tmp_path, "young", age=0)
+    claimed = _ws(tmp_path, "claimed")
+    busy = _ws(tmp_path, "busy")
+    released = _ws(tmp_path, "released", age=0)
+    elsewhere = _ws(tmp_path / "elsewhere", "orphan", age=0)  # not in a scanned dir
+    with open(busy / "workspace" / "open.txt", "w"):
+        gone, kept = stale_workspaces(
+            [str(tmp_path)], {str(claimed)}, 300, released=[str(released), str(elsewhere)]
+        )
+    assert sorted(p for p, _ in gone) == sorted(str(p) for p in (stale, released, elsewhere))
+    assert sorted(p for p, _ in kept) == sorted(str(p) for p in (young, claimed, busy))

@@ -1,0 +1,197 @@
+"""``dockerrepl run`` against the real engine, in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from cli_helpers import cli, containers_of
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_c_code_with_llm_query(env: dict[str, str]) -> None:
+    done = cli(
+        "run", "--backend", "echo", "-c", "x = 6 * 7\nprint(x)\nprint(llm_query('hi'))", env=env
+    )
+    assert done.rc == 0, done.err
+    assert done.out.splitlines() == ["42", "echo:hi"]
+    assert done.err == ""
+    assert containers_of(done.pid) == []
+
+
+def test_file_and_stdin(env: dict[str, str], tmp_path: Any) -> None:
+    script = tmp_path / "job.py"
+    script.write_text("import sys\nprint('from file', sys.version_info[0])\n")
+    assert cli("run", "--backend", "echo", str(script), env=env).out == "from file 3\n"
+    assert cli("run", "--backend", "echo", "-", env=env, stdin="print('dash')").out == "dash\n"
+    assert cli("run", "--backend", "echo", env=env, stdin="print('bare')").out == "bare\n"
+
+
+def test_context_text_and_json(env: dict[str, str], tmp_path: Any) -> None:
+    text = tmp_path / "book.txt"
+    text.write_text("hello world\n" * 100)
+    done = cli(
+        "run", "--backend", "echo", "--context", str(text), "-c", "print(len(context))", env=env
+    )
+    assert done.out == "1200\n", done.err
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps({"a": [1, 2, 3]}))
+    code = "print(type(context).__name__, sum(context['a']))"
+    done = cli("run", "--backend", "echo", "--context", str(data), "-c", code, env=env)
+    assert done.out == "dict 6\n", done.err
+
+
+@pytest.mark.parametrize(
+    ("code", "rc", "exception"),
+    [
+        ("1/0", 1, "ZeroDivisionError"),
+        ("raise SystemExit(3)", 3, "SystemExit"),
+        ("import sys; sys.exit()", 0, "SystemExit"),
+        ("def f(:\n  pass", 1, "SyntaxError"),
+    ],
+)
+def test_exit_status_follows_the_code(
+    env: dict[str, str], code: str, rc: int, exception: str
+) -> None:
+    done = cli("run", "--backend", "echo", "-c", code, env=env)
+    assert done.rc == rc
+    assert exception in done.err
+    assert "dockerrepl_bootstrap" not in done.err
+    assert containers_of(done.pid) == []
+
+
+def test_timeout_exits_124(env: dict[str, str]) -> None:
+    done = cli("run", "--backend", "echo", "--timeout", "1", "-c", "while True: pass", env=env)
+    assert done.rc == 124
+    assert "timeout" in done.err
+
+
+def test_network_none_and_memory(env: dict[str, str]) -> None:
+    code = "import socket\nprint(llm_query('x'))\nprint(len(socket.if_nameindex()))"
+    done = cli(
+        "run", "--backend", "echo", "--network", "none", "--memory", "256m", "-c", code, env=env
+    )
+    assert done.rc == 0, done.err
+    lines = done.out.splitlines()
+    assert lines[0] == "echo:x"
+    assert lines[1] == "1"  # only the loopback interface
+
+
+def test_output_is_streamed_in_order_and_ctrl_c_interrupts(env: dict[str, str]) -> None:
+    """Output arrives while the cell still runs; SIGINT interrupts it and gives 130."""
+    code = (
+        "import sys, time\n"
+        "print('one', flush=True)\n"
+        "time.sleep(0.3)\n"
+        "print('two', file=sys.stderr, flush=True)\n"
+        "time.sleep(0.3)\n"
+        "print('three', flush=True)\n"
+        "time.sleep(60)\n"
+        "print('never')\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dockerrepl", "run", "--backend", "echo", "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        seen = [proc.stdout.readline().decode() for _ in range(3)]
+        assert seen == ["one\n", "two\n", "three\n"]
+        assert proc.poll() is None  # the cell is still running: the lines came live
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stdout.read().decode()
+        assert proc.wait(30) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "KeyboardInterrupt" in rest
+    assert "never" not in rest
+    assert containers_of(proc.pid) == []
+
+
+class _FakeOpenAI(BaseHTTPRequestHandler):
+    seen: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _FakeOpenAI.seen.append({"path": self.path, "auth": self.headers.get("Authorization")})
+        answer = {
+            "choices": [{"message": {"content": "fake:" + body["messages"][-1]["content"]}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+        }
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    _FakeOpenAI.seen = []
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_openai_backend(env: dict[str, str], fake_openai: str) -> None:
+    env = dict(env, OPENAI_BASE_URL=fake_openai, OPENAI_API_KEY="sk-test")
+    done = cli(
+        "run", "--backend", "openai", "--model", "m1", "-c", "print(llm_query('q'))", env=env
+    )
+    assert done.rc == 0, done.err
+    assert done.out == "fake:q\n"
+    assert done.err == ""
+    assert _FakeOpenAI.seen == [{"path": "/v1/chat/completions", "auth": "Bearer sk-test"}]
+
+
+def test_openai_without_key_falls_back_to_echo_and_says_so(env: dict[str, str]) -> None:
+    done = cli("run", "--backend", "openai", "-c", "print(llm_query('q'))", env=env)
+    assert done.rc == 0
+    assert done.out == "echo:q\n"
+    assert "OPENAI_API_KEY" in done.err
+    assert "echo" in done.err
+
+
+def test_verbose_logs_docker_commands_quiet_by_default(env: dict[str, str]) -> None:
+    quiet = cli("run", "--backend", "echo", "-c", "pass", env=env)
+    assert (quiet.rc, quiet.err) == (0, "")
+    loud = cli("-v", "run", "--backend", "echo", "-c", "pass", env=env)
+    assert loud.rc == 0
+    assert "DEBUG" in loud.err
+    assert "docker (spawn): " in loud.err  # the docker run -i command line
+    assert "--cap-drop ALL" in loud.err
+
+
+def test_version_and_console_script() -> None:
+    from dockerrepl import __version__
+
+    done = cli("--version")
+    assert (done.rc, done.out.strip()) == (0, f"dockerrepl {__version__}")
+    script = os.path.join(os.path.dirname(sys.executable), "dockerrepl")
+    if not os.path.exists(script):
+        pytest.skip("the package is not pip-installed here (scripts/test.sh installs it)")
+    done = cli("--version", argv0=[script])
+    assert (done.rc, done.out.strip()) == (0, f"dockerrepl {__version__}")
