@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
         "gc",
         parents=[common],
         help="remove containers and workspaces left behind by dead processes",
+        description="Remove dockerrepl containers whose owner process (label dockerrepl.owner="
+        "<host>:<pid>:<start>) is gone from this host, and DockerREPL workspaces under the "
+        "temp dir that no container or process uses. Live owners, other hosts' containers and "
+        "containers without an owner are kept unless --all.",
     )
     g.add_argument("--dry-run", "-n", action="store_true", help="only say what would be removed")
     g.add_argument(

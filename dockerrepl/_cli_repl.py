@@ -159,6 +159,9 @@ def cmd_repl(args: argparse.Namespace) -> int:
             except EOFError:
                 if interactive:
                     sys.stdout.write("\n")
+                elif buf:  # piped input ended inside a block: run it, as python does
+                    out.reset()
+                    out.finish(box.run_cell(with_display("\n".join(buf)), out))
                 return 0
             except KeyboardInterrupt:
                 sys.stdout.write("\nKeyboardInterrupt\n")

@@ -302,13 +302,14 @@ class Sandbox:
         context = read_context(a.context) if a.context else None
         if a.timeout is not None and a.timeout < 0:
             raise CliError("--timeout must be >= 0 (0 means no limit)")
-        client, self.backend = make_client(a.backend, a.model, self.err)
         _docker.resolve_docker(self.docker)
         ensure_image(self.image, self.docker, self.err)
+        client, self.backend = make_client(a.backend, a.model, self.err)
         self.handler = LMHandler(client)
         self.handler.start()
         memory = None if str(a.memory).lower() in ("0", "none", "") else str(a.memory)
         log.debug("starting a sandbox on %s (backend %s)", self.image, self.backend)
+        t0 = time.perf_counter()
         self.repl = DockerREPL(
             image=self.image,
             lm_handler_address=self.handler.address,
@@ -318,6 +319,12 @@ class Sandbox:
             cpus=a.cpus,
             network=a.network,
             docker=self.docker,
+        )
+        log.debug(
+            "sandbox %s up in %.3fs (workspace %s)",
+            self.repl.container_name,
+            time.perf_counter() - t0,
+            self.repl.temp_dir,
         )
         return self.repl
 
@@ -388,9 +395,11 @@ class Sandbox:
 
     def close(self) -> None:
         """Remove the container and the workspace, stop the handler. Idempotent."""
+        t0 = time.perf_counter()
         try:
             if self.repl is not None:
                 self.repl.cleanup()
+                log.debug("sandbox removed in %.3fs", time.perf_counter() - t0)
         finally:
             if self.handler is not None:
                 self.handler.stop()
