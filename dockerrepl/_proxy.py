@@ -39,6 +39,20 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 #: How long a kept-alive connection may sit idle or a client may dawdle mid-request.
 IDLE_TIMEOUT = 300.0
+#: How long a connection may take to send its first authenticated request.
+PREAUTH_TIMEOUT = 10.0
+#: Connections not yet authenticated, per proxy; past it the oldest is dropped, so a
+#: slow or silent client (anyone on the bridge can connect) cannot starve the container.
+MAX_PREAUTH = 32
+#: Connections per proxy; past it new ones are closed at once (bounds host threads).
+MAX_CONNECTIONS = 256
+#: Request-body bytes held in memory at once, per proxy; past it: 503.
+MAX_INFLIGHT_BODY = 256 * 1024 * 1024
+#: Prompts per request to the LM Handler; a larger batch goes in chunks, BATCH_WINDOW
+#: at a time, each checked against abandonment and the budget when dispatched.
+BATCH_CHUNK = 16
+BATCH_WINDOW = 4
+ABANDONED = "the cell that asked was abandoned (it timed out or crashed)"
 
 Address = tuple[str, int]
 
@@ -108,6 +122,10 @@ class ProxyState:
                 del self.completions[k]
             return out
 
+    def is_abandoned(self, cell: int) -> bool:
+        """True for a cell that timed out (or crashed): its calls get no new LM work."""
+        return cell < self.abandoned_below
+
     def abandon_through(self, cell: int) -> None:
         """Calls made by cells <= ``cell`` will never be attributed (their cell timed out)."""
         with self.lock:
@@ -143,6 +161,7 @@ _REASONS = {
     411: "Length Required",
     413: "Payload Too Large",
     431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
 }
 _MAX_LINE = 8192
 _MAX_HEADERS = 100
@@ -162,7 +181,7 @@ class _Handler(socketserver.StreamRequestHandler):
     container's client sends (and what curl or requests send), and nothing else.
     """
 
-    timeout = IDLE_TIMEOUT
+    timeout = PREAUTH_TIMEOUT  # until the first authenticated request; then IDLE_TIMEOUT
     # TCP_NODELAY is set in setup(), for TCP only: the class-level switch would
     # also try it on the unix socket (network="none"), where it fails
     disable_nagle_algorithm = False
@@ -177,6 +196,8 @@ class _Handler(socketserver.StreamRequestHandler):
         self._lm_addr: Optional[Address] = None
         self.path = ""
         self.headers: dict[str, str] = {}
+        self._authed = False
+        self.server.preauth_add(self.request)
 
     def finish(self) -> None:
         try:
@@ -246,14 +267,23 @@ class _Handler(socketserver.StreamRequestHandler):
         ):
             self._reply(401, {"error": "missing or wrong token"}, close=True)
             return False
+        if not self._authed:
+            self._authed = True
+            self.server.preauth_done(self.request)
+            self.connection.settimeout(IDLE_TIMEOUT)
         if length > self.server.max_body:
             raise _BadRequest(413, f"body over {self.server.max_body} bytes")
-        if headers.get("expect", "").lower() == "100-continue":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        raw = self.rfile.read(length)
-        if len(raw) != length:
-            return False
-        self._reply(*self._route(raw), close=not keep)
+        if not self.server.reserve_body(length):
+            raise _BadRequest(503, "too many request bodies in flight; try again")
+        try:
+            if headers.get("expect", "").lower() == "100-continue":
+                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            raw = self.rfile.read(length)
+            if len(raw) != length:
+                return False
+            self._reply(*self._route(raw), close=not keep)
+        finally:
+            self.server.release_body(length)
         return keep
 
     def _route(self, raw: bytes) -> tuple[int, dict[str, Any]]:
@@ -321,6 +351,8 @@ class _Handler(socketserver.StreamRequestHandler):
     def _llm_single(self, body: dict[str, Any], cell: int) -> dict[str, Any]:
         state = self.server.state
         prompt, model = self._prompt_fields(body)
+        if state.is_abandoned(cell):
+            return {"error": ABANDONED}
         if state.reserve_calls(1) < 1:
             return {"error": state.budget_message()}
         req: dict[str, Any] = {"prompt": prompt, "depth": state.depth}
@@ -334,20 +366,41 @@ class _Handler(socketserver.StreamRequestHandler):
         return {"response": str(comp.get("response") or "")}
 
     def _llm_batched(self, body: dict[str, Any], cell: int) -> dict[str, Any]:
-        state = self.server.state
         prompts = body.get("prompts")
         if not isinstance(prompts, list):
             return {"error": "'prompts' must be a list"}
         if not prompts:
             return {"responses": []}
         _, model = self._prompt_fields(body)
+        # Bounded chunks, each checked against abandonment (its cell timed out) and
+        # the budget when it is dispatched: a batch whose cell is gone stops costing.
+        # Each chunk is an ordinary batched request, so rlm's handler serves it too.
+        chunks = [prompts[i : i + BATCH_CHUNK] for i in range(0, len(prompts), BATCH_CHUNK)]
+        if len(chunks) == 1:
+            return {"responses": self._batch_chunk(chunks[0], model, cell, self._lm_request)}
+        server = self.server
+        results = server.run_windowed(
+            chunks, lambda ch: self._batch_chunk(ch, model, cell, server.pooled_lm_request)
+        )
+        return {"responses": [r for chunk in results for r in chunk]}
+
+    def _batch_chunk(
+        self,
+        prompts: list[Any],
+        model: Optional[str],
+        cell: int,
+        send: Callable[[dict[str, Any]], dict[str, Any]],
+    ) -> list[str]:
+        state = self.server.state
+        if state.is_abandoned(cell):
+            return [f"Error: {ABANDONED}"] * len(prompts)
         allowed = state.reserve_calls(len(prompts))
         out: list[str] = [f"Error: {state.budget_message()}"] * len(prompts)
         if allowed:
             req: dict[str, Any] = {"prompts": prompts[:allowed], "depth": state.depth}
             if model is not None:
                 req["model"] = model
-            resp = self._lm_request(req)
+            resp = send(req)
             comps = resp.get("chat_completions")
             if resp.get("error") or not isinstance(comps, list):
                 msg = f"Error: {resp.get('error') or 'LM handler sent no completions'}"
@@ -361,7 +414,7 @@ class _Handler(socketserver.StreamRequestHandler):
                     else:
                         state.record(cell, c)
                         out[i] = str(c.get("response") or "")
-        return {"responses": out}
+        return out
 
     def _subcall(self, prompt: Any, model: Optional[str], cell: int) -> tuple[str, Optional[str]]:
         """One rlm_query: (response, error). Bounded by max_concurrent_subcalls per REPL."""
@@ -393,14 +446,16 @@ class _Handler(socketserver.StreamRequestHandler):
         _, model = self._prompt_fields(body)
 
         def one(p: Any) -> str:
-            if cell < state.abandoned_below:
-                return "Error: the cell that asked was abandoned (timeout)"
+            if state.is_abandoned(cell):
+                return f"Error: {ABANDONED}"
             resp, err = self._subcall(p, model, cell)
             return f"Error: {err}" if err else resp
 
         return {"responses": list(self.server.executor().map(one, prompts))}
 
     def _host_tool(self, body: dict[str, Any], cell: int) -> dict[str, Any]:
+        if self.server.state.is_abandoned(cell):
+            return {"error": ABANDONED, "exception": "RuntimeError"}
         name = body.get("tool")
         fn = self.server.state.host_tools.get(name) if isinstance(name, str) else None
         if fn is None:
@@ -428,6 +483,113 @@ class _ServerMixin:
     max_body: int
     _executor: Optional[ThreadPoolExecutor] = None
     _exec_lock = threading.Lock()
+
+    def init_limits(self) -> None:
+        self._conn_lock = threading.Lock()
+        self._active = 0
+        self._preauth: dict[socket.socket, None] = {}  # insertion-ordered: oldest first
+        self._inflight = 0
+        self._idle_lm: list[LMConnection] = []
+
+    # -- connection limits -----------------------------------------------------
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conn_lock:
+            full = self._active >= MAX_CONNECTIONS
+            if not full:
+                self._active += 1
+        if full:
+            log.warning("proxy: %d connections open; refusing another", MAX_CONNECTIONS)
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            return
+        try:
+            super().process_request(request, client_address)  # type: ignore[misc]
+        except BaseException:
+            self.connection_done(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[misc]
+        finally:
+            self.connection_done(request)
+
+    def connection_done(self, sock: socket.socket) -> None:
+        with self._conn_lock:
+            self._active -= 1
+            self._preauth.pop(sock, None)
+
+    def preauth_add(self, sock: socket.socket) -> None:
+        """A new connection; past MAX_PREAUTH the oldest unauthenticated one is dropped."""
+        with self._conn_lock:
+            self._preauth[sock] = None
+            evict = next(iter(self._preauth)) if len(self._preauth) > MAX_PREAUTH else None
+            if evict is not None:
+                del self._preauth[evict]
+        if evict is not None:
+            try:
+                evict.shutdown(socket.SHUT_RDWR)  # its handler reads EOF and ends
+            except OSError:
+                pass
+
+    def preauth_done(self, sock: socket.socket) -> None:
+        with self._conn_lock:
+            self._preauth.pop(sock, None)
+
+    def reserve_body(self, n: int) -> bool:
+        with self._conn_lock:
+            if self._inflight + n > MAX_INFLIGHT_BODY:
+                return False
+            self._inflight += n
+            return True
+
+    def release_body(self, n: int) -> None:
+        with self._conn_lock:
+            self._inflight -= n
+
+    # -- batched LM requests ---------------------------------------------------
+    def run_windowed(self, items: list[Any], fn: Callable[[Any], Any]) -> list[Any]:
+        """``[fn(x) for x in items]``, at most BATCH_WINDOW at once; each starts only
+        when a slot frees, so ``fn`` sees the state (abandoned, budget) of that moment."""
+        slots = threading.Semaphore(BATCH_WINDOW)
+        futures = []
+        pool = self.executor()
+        for item in items:
+            slots.acquire()
+            fut = pool.submit(fn, item)
+            fut.add_done_callback(lambda _f: slots.release())
+            futures.append(fut)
+        return [f.result() for f in futures]
+
+    def pooled_lm_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        """One request on a pooled connection to the LM Handler (for batch chunks)."""
+        addr = self.state.lm_handler_address
+        if not addr:
+            return {"error": "No LM handler configured"}
+        addr = (str(addr[0]), int(addr[1]))
+        with self._conn_lock:
+            conn = next((c for c in self._idle_lm if c.address == addr), None)
+            if conn is not None:
+                self._idle_lm.remove(conn)
+        if conn is None:
+            conn = LMConnection(addr, timeout=self.state.lm_timeout)
+        try:
+            resp = conn.request(req)
+        except (DockerReplError, OSError, ValueError) as exc:
+            conn.close()
+            return {"error": f"LM handler at {addr[0]}:{addr[1]} failed: {exc}"}
+        with self._conn_lock:
+            if len(self._idle_lm) < BATCH_WINDOW:
+                self._idle_lm.append(conn)
+                conn = None
+        if conn is not None:
+            conn.close()
+        return resp
+
+    def close_pooled(self) -> None:
+        with self._conn_lock:
+            idle, self._idle_lm = self._idle_lm, []
+        for c in idle:
+            c.close()
 
     def executor(self) -> ThreadPoolExecutor:
         with self._exec_lock:
@@ -500,6 +662,7 @@ class ProxyServer:
             ) from None
         self._server.state = state
         self._server.max_body = max_body
+        self._server.init_limits()
         self._thread = start_serving(self._server, "dockerrepl-proxy")
 
     @property
@@ -527,6 +690,7 @@ class ProxyServer:
         stop_serving(srv, self._thread)
         if srv._executor is not None:
             srv._executor.shutdown(wait=False)
+        srv.close_pooled()
         if self.unix_path:
             try:
                 os.unlink(self.unix_path)

@@ -29,6 +29,8 @@ HEADER = struct.Struct(">I")
 #: Default bound on one frame's body. An LM request carrying a large prompt is
 #: the biggest legitimate frame; 256 MiB leaves room while refusing a 4 GB prefix.
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
+# bodies up to this size are allocated at once; larger ones grow as bytes arrive
+_EAGER = 1 << 20
 
 
 def encode_frame(obj: Any) -> bytes:
@@ -56,6 +58,18 @@ def recv_exact(sock: socket.socket, n: int) -> Optional[bytes]:
     """
     if n == 0:
         return b""
+    if n > _EAGER:
+        # memory follows the bytes that actually arrive: a peer announcing a large
+        # frame and sending nothing costs nothing
+        chunks = bytearray()
+        while len(chunks) < n:
+            data = sock.recv(min(n - len(chunks), _EAGER))
+            if not data:
+                if not chunks:
+                    return None
+                raise ProtocolError(f"connection closed after {len(chunks)} of {n} bytes")
+            chunks += data
+        return bytes(chunks)
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0

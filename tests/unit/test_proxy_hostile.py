@@ -1,0 +1,449 @@
+"""Hostile input to the HTTP proxy and the LM Handler, over real sockets (no docker).
+
+Every attack ends with a real request that must still be answered: the servers
+keep serving. Budgets and abandoned cells are here too (they are the proxy's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import tracemalloc
+
+import pytest
+
+from dockerrepl import LMHandler
+from dockerrepl import _proxy as proxy_mod
+from dockerrepl._proxy import ABANDONED, BATCH_CHUNK, BATCH_WINDOW, ProxyServer, ProxyState
+from dockerrepl._wire import HEADER, encode_frame, recv_frame, send_frame
+from dockerrepl.clients import EchoClient, ScriptedClient
+
+pytestmark = pytest.mark.timeout(60)
+
+TOKEN = "hostile-test-token"
+
+
+# --------------------------------------------------------------------------- helpers
+def raw_http(sock_or_addr, data: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+    """Send raw bytes, read one HTTP answer: (status, body). Status 0: closed, no answer."""
+    if isinstance(sock_or_addr, socket.socket):
+        s = sock_or_addr
+    elif isinstance(sock_or_addr, str):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(sock_or_addr)
+    else:
+        s = socket.create_connection(sock_or_addr)
+    s.settimeout(timeout)
+    try:
+        if data:
+            s.sendall(data)
+        f = s.makefile("rb")
+        status_line = f.readline()
+        if not status_line:
+            return 0, b""
+        status = int(status_line.split()[1])
+        length = 0
+        while True:
+            line = f.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        return status, f.read(length)
+    finally:
+        if not isinstance(sock_or_addr, socket.socket):
+            s.close()
+
+
+def request(path: str, body: bytes, token: str | None = TOKEN, extra: str = "") -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+    if token is not None:
+        head += f"Authorization: Bearer {token}\r\n"
+    return (head + extra + "\r\n").encode() + body
+
+
+def ask(where, prompt: str = "hi", cell: int = 0) -> dict:
+    body = json.dumps({"prompt": prompt}).encode()
+    status, data = raw_http(
+        where, request("/llm_query", body, extra=f"X-DockerREPL-Cell: {cell}\r\n")
+    )
+    assert status == 200
+    return json.loads(data)
+
+
+def alive(where) -> None:
+    assert ask(where, "still there?") == {"response": "echo:still there?"}
+
+
+@pytest.fixture
+def echo_handler():
+    with LMHandler(EchoClient()) as h:
+        yield h
+
+
+@pytest.fixture(params=["tcp", "unix"])
+def proxy(request, tmp_path, echo_handler):
+    state = ProxyState(token=TOKEN, lm_handler_address=echo_handler.address)
+    if request.param == "tcp":
+        p = ProxyServer(state, host="127.0.0.1", max_body=4096)
+        where: object = ("127.0.0.1", p.port)
+    else:
+        p = ProxyServer(state, unix_path=str(tmp_path / "p.sock"), max_body=4096)
+        where = str(tmp_path / "p.sock")
+    yield p, where
+    p.close()
+
+
+# --------------------------------------------------------------------------- status codes
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (request("/llm_query", b'{"prompt":"x"}', token=None), 401),
+        (request("/llm_query", b'{"prompt":"x"}', token="wrong"), 401),
+        (request("/llm_query", b'{"prompt":"x"}', token=TOKEN + "x"), 401),
+        (request("/llm_query", b'{"prompt":"x"}', token=""), 401),
+        (request("/llm_query", b"x" * 5000), 413),
+        (request("/llm_query", b"{not json"), 400),
+        (request("/llm_query", b"\xff\xfe"), 400),
+        (request("/llm_query", b"[1, 2]"), 400),
+        (request("/nope", b"{}"), 404),
+        (request("/llm_query/../host_tool", b"{}"), 404),
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"POST /llm_query HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+        (b"POST /llm_query HTTP/1.1\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n\r\n", 411),
+        (b"POST /llm_query HTTP/1.1\r\nContent-Length: -5\r\n\r\n", 400),
+        (b"POST /llm_query HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
+        (b"GET / HTTP/1.1\r\n\r\n", 405),
+        (b"POST /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 431),
+        (b"POST /q HTTP/1.1\r\n" + b"".join(b"X%d: y\r\n" % i for i in range(101)) + b"\r\n", 431),
+    ],
+    ids=[
+        "no-token",
+        "wrong-token",
+        "longer-token",
+        "empty-token",
+        "body-over-cap",
+        "bad-json",
+        "bad-utf8",
+        "not-an-object",
+        "unknown-path",
+        "dotdot-path",
+        "garbage-line",
+        "bad-header",
+        "no-length",
+        "negative-length",
+        "chunked",
+        "get",
+        "long-line",
+        "many-headers",
+    ],
+)
+def test_bad_requests_get_their_status_and_the_proxy_keeps_serving(proxy, data, status):
+    _, where = proxy
+    got, body = raw_http(where, data)
+    assert got == status
+    assert "error" in json.loads(body)
+    alive(where)
+
+
+def test_no_token_never_reaches_the_lm(tmp_path):
+    client = ScriptedClient(lambda p: "answer")
+    with LMHandler(client) as h:
+        state = ProxyState(token=TOKEN, lm_handler_address=h.address)
+        p = ProxyServer(state, host="127.0.0.1")
+        try:
+            for tok in (None, "x", TOKEN[:-1]):
+                got, _ = raw_http(
+                    ("127.0.0.1", p.port), request("/llm_query", b'{"prompt":"a"}', tok)
+                )
+                assert got == 401
+            assert client.prompts == []
+            assert state.calls == 0
+        finally:
+            p.close()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_garbage_then_a_real_request(proxy, seed):
+    _, where = proxy
+    rnd = os.urandom(2000 + seed * 3000)
+    try:
+        raw_http(where, rnd, timeout=3)
+    except (OSError, ValueError, IndexError):
+        pass  # closed on us, or a non-HTTP answer: either way it must keep serving
+    alive(where)
+
+
+def test_slow_clients_do_not_starve_the_container(proxy, monkeypatch):
+    """Slowloris: silent and dribbling connections past MAX_PREAUTH evict the oldest."""
+    _, where = proxy
+    socks = []
+    try:
+        for i in range(proxy_mod.MAX_PREAUTH + 8):
+            if isinstance(where, str):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(where)
+            else:
+                s = socket.create_connection(where)
+            if i % 2:
+                s.sendall(b"POST /llm_query HTTP/1.1\r\nHost: dribble")  # never finishes
+            socks.append(s)
+        alive(where)  # a fresh, honest connection is still served
+        # the oldest silent ones were dropped: reading them gives EOF, not a hang
+        socks[0].settimeout(5)  # < PREAUTH_TIMEOUT: only the eviction can end it this soon
+        assert socks[0].recv(1) == b""
+    finally:
+        for s in socks:
+            s.close()
+    alive(where)
+
+
+def test_connection_cap_refuses_extra_and_recovers(proxy, monkeypatch):
+    p, where = proxy
+    monkeypatch.setattr(proxy_mod, "MAX_CONNECTIONS", 6)
+    held = []
+    try:
+        for _ in range(6):  # authenticated keep-alive connections hold their slots
+            if isinstance(where, str):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(where)
+            else:
+                s = socket.create_connection(where)
+            status, _ = raw_http(s, request("/llm_query", b'{"prompt":"k"}'))
+            assert status == 200
+            held.append(s)
+        try:
+            got, _ = raw_http(where, request("/llm_query", b'{"prompt":"x"}'), timeout=5)
+        except OSError:
+            got = 0
+        assert got == 0  # the seventh is closed without an answer
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + 10
+    while True:  # slots come back once the held connections' threads end
+        try:
+            alive(where)
+            break
+        except (OSError, IndexError, AssertionError):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_many_connections_at_once(proxy):
+    _, where = proxy
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            assert ask(where, f"p{i}") == {"response": f"echo:p{i}"}
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    alive(where)
+
+
+def test_body_bytes_in_flight_are_capped(proxy, monkeypatch):
+    _, where = proxy
+    monkeypatch.setattr(proxy_mod, "MAX_INFLIGHT_BODY", 100)
+    body = json.dumps({"prompt": "x" * 200}).encode()
+    got, data = raw_http(where, request("/llm_query", body))
+    assert got == 503
+    assert "error" in json.loads(data)
+    alive(where)
+
+
+def test_proxy_binds_only_the_host_it_was_given(echo_handler):
+    p = ProxyServer(ProxyState(token=TOKEN), host="127.0.0.1")
+    try:
+        assert p.server.socket.getsockname()[0] == "127.0.0.1"
+    finally:
+        p.close()
+
+
+# --------------------------------------------------------------------------- budgets
+def test_call_budget(proxy):
+    p, where = proxy
+    p.state.max_llm_calls = 3
+    answers = [ask(where, f"q{i}") for i in range(5)]
+    assert [a.get("response") for a in answers[:3]] == ["echo:q0", "echo:q1", "echo:q2"]
+    for a in answers[3:]:
+        assert "budget exceeded" in a["error"]
+    status, data = raw_http(
+        where, request("/llm_query_batched", json.dumps({"prompts": ["a", "b"]}).encode())
+    )
+    assert status == 200
+    assert all(r.startswith("Error: budget exceeded") for r in json.loads(data)["responses"])
+
+
+def test_batch_partly_inside_the_call_budget(proxy):
+    p, where = proxy
+    p.state.max_llm_calls = 2
+    body = json.dumps({"prompts": ["a", "b", "c", "d"]}).encode()
+    status, data = raw_http(where, request("/llm_query_batched", body))
+    out = json.loads(data)["responses"]
+    assert out[:2] == ["echo:a", "echo:b"]
+    assert all(r.startswith("Error: budget exceeded") for r in out[2:])
+    assert p.state.calls == 2
+
+
+def test_token_budget(proxy):
+    p, where = proxy
+    p.state.max_llm_tokens = 5  # EchoClient: words in + words out
+    first = ask(where, "one two three")  # 3 in + 3 out = 6 tokens
+    assert first == {"response": "echo:one two three"}
+    second = ask(where, "more")
+    assert "max_llm_tokens" in second["error"]
+    assert p.state.tokens >= 6
+
+
+# --------------------------------------------------------------------------- abandoned cells
+def test_abandoned_cell_gets_no_new_lm_work(proxy):
+    p, where = proxy
+    p.state.abandon_through(4)
+    assert ask(where, "late", cell=4) == {"error": ABANDONED}
+    assert ask(where, "next", cell=5) == {"response": "echo:next"}
+    assert p.state.take(4) == []
+    assert [c["response"] for c in p.state.take(5)] == ["echo:next"]
+
+
+def test_batch_stops_dispatching_when_its_cell_is_abandoned():
+    started = threading.Event()
+    calls = []
+    lock = threading.Lock()
+
+    def slow(prompt):
+        with lock:
+            calls.append(prompt)
+        started.set()
+        time.sleep(0.05)
+        return "ok"
+
+    n = BATCH_CHUNK * (BATCH_WINDOW + 6)
+    with LMHandler(ScriptedClient(slow), batch_max_concurrent=4) as h:
+        state = ProxyState(token=TOKEN, lm_handler_address=h.address)
+        p = ProxyServer(state, host="127.0.0.1")
+        try:
+            out: dict = {}
+
+            def run() -> None:
+                body = json.dumps({"prompts": [f"p{i}" for i in range(n)]}).encode()
+                status, data = raw_http(
+                    ("127.0.0.1", p.port),
+                    request("/llm_query_batched", body, extra="X-DockerREPL-Cell: 7\r\n"),
+                    timeout=60,
+                )
+                out["status"], out["data"] = status, data
+
+            t = threading.Thread(target=run)
+            t.start()
+            assert started.wait(10)
+            state.abandon_through(7)  # what the host does when cell 7 times out
+            t.join(60)
+            responses = json.loads(out["data"])["responses"]
+            assert len(responses) == n
+            assert f"Error: {ABANDONED}" in responses
+            # what was already dispatched finished; nothing after the abandonment started
+            assert len(calls) <= BATCH_CHUNK * (BATCH_WINDOW + 1)
+            assert len(calls) < n
+            assert state.take(7) == []  # and none of it is attributed
+            assert state.calls == len(calls)
+        finally:
+            p.close()
+
+
+def test_large_batch_keeps_order_across_chunks(proxy):
+    _, where = proxy
+    prompts = [f"x{i}" for i in range(BATCH_CHUNK * 3 + 5)]
+    status, data = raw_http(
+        where, request("/llm_query_batched", json.dumps({"prompts": prompts}).encode())
+    )
+    assert status == 200
+    assert json.loads(data)["responses"] == [f"echo:{q}" for q in prompts]
+
+
+# --------------------------------------------------------------------------- the LM Handler
+def test_lm_handler_binds_loopback_by_default(echo_handler):
+    assert echo_handler.address[0] == "127.0.0.1"
+    assert echo_handler._server.socket.getsockname()[0] == "127.0.0.1"
+
+
+def handler_alive(address) -> None:
+    with socket.create_connection(address, timeout=10) as s:
+        send_frame(s, {"prompt": "ping"})
+        resp = recv_frame(s)
+    assert resp["chat_completion"]["response"] == "echo:ping"
+
+
+def test_lm_handler_four_gigabyte_prefix_closes_without_allocating(echo_handler):
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        with socket.create_connection(echo_handler.address, timeout=10) as s:
+            s.sendall(HEADER.pack(0xFFFFFFFF) + b"{}")
+            assert s.recv(1) == b""  # closed, no answer
+        assert tracemalloc.get_traced_memory()[1] - base < 16 << 20
+    finally:
+        tracemalloc.stop()
+    handler_alive(echo_handler.address)
+
+
+def test_lm_handler_large_prefix_without_body_allocates_nothing(echo_handler):
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        with socket.create_connection(echo_handler.address, timeout=10) as s:
+            s.sendall(HEADER.pack(200 << 20) + b'{"prompt":')  # under the cap, then silence
+            time.sleep(0.3)
+        time.sleep(0.3)
+        assert tracemalloc.get_traced_memory()[1] - base < 16 << 20
+    finally:
+        tracemalloc.stop()
+    handler_alive(echo_handler.address)
+
+
+def test_lm_handler_bad_json_gets_an_error_frame_and_the_connection_lives(echo_handler):
+    with socket.create_connection(echo_handler.address, timeout=10) as s:
+        for body in (b"{nope", b"\xff\xfe", b"[]", b"42", b'{"prompts": 5}'):
+            s.sendall(HEADER.pack(len(body)) + body)
+            resp = recv_frame(s)
+            assert resp["error"] and resp["chat_completion"] is None
+        send_frame(s, {"prompt": "after"})
+        assert recv_frame(s)["chat_completion"]["response"] == "echo:after"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_lm_handler_survives_garbage(echo_handler, seed):
+    with socket.create_connection(echo_handler.address, timeout=10) as s:
+        try:
+            s.sendall(os.urandom(1000 + seed * 1000))
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(5)
+            while s.recv(65536):
+                pass
+        except OSError:
+            pass  # the handler may close on us first (an oversized prefix)
+    handler_alive(echo_handler.address)
+
+
+def test_lm_handler_many_connections(echo_handler):
+    socks = [socket.create_connection(echo_handler.address, timeout=10) for _ in range(100)]
+    try:
+        for i, s in enumerate(socks):
+            s.sendall(encode_frame({"prompt": f"c{i}"}))
+        for i, s in enumerate(socks):
+            assert recv_frame(s)["chat_completion"]["response"] == f"echo:c{i}"
+    finally:
+        for s in socks:
+            s.close()
+    handler_alive(echo_handler.address)
