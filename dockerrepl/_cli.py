@@ -207,7 +207,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     try:
         if args.command == "run":
-            from ._cli_sandbox import cmd_run
+            from ._cli_run import cmd_run
 
             return cmd_run(args)
         if args.command == "repl":

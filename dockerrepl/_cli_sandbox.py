@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +27,8 @@ from .repl import DEFAULT_IMAGE, DockerREPL
 from .types import REPLResult
 
 __all__ = [
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
     "EXIT_SETUP",
     "CliError",
     "Output",
@@ -36,7 +37,6 @@ __all__ = [
     "add_sandbox_options",
     "default_image",
     "ensure_image",
-    "exit_status",
 ]
 
 log = logging.getLogger(__name__)
@@ -224,24 +224,6 @@ def _pull(image: str, docker: str, err: TextSink, timeout: float) -> tuple[int, 
     return rc, tail
 
 
-def exit_status(res: REPLResult) -> int:
-    """The process exit status for a cell's outcome (see docs/cli.md)."""
-    if res.status == "ok":
-        return 0
-    if res.status == "error" and res.exception == "SystemExit":
-        lines = [ln for ln in res.stderr.splitlines() if ln.startswith("SystemExit:")]
-        code = lines[-1][len("SystemExit:") :].strip() if lines else ""
-        if not code:
-            return 0
-        try:
-            return int(code) & 0xFF
-        except ValueError:
-            return EXIT_ERROR  # sys.exit("message") exits 1, as Python does
-    return {"timeout": EXIT_TIMEOUT, "interrupted": EXIT_INTERRUPTED, "oom": EXIT_OOM}.get(
-        res.status, EXIT_ERROR
-    )
-
-
 def _remainder(full: str, streamed: str) -> str:
     """What of a result's text was not streamed (e.g. notes added by the host)."""
     if not streamed:
@@ -403,32 +385,3 @@ class Sandbox:
         finally:
             if self.handler is not None:
                 self.handler.stop()
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    """``dockerrepl run``: one sandbox, one cell, output streamed, exit status from the cell."""
-    if args.code is not None and args.file is not None:
-        raise CliError("give either FILE or -c CODE, not both")
-    if args.code is not None:
-        code = args.code
-    elif args.file in (None, "-"):
-        code = sys.stdin.read()
-    else:
-        try:
-            with open(args.file, encoding="utf-8") as f:
-                code = f.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "strerror", None) or exc
-            raise CliError(f"cannot read {args.file}: {reason}") from None
-    box = Sandbox(args, sys.stderr)
-    try:
-        box.open()
-        out = Output(sys.stdout, sys.stderr)
-        res = box.run_cell(code, out)
-        out.finish(res)
-        log.debug("cell finished: status=%s in %.3fs", res.status, res.execution_time)
-        if out.broken:
-            return EXIT_ERROR
-        return exit_status(res)
-    finally:
-        box.close()

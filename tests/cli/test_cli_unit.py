@@ -14,7 +14,8 @@ import pytest
 
 from dockerrepl import REPLResult
 from dockerrepl._cli_repl import is_complete, with_display
-from dockerrepl._cli_sandbox import Output, _remainder, exit_status, read_context
+from dockerrepl._cli_run import exit_status
+from dockerrepl._cli_sandbox import Output, _remainder, read_context
 from dockerrepl._container import owner_label
 from dockerrepl._gc import looks_like_workspace, owner_status, stale_workspaces
 
