@@ -122,7 +122,7 @@ def test_read_context(tmp_path: Path) -> None:
 
 def test_owner_status() -> None:
     assert owner_status(owner_label(), HOST)[0] == "live"
-    p = subprocess.Popen(["true"])
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     assert owner_status(f"{HOST}:{p.pid}:1", HOST)[0] == "dead"
     assert owner_status(f"{HOST}:{os.getpid()}:1", HOST)[0] == "dead"  # pid reused

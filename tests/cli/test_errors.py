@@ -26,7 +26,7 @@ def test_docker_option_pointing_nowhere() -> None:
 
 
 @pytest.mark.parametrize("command", [["run", "-c", "print(1)"], ["repl"], ["gc", "--dry-run"]])
-def test_daemon_down(command: list[str]) -> None:
+def test_daemon_down(docker_cli: str, command: list[str]) -> None:
     done = cli(*command, env=base_env(DOCKER_HOST=DEAD_SOCKET))
     assert_clean_failure(done)
     assert done.rc == 125
@@ -44,7 +44,7 @@ def test_doctor_without_docker(tmp_path: object) -> None:
     assert sum(" skip " in line for line in lines) == 8
 
 
-def test_doctor_daemon_down() -> None:
+def test_doctor_daemon_down(docker_cli: str) -> None:
     done = cli("doctor", env=base_env(DOCKER_HOST=DEAD_SOCKET))
     assert done.rc == 1
     assert "Traceback" not in done.out + done.err
