@@ -1092,6 +1092,8 @@ def worker_main(ctrl, config, restore, expect_cell=0):
                 sock_send(ctrl, res)
                 if auto is True and res["status"] in ("ok", "error"):
                     CHECKPOINTER.request(int(msg.get("id", 0)))
+            elif kind == "reap":
+                reap_children(msg.get("pids") or [])
             elif kind == "call":
                 fn = OPS.get(msg.get("op"))
                 try:
@@ -1380,10 +1382,14 @@ class Supervisor:
             notes.append(note)
         if st != "ok" and _in_container() and _pids_exhausted():
             # a flood left no process slots: nothing could fork, not even a snapshot
-            n = sweep_processes(spare=self.worker_pid)
+            killed = sweep_processes(spare=self.worker_pid)
+            mine = [pid for pid, ppid in killed if ppid == self.worker_pid]
+            if mine and self.ctrl is not None:
+                # the worker is their parent: until it reaps them they hold their pids
+                self.forward({"type": "reap", "pids": mine})
             notes.append(
                 "dockerrepl: the container had run out of processes (pids limit);"
-                " %d left-over processes were killed" % n
+                " %d left-over processes were killed" % len(killed)
             )
         if self.restart_note:
             notes.append("dockerrepl: " + self.restart_note)
@@ -1767,15 +1773,16 @@ def sweep_processes(spare=None):
     """Kill what a killed worker left behind: children that left its process group
     (``setsid``), fork floods that fill the pids limit. Spares init, the
     supervisor and snapshot writers (they finish the last completed cell's
-    checkpoint, which the restore waits for). Returns how many were killed.
+    checkpoint, which the restore waits for). Returns ``[(pid, parent pid)]``
+    of the processes it killed (zombies included: they still hold a pid).
     """
     if not _in_container():
-        return 0
-    me, killed = os.getpid(), 0
+        return []
+    me, killed = os.getpid(), []
     try:
         names = os.listdir("/proc")
     except OSError:
-        return 0
+        return []
     for name in names:
         if not name.isdigit() or int(name) in (1, me, spare):
             continue
@@ -1783,11 +1790,30 @@ def sweep_processes(spare=None):
             with open("/proc/%s/comm" % name) as f:
                 if f.read().strip() == SNAPSHOT_COMM:
                     continue
+            with open("/proc/%s/stat" % name, "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
             os.kill(int(name), signal.SIGKILL)
-            killed += 1
-        except OSError:
+            killed.append((int(name), ppid))
+        except (OSError, ValueError, IndexError):
             pass
     return killed
+
+
+def reap_children(pids, wait=2.0):
+    """Worker side: collect killed children (a zombie keeps its pid until reaped)."""
+    left = [p for p in pids if isinstance(p, int) and not isinstance(p, bool) and p > 0]
+    end = time.monotonic() + wait
+    while left:
+        for p in list(left):
+            try:
+                done, _ = os.waitpid(p, os.WNOHANG)
+            except ChildProcessError:
+                done = p
+            if done:
+                left.remove(p)
+        if not left or time.monotonic() > end:
+            break
+        time.sleep(0.01)
 
 
 def _pids_exhausted():

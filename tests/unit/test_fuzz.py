@@ -396,4 +396,4 @@ def test_supervisor_message_handling(supervisor, msg):
 def test_sweep_never_runs_outside_a_container(boot_module):
     """The supervisor's sweep kills every other process it can see: on a host, nothing."""
     assert boot_module._in_container() is False
-    assert boot_module.sweep_processes() == 0
+    assert boot_module.sweep_processes() == []
