@@ -17,6 +17,7 @@ import codeop
 import keyword
 import logging
 import os
+import signal
 import sys
 import warnings
 from typing import Any, Optional
@@ -134,6 +135,10 @@ def _save_history(readline: Optional[Any]) -> None:
 def cmd_repl(args: argparse.Namespace) -> int:
     """``dockerrepl repl``: read cells from the terminal and run them in one sandbox."""
     interactive = sys.stdin.isatty()
+    if interactive:
+        # a shell starts background jobs with SIGINT ignored, and Python keeps it so;
+        # at an interactive prompt Ctrl-C must work
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     box = Sandbox(args, sys.stderr)
     completer = _Completer()
     readline = _setup_readline(completer) if interactive else None
@@ -177,10 +182,15 @@ def cmd_repl(args: argparse.Namespace) -> int:
             buf = []
             if not source.strip():
                 continue
-            out.reset()
-            res = box.run_cell(with_display(source), out)
-            out.finish(res)
-            completer.names = set(res.locals)
+            try:
+                out.reset()
+                res = box.run_cell(with_display(source), out)
+                out.finish(res)
+                completer.names = set(res.locals)
+            except KeyboardInterrupt:
+                # Ctrl-C just before or after the cell (run_cell handles it during)
+                sys.stdout.write("\nKeyboardInterrupt\n")
+                sys.stdout.flush()
             if out.broken:
                 return 1
     finally:

@@ -234,6 +234,53 @@ def _remainder(full: str, streamed: str) -> str:
     return full[:i] + full[i + len(streamed) :]
 
 
+_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
+def quiet_thread() -> None:
+    """Block the terminal signals in the calling (non-main) thread.
+
+    CPython's readline waits in ``select()`` in the main thread and checks for
+    signals only when that call is interrupted; a Ctrl-C the kernel hands to
+    another thread would go unnoticed until the next key press. Threads (and
+    the docker CLI processes) started from a quiet thread inherit its mask, so
+    the signals always reach the main thread.
+    """
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+
+
+def in_quiet_thread(fn: Callable[[], None]) -> None:
+    """Run ``fn`` in a quiet thread; the main thread waits, interruptible.
+
+    A Ctrl-C or SIGTERM meanwhile is held until ``fn`` is done (it is bounded
+    by its own timeouts), then raised here.
+    """
+    box: dict[str, BaseException] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        quiet_thread()
+        try:
+            fn()
+        except BaseException as exc:
+            box["exc"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="dockerrepl-start", daemon=True).start()
+    pending: Optional[BaseException] = None
+    while not done.is_set():
+        try:
+            done.wait(0.1)
+        except (KeyboardInterrupt, Terminated) as exc:
+            pending = pending or exc
+    if "exc" in box:
+        raise box["exc"]
+    if pending is not None:
+        raise pending
+
+
 class Output:
     """Writes streamed chunks to the terminal at once; remembers what it wrote."""
 
@@ -287,21 +334,26 @@ class Sandbox:
         _docker.resolve_docker(self.docker)
         ensure_image(self.image, self.docker, self.err)
         client, self.backend = make_client(a.backend, a.model, self.err)
-        self.handler = LMHandler(client)
-        self.handler.start()
         memory = None if str(a.memory).lower() in ("0", "none", "") else str(a.memory)
         log.debug("starting a sandbox on %s (backend %s)", self.image, self.backend)
         t0 = time.perf_counter()
-        self.repl = DockerREPL(
-            image=self.image,
-            lm_handler_address=self.handler.address,
-            context_payload=context,
-            timeout=a.timeout or None,
-            memory=memory,
-            cpus=a.cpus,
-            network=a.network,
-            docker=self.docker,
-        )
+
+        def start() -> None:
+            self.handler = LMHandler(client)
+            self.handler.start()
+            self.repl = DockerREPL(
+                image=self.image,
+                lm_handler_address=self.handler.address,
+                context_payload=context,
+                timeout=a.timeout or None,
+                memory=memory,
+                cpus=a.cpus,
+                network=a.network,
+                docker=self.docker,
+            )
+
+        in_quiet_thread(start)
+        assert self.repl is not None
         log.debug(
             "sandbox %s up in %.3fs (workspace %s)",
             self.repl.container_name,
@@ -358,6 +410,7 @@ class Sandbox:
 
     def abandon(self, code: int) -> None:
         """Last resort when a cell does not stop: remove the container and exit now."""
+        quiet_thread()
         repl = self.repl
         try:
             self.err.write("\ndockerrepl: abandoning the sandbox\n")

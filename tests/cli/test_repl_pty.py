@@ -142,10 +142,14 @@ def test_interactive_session(image: str, tmp_path: Path) -> None:
         assert term.run(b"print('clean')") == b"clean\r\n"
 
         # Ctrl-C while a cell runs interrupts it; the namespace survives
-        term.send(b"while True: pass\r")
+        term.send(b"if True:\r")
+        term.expect(rb"\.\.\. $")
+        term.send(b"    print('spinning')\r")
+        term.expect(rb"\.\.\. $")
+        term.send(b"    while True: pass\r")
         term.expect(rb"\.\.\. $")
         term.send(b"\r")
-        time.sleep(1.0)  # let the loop start (no timing assertion: only ordering)
+        term.expect(b"spinning\r\n")  # the cell runs: now interrupt it
         term.send(b"\x03")
         assert b"KeyboardInterrupt" in term.expect(PROMPT)
         assert term.run(b"print(x)") == b"41\r\n"

@@ -87,13 +87,21 @@ def test_network_none_and_memory(env: dict[str, str]) -> None:
 
 
 def test_output_is_streamed_in_order_and_ctrl_c_interrupts(env: dict[str, str]) -> None:
-    """Output arrives while the cell still runs; SIGINT interrupts it and gives 130."""
+    """Each line arrives while the cell waits for the test: output is live and in order.
+
+    The cell waits for files the test creates in the workspace (found through the
+    container's ``dockerrepl.workspace`` label), so the order is not left to timing.
+    SIGINT then interrupts it and the exit status is 130.
+    """
     code = (
-        "import sys, time\n"
+        "import os, sys, time\n"
+        "def wait(name):\n"
+        "    while not os.path.exists(name):\n"
+        "        time.sleep(0.01)\n"
         "print('one', flush=True)\n"
-        "time.sleep(0.3)\n"
+        "wait('go1')\n"
         "print('two', file=sys.stderr, flush=True)\n"
-        "time.sleep(0.3)\n"
+        "wait('go2')\n"
         "print('three', flush=True)\n"
         "time.sleep(60)\n"
         "print('never')\n"
@@ -107,8 +115,13 @@ def test_output_is_streamed_in_order_and_ctrl_c_interrupts(env: dict[str, str]) 
     )
     try:
         assert proc.stdout is not None
-        seen = [proc.stdout.readline().decode() for _ in range(3)]
-        assert seen == ["one\n", "two\n", "three\n"]
+        assert proc.stdout.readline() == b"one\n"
+        (name,) = containers_of(proc.pid)
+        workspace = os.path.join(_label(name, "dockerrepl.workspace"), "workspace")
+        open(os.path.join(workspace, "go1"), "w").close()
+        assert proc.stdout.readline() == b"two\n"
+        open(os.path.join(workspace, "go2"), "w").close()
+        assert proc.stdout.readline() == b"three\n"
         assert proc.poll() is None  # the cell is still running: the lines came live
         proc.send_signal(signal.SIGINT)
         rest = proc.stdout.read().decode()
@@ -120,6 +133,17 @@ def test_output_is_streamed_in_order_and_ctrl_c_interrupts(env: dict[str, str]) 
     assert "KeyboardInterrupt" in rest
     assert "never" not in rest
     assert containers_of(proc.pid) == []
+
+
+def _label(container: str, key: str) -> str:
+    res = subprocess.run(
+        ["docker", "inspect", "--format", f'{{{{index .Config.Labels "{key}"}}}}', container],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return res.stdout.strip()
 
 
 class _FakeOpenAI(BaseHTTPRequestHandler):
