@@ -643,18 +643,21 @@ class ProxyServer:
             raise ValueError("give exactly one of host= or unix_path=")
         self.state = state
         self.unix_path = unix_path
+        self._dir_fd: Optional[int] = None
         self._server: Union[_TCPServer, _UnixServer]
         try:
             if unix_path is not None:
                 if os.path.exists(unix_path):
                     os.unlink(unix_path)
-                self._server = _UnixServer(unix_path, _Handler)
+                self._server = _UnixServer(self._bindable(unix_path), _Handler)
                 # the container user may be anyone: the token is the access control
                 os.chmod(unix_path, 0o666)
             else:
                 assert host is not None
                 self._server = _TCPServer((host, 0), _Handler)
         except OSError as exc:
+            if self._dir_fd is not None:
+                os.close(self._dir_fd)
             where = unix_path or f"{host}:0"
             raise ProxyError(
                 f"cannot bind the LM proxy to {where}: {exc}"
@@ -664,6 +667,19 @@ class ProxyServer:
         self._server.max_body = max_body
         self._server.init_limits()
         self._thread = start_serving(self._server, "dockerrepl-proxy")
+
+    def _bindable(self, path: str) -> str:
+        """A path ``bind()`` accepts for ``path``.
+
+        sun_path holds ~107 bytes, and a deep ``workspace_dir`` passes that. Then bind
+        through ``/proc/self/fd/<fd of the directory>/name``: short whatever the depth, and
+        it names the same directory (the fd stays open while the server lives, because
+        stopping the server connects to that address to wake its loop).
+        """
+        if len(os.fsencode(path)) < 100:
+            return path
+        self._dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+        return f"/proc/self/fd/{self._dir_fd}/{os.path.basename(path)}"
 
     @property
     def server(self) -> Union[_TCPServer, _UnixServer]:
@@ -696,6 +712,9 @@ class ProxyServer:
                 os.unlink(self.unix_path)
             except OSError:
                 pass
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
 
 def wait_port_closed(host: str, port: int, timeout: float = 2.0) -> bool:

@@ -320,3 +320,19 @@ def test_image_with_dill_uses_its_own(handler, docker_engine):
     with DockerREPL(image=img, lm_handler_address=handler.address) as repl:
         r = repl.execute_code("import dill\nprint(dill.__file__)")
         assert r.stdout.startswith("/usr/lib/python3/dist-packages/dill")
+
+
+def test_network_none_with_a_deep_workspace_dir(image, handler, tmp_path):
+    # the proxy's unix socket lives in the workspace; sun_path holds ~107 bytes
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    with DockerREPL(
+        image=image,
+        lm_handler_address=handler.address,
+        network="none",
+        workspace_dir=str(deep),
+    ) as repl:
+        assert len(os.path.join(repl.temp_dir, ".dockerrepl", "proxy.sock")) > 110
+        r = repl.execute_code("print(llm_query('deep'))")
+        assert r.stdout == "echo:deep\n", r.stderr
+        assert [c.response for c in r.rlm_calls] == ["echo:deep"]
