@@ -131,7 +131,8 @@ def test_run_argv_hardened_defaults(tmp_path):
         "host.docker.internal:host-gateway",
     ):
         assert part in joined
-    assert argv[-3:] == ["img", "-B", "/workspace/.dockerrepl/dockerrepl_bootstrap.py"]
+    assert argv[-4:-1] == ["img", "-B", "-c"]
+    assert "import dockerrepl_bootstrap" in argv[-1]
     assert "-e" not in argv and "--env" not in argv  # no host environment, ever
     none = ContainerConfig(
         image="img", workspace=str(tmp_path), network="none", user="65534:65534", read_only=True
