@@ -335,6 +335,7 @@ class DockerREPL:
         os.chmod(self.temp_dir, 0o777 if self._options["user"] else 0o755)
         os.chmod(boot_dir, 0o777 if self._options["user"] else 0o755)
         shutil.copyfile(_BOOTSTRAP_SRC, os.path.join(boot_dir, "dockerrepl_bootstrap.py"))
+        _write_bootstrap_pyc(os.path.join(boot_dir, "dockerrepl_bootstrap.py"))
         docker = str(self._options["docker"])
         if not _IMAGE_HAS_DILL.get((docker, self.image)):
             _copy_dill(os.path.join(boot_dir, "lib"))
@@ -876,6 +877,43 @@ class DockerREPL:
                 self.cleanup()
         except Exception:
             pass
+
+
+_BOOTSTRAP_PYC: list[bytes] = []  # the bootstrap compiled by this interpreter, once
+
+
+def _write_bootstrap_pyc(path: str) -> None:
+    """Put this interpreter's bytecode for the bootstrap in ``__pycache__`` beside it.
+
+    A container whose Python has the same cache tag (e.g. cpython-311) then
+    loads it instead of compiling 68 KB of source at every start (~15 ms of
+    each open); any other Python ignores the file. Checked-hash: Python uses it
+    only while it matches the source byte for byte, and compiles otherwise.
+    """
+    import importlib.util
+    import py_compile
+
+    try:
+        target = importlib.util.cache_from_source(path)
+    except NotImplementedError:  # an interpreter without bytecode caching
+        return
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if _BOOTSTRAP_PYC:
+            with open(target, "wb") as f:
+                f.write(_BOOTSTRAP_PYC[0])
+            return
+        py_compile.compile(
+            path,
+            cfile=target,
+            dfile="/workspace/.dockerrepl/dockerrepl_bootstrap.py",
+            doraise=True,
+            invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH,
+        )
+        with open(target, "rb") as f:
+            _BOOTSTRAP_PYC.append(f.read())
+    except (OSError, py_compile.PyCompileError) as exc:
+        log.debug("no bytecode for the bootstrap: %s", exc)
 
 
 def _copy_dill(dest: str) -> None:
