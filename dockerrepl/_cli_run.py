@@ -47,6 +47,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.code is not None:
         code = args.code
     elif args.file in (None, "-"):
+        if sys.stdin.isatty():
+            sys.stderr.write("dockerrepl: reading code from the terminal; end it with Ctrl-D\n")
         code = sys.stdin.read()
     else:
         try:
