@@ -50,14 +50,15 @@ MB = 1 << 20
 STATE_SIZES_MB = (0, 1, 10, 50, 100)
 N_CONCURRENT = 8
 TRIVIAL = "x = 1"
+GROUPS = ("open", "cells", "state", "mutable", "concurrent", "floors", "pool")
 
 # (key, label, kind, target). kind: "speedup" = rlm / ours >= target;
 # "throughput" = ours / rlm >= target; "flat" = ours at 100 MB / ours empty <= target;
 # "absolute" = ours <= target seconds.
 TARGETS: list[tuple[str, str, str, float]] = [
     ("trivial_cell", "trivial cell", "speedup", 50),
-    ("state_cell_10mb", "trivial cell with 10 MB of state", "speedup", 100),
-    ("state_flat", "ours: cell with 100 MB of state / empty state", "flat", 2),
+    ("state_cell_10mb", "trivial cell with 10 MB of state (a loaded context)", "speedup", 100),
+    ("state_flat", "ours: cell with 100 MB of context / empty state", "flat", 2),
     ("llm_query", "`llm_query` round trip (in the container)", "speedup", 5),
     ("llm_query_batched_cell", "cell with `llm_query_batched` of 50", "speedup", 3),
     ("load_context_10mb", "`load_context` of 10 MB", "speedup", 5),
@@ -70,6 +71,7 @@ TARGETS: list[tuple[str, str, str, float]] = [
         1,
     ),
     ("pool_acquire", "warm pool `acquire()`", "absolute", 0.050),
+    ("mutable_flat", "ours: cell next to a 100 MB list / empty state", "info_flat", 0),
 ]
 
 
@@ -146,6 +148,7 @@ class Registry:
         self.lock = threading.Lock()
         self.live: dict[int, tuple[str, Any]] = {}
         self.rlm_container_ids: list[str] = []
+        self.extra_container_ids: list[str] = []
         self.pools: list[Any] = []
 
     def add(self, system: str, repl: Any) -> None:
@@ -191,7 +194,7 @@ def sweep_leftovers() -> list[str]:
     from dockerrepl._container import owner_label
 
     left = docker_out("ps", "-aq", "--filter", f"label=dockerrepl.owner={owner_label()}").split()
-    for cid in REG.rlm_container_ids:
+    for cid in REG.rlm_container_ids + REG.extra_container_ids:
         left += docker_out("ps", "-aq", "--no-trunc", "--filter", f"id={cid}").split()
     for cid in left:
         subprocess.run(["docker", "rm", "-f", cid], capture_output=True, timeout=60)
@@ -265,16 +268,22 @@ print(len(_rs), _rs[0], _rs[-1], _dt)
 
 
 # ------------------------------------------------------------------ workload
-def bench_open_cleanup(sys_: System, n: int, out: dict[str, Any]) -> None:
-    opens, cleanups = [], []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        repl = sys_.open()
-        run_cell(repl, TRIVIAL)
-        opens.append(time.perf_counter() - t0)
-        cleanups.append(REG.close(repl))
-    out["open_first_cell"] = stats(opens)
-    out["cleanup"] = stats(cleanups)
+def bench_open_cleanup(systems: list[tuple[System, int]], results: dict[str, Any]) -> None:
+    """Open + first cell, then cleanup; the systems take turns, so both see the same load."""
+    opens: dict[str, list[float]] = {s.name: [] for s, _ in systems}
+    cleanups: dict[str, list[float]] = {s.name: [] for s, _ in systems}
+    for i in range(max(n for _, n in systems)):
+        for s, n in systems:
+            if i >= n:
+                continue
+            t0 = time.perf_counter()
+            repl = s.open()
+            run_cell(repl, TRIVIAL)
+            opens[s.name].append(time.perf_counter() - t0)
+            cleanups[s.name].append(REG.close(repl))
+    for s, _ in systems:
+        results[s.name]["open_first_cell"] = stats(opens[s.name])
+        results[s.name]["cleanup"] = stats(cleanups[s.name])
 
 
 def bench_cells(sys_: System, c: dict[str, int], out: dict[str, Any]) -> None:
@@ -326,17 +335,119 @@ def bench_state(sys_: System, c: dict[str, int], out: dict[str, Any]) -> None:
                 if res.stdout.strip() != str(size * MB):
                     raise BenchError(f"context has {res.stdout.strip()} chars, not {size * MB}")
                 del payload
-            for _ in range(2):
-                run_cell(repl, TRIVIAL)
-            n = c["state_cells"] if size <= 10 else c["state_cells_big"]
-            per_size[str(size)] = stats([run_cell(repl, TRIVIAL)[1] for _ in range(n)])
+            per_size[str(size)] = trivial_cells(
+                repl, c["state_cells"] if size <= 10 else c["state_cells_big"]
+            )
             print(
-                f"   {sys_.name}: state {size:>3} MB: {fmt_s(per_size[str(size)]['median'])}",
+                f"   {sys_.name}: context {size:>3} MB: {fmt_s(per_size[str(size)]['median'])}",
                 flush=True,
             )
     finally:
         REG.close(repl)
     out["state_cell"] = per_size
+
+
+def bench_mutable_state(sys_: System, c: dict[str, int], out: dict[str, Any]) -> None:
+    """Trivial cells next to state built in a cell: a list of 100-byte strings.
+
+    Unlike a loaded context, a list can change in place, so dockerrepl forks a
+    copy-on-write snapshot after every cell (the price of restoring up to the
+    last completed cell after a crash); rlm re-loads and re-dumps it every cell.
+    """
+    repl = sys_.open()
+    per_size: dict[str, Any] = {}
+    try:
+        for size in STATE_SIZES_MB:
+            if size:
+                run_cell(repl, f"data = ['%099d' % i for i in range({size * MB // 100})]")
+            per_size[str(size)] = trivial_cells(
+                repl, c["mut_cells"] if size <= 10 else c["mut_cells_big"]
+            )
+            print(
+                f"   {sys_.name}: list  {size:>3} MB: {fmt_s(per_size[str(size)]['median'])}",
+                flush=True,
+            )
+    finally:
+        REG.close(repl)
+    out["mutable_state_cell"] = per_size
+
+
+def trivial_cells(repl: Any, n: int) -> dict[str, Any]:
+    for _ in range(2):
+        run_cell(repl, TRIVIAL)
+    return stats([run_cell(repl, TRIVIAL)[1] for _ in range(n)])
+
+
+def bench_floors(image: str, n: int, out: dict[str, Any]) -> None:
+    """What the engine itself costs here: the floors under both systems' numbers."""
+    from dockerrepl._container import owner_label
+
+    probe = "import sys; sys.stdout.write('x'); sys.stdout.flush(); sys.stdin.read()"
+    ttfb = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        p = subprocess.Popen(
+            ["docker", "run", "-i", "--rm", image, "python3", "-c", probe],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert p.stdout is not None and p.stdin is not None
+            p.stdout.read(1)
+            ttfb.append(time.perf_counter() - t0)
+        finally:
+            with contextlib.suppress(OSError):
+                p.stdin.close()  # type: ignore[union-attr]
+            p.wait(60)
+    out["docker_run_first_byte"] = stats(ttfb)
+
+    p = subprocess.Popen(
+        ["docker", "run", "-i", "--rm", image, "cat"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        bufsize=0,
+    )
+    rtt = []
+    try:
+        assert p.stdout is not None and p.stdin is not None
+        msg = b"x" * 100
+        for i in range(n * 40 + 10):
+            t0 = time.perf_counter()
+            p.stdin.write(msg)
+            got = b""
+            while len(got) < len(msg):
+                got += p.stdout.read(len(msg) - len(got))
+            if i >= 10:
+                rtt.append(time.perf_counter() - t0)
+    finally:
+        with contextlib.suppress(OSError):
+            p.stdin.close()  # type: ignore[union-attr]
+        p.wait(60)
+    out["pipe_round_trip"] = stats(rtt)
+
+    with INTERRUPTS.deferred():
+        cid = docker_out(
+            "run",
+            "-d",
+            "--rm",
+            "--label",
+            f"dockerrepl.owner={owner_label()}",
+            image,
+            "sleep",
+            "600",
+        )
+        if not cid:
+            raise BenchError("could not start a container for the docker exec floor")
+        REG.extra_container_ids.append(cid)
+    try:
+        execs = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            subprocess.run(["docker", "exec", cid, "python", "-c", "pass"], check=True, timeout=60)
+            execs.append(time.perf_counter() - t0)
+        out["docker_exec_python"] = stats(execs)
+    finally:
+        subprocess.run(["docker", "rm", "-f", cid], capture_output=True, timeout=60)
 
 
 def bench_concurrent(sys_: System, seconds: float, out: dict[str, Any]) -> None:
@@ -440,20 +551,31 @@ def fmt_s(s: Optional[float]) -> str:
         return "-"
     if s < 1e-3:
         return f"{s * 1e6:.0f} µs"
+    if s < 0.01:
+        return f"{s * 1e3:.2f} ms"
     if s < 1:
-        return f"{s * 1e3:.2f} ms" if s < 0.01 else f"{s * 1e3:.1f} ms"
+        return f"{s * 1e3:.1f} ms"
     return f"{s:.2f} s"
+
+
+def fmt_ratio(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}x" if x >= 10 else f"{x:.1f}x"
+
+
+def median_of(res: dict[str, Any], series: str, size: int) -> Optional[float]:
+    v = res.get(series, {}).get(str(size))
+    return None if v is None else float(v["median"])
 
 
 def value(res: dict[str, Any], key: str) -> Optional[float]:
     if key == "state_cell_10mb":
-        v = res.get("state_cell", {}).get("10")
-        return None if v is None else float(v["median"])
-    if key == "state_flat":
-        sc = res.get("state_cell", {})
-        if "100" in sc and "0" in sc:
-            return float(sc["100"]["median"]) / float(sc["0"]["median"])
-        return None
+        return median_of(res, "state_cell", 10)
+    if key in ("state_flat", "mutable_flat"):
+        series = "state_cell" if key == "state_flat" else "mutable_state_cell"
+        big, empty = median_of(res, series, 100), median_of(res, series, 0)
+        return big / empty if big is not None and empty else None
     v = res.get(key)
     if v is None:
         return None
@@ -473,10 +595,7 @@ def compare(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         elif kind == "throughput" and o and r:
             ratio = o / r
             met = ratio >= target
-        elif kind == "flat" and o is not None:
-            ratio = o
-            met = o <= target
-        elif kind == "absolute" and o is not None:
+        elif (kind == "flat" and o is not None) or (kind == "absolute" and o is not None):
             met = o <= target
         rows.append(
             {
@@ -494,61 +613,49 @@ def compare(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def row_cells(row: dict[str, Any]) -> list[str]:
-    kind, target = row["kind"], row["target"]
-
-    def show(v: Optional[float]) -> str:
-        if v is None:
-            return "-"
-        if kind == "throughput":
-            return f"{v:.1f}"
-        if kind == "flat":
-            return f"{v:.2f}x"
-        return fmt_s(v)
-
-    ratio = (
-        "-"
-        if row["ratio"] is None
-        else (
-            f"{row['ratio']:.2f}x"
-            if kind == "flat"
-            else f"{row['ratio']:,.0f}x"
-            if row["ratio"] >= 10
-            else f"{row['ratio']:.1f}x"
-        )
-    )
-    if kind == "flat":
-        tgt = f"<= {target:g}x"
-        r_show, o_show, ratio = "-", show(row["dockerrepl"]), "-"
-    elif kind == "absolute":
-        tgt = f"<= {fmt_s(target)}"
-        r_show, o_show = "-", show(row["dockerrepl"])
-    elif kind == "speedup" and target == 1:
-        tgt = "no slower"
-        r_show, o_show = show(row["rlm"]), show(row["dockerrepl"])
-    else:
-        tgt = f">= {target:g}x"
-        r_show, o_show = show(row["rlm"]), show(row["dockerrepl"])
+    kind, target, o, r = row["kind"], row["target"], row["dockerrepl"], row["rlm"]
     met = {True: "yes", False: "**NO**", None: "-"}[row["met"]]
-    return [row["label"], r_show, o_show, ratio, tgt, met]
+    if kind in ("flat", "info_flat"):
+        tgt = f"<= {target:g}x" if kind == "flat" else "none (see below)"
+        return [row["label"], "-", "-" if o is None else f"{o:.2f}x", "-", tgt, met]
+    if kind == "absolute":
+        return [row["label"], "-", fmt_s(o), "-", f"<= {fmt_s(target)}", met]
+    if kind == "throughput":
+        show = ["-" if v is None else f"{v:,.1f}" for v in (r, o)]
+        return [row["label"], *show, fmt_ratio(row["ratio"]), f">= {target:g}x", met]
+    tgt = "no slower" if target == 1 else f">= {target:g}x"
+    return [row["label"], fmt_s(r), fmt_s(o), fmt_ratio(row["ratio"]), tgt, met]
+
+
+def state_rows(results: dict[str, Any]) -> list[list[str]]:
+    ours, rlm = results.get("dockerrepl", {}), results.get("rlm", {})
+    rows = []
+    for size in STATE_SIZES_MB:
+        row = [f"{size} MB"]
+        for series in ("state_cell", "mutable_state_cell"):
+            r, o = median_of(rlm, series, size), median_of(ours, series, size)
+            row += [fmt_s(r), fmt_s(o), fmt_ratio(r / o if r and o else None)]
+        rows.append(row)
+    return rows
+
+
+STATE_HEAD = ["state", "rlm, context", "ours, context", "ratio", "rlm, list", "ours, list", "ratio"]
 
 
 def print_table(rows: list[dict[str, Any]], results: dict[str, Any]) -> None:
-    head = ["metric", "rlm", "dockerrepl", "ratio", "target", "met"]
-    body = [row_cells(r) for r in rows]
-    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    line = "  ".join(h.ljust(w) for h, w in zip(head, widths))
-    print("\n" + line + "\n" + "-" * len(line))
-    for b in body:
-        print("  ".join(c.ljust(w) for c, w in zip(b, widths)))
-    print("\nper-cell latency by state size (median):")
-    for size in STATE_SIZES_MB:
-        o = results.get("dockerrepl", {}).get("state_cell", {}).get(str(size))
-        r = results.get("rlm", {}).get("state_cell", {}).get(str(size))
-        ratio = f"{r['median'] / o['median']:,.0f}x" if o and r else "-"
-        print(
-            f"  {size:>3} MB   rlm {fmt_s(r and r['median']):>10}   dockerrepl "
-            f"{fmt_s(o and o['median']):>10}   {ratio}"
-        )
+    def show(head: list[str], body: list[list[str]]) -> None:
+        widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+        line = "  ".join(h.ljust(w) for h, w in zip(head, widths))
+        print("\n" + line + "\n" + "-" * len(line))
+        for b in body:
+            print("  ".join(c.ljust(w) for c, w in zip(b, widths)))
+
+    show(["metric", "rlm", "dockerrepl", "rlm/ours", "target", "met"], [row_cells(r) for r in rows])
+    print("\ntrivial cell (median) by state size: a loaded context, and a list built in a cell")
+    show(STATE_HEAD, state_rows(results))
+    floors = results.get("floors")
+    if floors:
+        print("\nfloors: " + "; ".join(f"{k} {fmt_s(v['median'])}" for k, v in floors.items()))
 
 
 def machine_info() -> dict[str, Any]:
@@ -581,7 +688,6 @@ def machine_info() -> dict[str, Any]:
         ).stdout.strip()
         if dirty:
             commit += " + uncommitted changes in dockerrepl/"
-
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -611,40 +717,60 @@ def write_plot(path: str, results: dict[str, Any], info: dict[str, Any]) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=110)
-    styles = {
-        "rlm": ("rlm DockerREPL (rlms)", "#c0392b", "s"),
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    systems = {
+        "rlm": ("rlm DockerREPL", "#c0392b", "s"),
         "dockerrepl": ("dockerrepl", "#1f77b4", "o"),
     }
-    for system, (label, color, marker) in styles.items():
-        sc = results.get(system, {}).get("state_cell")
-        if not sc:
-            continue
-        xs = [s for s in STATE_SIZES_MB if str(s) in sc]
-        ys = [sc[str(s)]["median"] * 1e3 for s in xs]
-        lo = [sc[str(s)]["min"] * 1e3 for s in xs]
-        hi = [sc[str(s)]["p90"] * 1e3 for s in xs]
-        ax.plot(xs, ys, marker=marker, color=color, label=label, linewidth=2)
-        ax.fill_between(xs, lo, hi, color=color, alpha=0.15, linewidth=0)
-        for x, y in zip(xs, ys):
-            ax.annotate(
-                fmt_s(y / 1e3),
-                (x, y),
-                textcoords="offset points",
-                xytext=(0, 7),
-                ha="center",
-                fontsize=7,
+    series = {
+        "state_cell": ("loaded context", "-", 7),
+        "mutable_state_cell": ("list built in a cell", "--", -12),
+    }
+    for system, (name, color, marker) in systems.items():
+        for key, (what, style, dy) in series.items():
+            sc = results.get(system, {}).get(key)
+            if not sc:
+                continue
+            xs = [s for s in STATE_SIZES_MB if str(s) in sc]
+            ys = [sc[str(s)]["median"] * 1e3 for s in xs]
+            ax.plot(
+                xs,
+                ys,
+                linestyle=style,
+                marker=marker,
                 color=color,
+                linewidth=2,
+                label=f"{name}: {what}",
+                alpha=1.0 if style == "-" else 0.75,
             )
+            if key == "state_cell":
+                lo = [sc[str(s)]["min"] * 1e3 for s in xs]
+                hi = [sc[str(s)]["p90"] * 1e3 for s in xs]
+                ax.fill_between(xs, lo, hi, color=color, alpha=0.12, linewidth=0)
+            other = results.get(system, {}).get("state_cell", {})
+            for x, y in zip(xs, ys):
+                if key != "state_cell" and str(x) in other:
+                    ref = other[str(x)]["median"] * 1e3
+                    if max(y, ref) / min(y, ref) < 1.8:
+                        continue  # too close to the context series' label: the table has it
+                ax.annotate(
+                    fmt_s(y / 1e3),
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(0, dy),
+                    ha="center",
+                    fontsize=6.5,
+                    color=color,
+                )
     ax.set_xscale("symlog", linthresh=1)
     ax.set_yscale("log")
     ax.set_xticks(list(STATE_SIZES_MB))
     ax.set_xticklabels([str(s) for s in STATE_SIZES_MB])
-    ax.set_xlabel("state in the REPL (MB of loaded context)")
+    ax.set_xlabel("state in the REPL (MB)")
     ax.set_ylabel("trivial cell, host wall clock (ms, log scale)")
     ax.set_title("Per-cell latency against state size (median; band: min to p90)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="center right")
+    ax.legend(loc="center left", fontsize=8, bbox_to_anchor=(0.0, 0.55))
     fig.text(
         0.01,
         0.01,
@@ -660,174 +786,229 @@ def write_plot(path: str, results: dict[str, Any], info: dict[str, Any]) -> None
 
 def write_doc(path: str, plot_name: str, json_name: str, data: dict[str, Any]) -> None:
     rows, results, info, cfg = data["comparison"], data["results"], data["machine"], data["config"]
+    ours, rlm = results.get("dockerrepl", {}), results.get("rlm", {})
+    floors = results.get("floors", {})
+    c = cfg["counts"]
     L: list[str] = []
     add = L.append
+
+    def med(res: dict[str, Any], key: str) -> Optional[float]:
+        v = res.get(key)
+        return None if v is None else float(v["median"])
+
     add("# Benchmarks: dockerrepl vs rlm's DockerREPL")
     add("")
     add("<!-- Generated by scripts/bench.py from one run; do not edit by hand. -->")
     add("")
-    add(f"One run, {info['date']}, both systems on the same machine, image, LM Handler and cells.")
+    add(
+        f"One run on {info['date']}: both systems on the same machine, the same image, the same LM "
+        "Handler and the same cells."
+    )
     add(
         f"Reproduce with `{data['command']}`"
         + (" (a `--quick` run: fewer repetitions)." if cfg["quick"] else ".")
     )
-    add(f"Raw samples: [{json_name}]({json_name}).")
+    add(f"Every sample is in [{json_name}]({json_name}). Machine and load are at the end.")
+    if not cfg["rlm"]:
+        add("")
+        add("This run skipped rlm (`--no-rlm`): no ratios.")
     add("")
     add("| metric | rlm DockerREPL | dockerrepl | rlm / dockerrepl | target | met |")
     add("|---|---:|---:|---:|---|---|")
     for r in rows:
         add("| " + " | ".join(row_cells(r)) + " |")
     add("")
-    ours = results.get("dockerrepl", {})
-    extra = []
     if "llm_query_batched_inner" in ours:
-        rlm_in = results.get("rlm", {}).get("llm_query_batched_inner")
-        extra.append(
-            f"`llm_query_batched` of 50 timed inside the container: rlm "
-            f"{fmt_s(rlm_in and rlm_in['median'])}, dockerrepl {fmt_s(ours['llm_query_batched_inner']['median'])}."
+        add(
+            f"- `llm_query_batched` of 50, timed inside the container: rlm "
+            f"{fmt_s(med(rlm, 'llm_query_batched_inner'))}, dockerrepl "
+            f"{fmt_s(med(ours, 'llm_query_batched_inner'))}."
         )
     if "pool_acquire" in ours:
-        pa, pf = ours["pool_acquire"], ours.get("pool_first_cell")
-        extra.append(
-            f"Warm pool: `acquire()` median {fmt_s(pa['median'])}, max {fmt_s(pa['max'])} over {pa['n']}; "
-            f"the acquired REPL's first cell {fmt_s(pf and pf['median'])}."
+        pa = ours["pool_acquire"]
+        add(
+            f"- Warm pool: `acquire()` median {fmt_s(pa['median'])}, max {fmt_s(pa['max'])} over "
+            f"{pa['n']}; the acquired REPL's first cell {fmt_s(med(ours, 'pool_first_cell'))} "
+            "(a replacement member is starting at the same time)."
         )
-    cc = ours.get("concurrent_cells_per_s")
+    cc, rc = ours.get("concurrent_cells_per_s"), rlm.get("concurrent_cells_per_s")
     if cc:
-        rc = results.get("rlm", {}).get("concurrent_cells_per_s")
-        extra.append(
-            f"{N_CONCURRENT} REPLs, one thread each, trivial cells for {cc['seconds']:.1f} s: dockerrepl "
-            f"{cc['cells']} cells ({cc['value']:.0f}/s)"
+        add(
+            f"- {N_CONCURRENT} REPLs, one thread each, trivial cells: dockerrepl {cc['cells']} cells in "
+            f"{cc['seconds']:.1f} s ({cc['value']:,.0f}/s)"
             + (
-                f", rlm {rc['cells']} cells in {rc['seconds']:.1f} s ({rc['value']:.1f}/s)."
+                f"; rlm {rc['cells']} cells in {rc['seconds']:.1f} s ({rc['value']:.1f}/s)."
                 if rc
                 else "."
             )
         )
     own = ours.get("own_image")
     if own:
-        extra.append(
-            f"dockerrepl on its own image `{cfg['our_image']}` (python3 only, no dill: the host's dill "
-            f"is copied into the mount): open + first cell {fmt_s(own['open_first_cell']['median'])}, "
-            f"trivial cell {fmt_s(own['trivial_cell']['median'])}."
+        add(
+            f"- dockerrepl on its own image `{cfg['our_image']}` (python3 only, no dill, no pip: the "
+            f"host's dill is copied into the mount): open + first cell "
+            f"{fmt_s(own['open_first_cell']['median'])}, trivial cell {fmt_s(own['trivial_cell']['median'])}."
         )
-    for e in extra:
-        add(f"- {e}")
     add("")
     add("## Per-cell latency against state size")
     add("")
-    add(f"![per-cell latency against state size]({plot_name})")
+    add(f"![per-cell latency against state size, both systems, log scale]({plot_name})")
     add("")
-    add("| state | rlm DockerREPL | dockerrepl | rlm / dockerrepl |")
-    add("|---:|---:|---:|---:|")
-    for size in STATE_SIZES_MB:
-        o = ours.get("state_cell", {}).get(str(size))
-        r = results.get("rlm", {}).get("state_cell", {}).get(str(size))
-        ratio = f"{r['median'] / o['median']:,.0f}x" if o and r else "-"
-        add(f"| {size} MB | {fmt_s(r and r['median'])} | {fmt_s(o and o['median'])} | {ratio} |")
+    add(
+        "Trivial cells (`x = 1`, median) in a REPL that holds a loaded context of that size "
+        "(`load_context`, what an RLM carries; the target rows above use this series), and in one "
+        "that holds a list of 100-byte strings of that size built by a cell:"
+    )
+    add("")
+    add("| " + " | ".join(STATE_HEAD) + " |")
+    add("|---:|---:|---:|---:|---:|---:|---:|")
+    for row in state_rows(results):
+        add("| " + " | ".join(row) + " |")
+    add("")
+    add("## Where the time goes")
+    add("")
+    if floors:
+        add(
+            "The engine's own floors on this machine, measured in the same run: "
+            f"`docker run -i --rm` of the image to the first byte from `python3` "
+            f"**{fmt_s(med(floors, 'docker_run_first_byte'))}**; a 100-byte round trip through the "
+            f"stdin/stdout of a `docker run -i ... cat` **{fmt_s(med(floors, 'pipe_round_trip'))}**; "
+            f"`docker exec <container> python -c pass` **{fmt_s(med(floors, 'docker_exec_python'))}**."
+        )
+        add("")
+    add(
+        "- **rlm's cell** is a new `docker exec` of a generated script (the last floor above), which "
+        "imports requests and dill, `dill.load`s the whole namespace from `/workspace/state.dill`, runs "
+        "the cell, `dill.dump`s the whole namespace back, and prints the `repr` of every variable as "
+        "JSON: with a context loaded that is `context` and `context_0`, twice its size per cell. So its "
+        "cell costs an exec plus work linear in the state."
+    )
+    add(
+        "- **dockerrepl's cell** is one framed message each way over the `docker run -i` pipe (the "
+        "round-trip floor above) to a worker that keeps the namespace in memory; `locals` are reprs "
+        "capped at 1000 characters, sliced before `repr`. After a cell the worker snapshots the "
+        "namespace to `state.dill` in a forked copy-on-write child, so a crash loses nothing up to the "
+        "last completed cell. The fork is skipped when nothing that can change in place is in the "
+        "namespace (strings, numbers, modules, functions, the `answer` dict), and loaded contexts are "
+        "recorded by their file, never pickled again. That is why the context series is flat."
+    )
+    add(
+        "- **A list (or dict, or any mutable object) in the namespace** makes that snapshot fork "
+        "happen after every cell. The cell does not wait for the dump, but the next cell waits for "
+        "the fork itself (copying the worker's page tables, which grows with its heap), for "
+        "the replaced, still-waiting snapshot child to be reaped, and shares the two cores with the "
+        "child that is writing. That is the list series: not flat, and still far below rlm. Making it "
+        "flat would mean snapshotting less often than every cell, which gives up restoring up to the "
+        "last completed cell after a crash; dockerrepl keeps the guarantee. `auto_checkpoint=False` "
+        "turns the background snapshots off (then only `checkpoint()` writes one)."
+    )
+    add(
+        "- **Opening**: dockerrepl's open is one hardened `docker run -i` (the first floor above) plus "
+        "the bootstrap's start (supervisor, forked worker, handshake) and one `docker inspect` to "
+        "check the hardening; rlm's is `docker run -d`, then `docker exec ... pip install` (fails at "
+        "once: no pip in the image), `docker exec python -c 'import requests'`, then its first cell, "
+        "another exec. The container start itself is the same for both, so this ratio is the one "
+        "with the least room."
+    )
+    add(
+        "- **llm_query**: rlm's cell makes a new HTTP connection per call (`requests.post`), and its "
+        "proxy a new TCP connection to the LM Handler per call. dockerrepl's container keeps one "
+        "HTTP/1.1 connection to its proxy, which keeps one connection to the LM Handler."
+    )
+    add(
+        "- **load_context**: both write the payload to a file in the bind mount. rlm then runs a cell "
+        "that reads it (and pays its state dump and two full reprs); dockerrepl's worker reads the "
+        "file directly and keeps only its path for checkpoints."
+    )
+    add(
+        "- **cleanup**: rlm runs `docker exec ... rm -rf /workspace/*` and then `docker rm -f`; "
+        "dockerrepl sends a shutdown frame, closes stdin and waits until `--rm` has removed the "
+        "container."
+    )
     add("")
     add("## What is measured")
     add("")
-    c = cfg["counts"]
     add(
-        f"- **open + first cell**: construct the REPL and run `{TRIVIAL}`; median of {c['opens']} (rlm: "
-        f"{c['rlm_opens']}). **cleanup**: `cleanup()` of those REPLs."
+        f"- **open + first cell**: construct the REPL and run `{TRIVIAL}`; median of {c['opens']} "
+        f"(rlm: {c['rlm_opens']}), after one warm-up open per system. **cleanup**: `cleanup()` of "
+        "those REPLs. The two systems take turns (one open each, in turn), so both see the same "
+        "machine load."
     )
     add(
         f"- **trivial cell**: `execute_code({TRIVIAL!r})`, host wall clock, median of {c['trivial']} "
         f"(rlm: {c['rlm_trivial']}) after 3 warm-up cells."
     )
     add(
-        "- **llm_query round trip**: one cell calls `llm_query` 20 times in a row and times the loop "
-        f"inside the container with `time.perf_counter()`; per call, median over {c['llm']} cells "
-        f"(rlm: {c['rlm_llm']})."
+        "- **llm_query round trip**: a cell calls `llm_query` 20 times in a row and times the loop "
+        "inside the container with `time.perf_counter()`; per call, median over "
+        f"{c['llm']} cells (rlm: {c['rlm_llm']})."
     )
     add(
         f"- **llm_query_batched of 50**: the whole cell, host wall clock; median of {c['batch']} "
         f"(rlm: {c['rlm_batch']})."
     )
     add(
-        f"- **load_context of 10 MB**: `load_context(str)` of a 10 MiB string; median of {c['loads']} "
+        f"- **load_context of 10 MB**: `load_context(s)` with a 10 MiB string; median of {c['loads']} "
         f"(rlm: {c['rlm_loads']})."
     )
     add(
-        "- **state**: in one REPL, `load_context` of 1, 10, 50 and 100 MiB of text (each replacing "
-        f"the last), then trivial cells; median of {c['state_cells']} cells per size up to 10 MB and "
-        f"{c['state_cells_big']} above (rlm: {c['rlm_state_cells']} / {c['rlm_state_cells_big']}). "
-        "Loaded context is the state an RLM carries."
+        "- **state**: one REPL per series; `load_context` of 1, 10, 50 and 100 MiB of text (each "
+        "replacing the last), or a cell that builds `data = [...]` of that many 100-character "
+        f"strings; then trivial cells: median of {c['state_cells']} per size up to 10 MB and "
+        f"{c['state_cells_big']} above (rlm: {c['rlm_state_cells']} / {c['rlm_state_cells_big']}; "
+        f"list series {c['mut_cells']} / {c['mut_cells_big']}, rlm {c['rlm_mut_cells']} / "
+        f"{c['rlm_mut_cells_big']})."
     )
     add(
-        f"- **concurrency**: {N_CONCURRENT} REPLs opened at once, then one thread per REPL runs trivial "
-        f"cells for {cfg['concurrent_seconds']:g} s (rlm: {cfg['rlm_concurrent_seconds']:g} s); total "
-        "cells / elapsed time."
+        f"- **concurrency**: {N_CONCURRENT} REPLs opened at once, then one thread per REPL runs "
+        f"trivial cells for {cfg['concurrent_seconds']:g} s (rlm: {cfg['rlm_concurrent_seconds']:g} s), "
+        "all in one process; total cells / elapsed time."
     )
     add(
-        f"- **warm pool**: `DockerREPLPool(size=2, image=..., lm_handler_address=...)`; wait until both "
-        f"members are ready, time `acquire()`; {c['pool']} times."
+        "- **warm pool**: `DockerREPLPool(size=2, image=..., lm_handler_address=...)`; wait until "
+        f"both members are ready, then time `acquire()`; {c['pool']} times."
     )
     add("")
     add("## Fairness")
     add("")
     add(
-        f"- Same image for both: `{cfg['rlm_image']}` (Debian bookworm's python3 with "
-        "python3-dill, python3-requests and python-is-python3, built offline by "
-        "`scripts/build-image.sh`), since rlm's DockerREPL needs `python`, dill and requests in the "
-        f"image. dockerrepl needs only `python3`; its numbers on its own image `{cfg['our_image']}` "
-        "are listed above."
+        f"- One image for both: `{cfg['rlm_image']}`: Debian bookworm's python3 with python3-dill, "
+        "python3-requests and python-is-python3, built offline by `scripts/build-image.sh`, since "
+        "rlm's DockerREPL needs `python`, dill and requests in the image. dockerrepl needs only "
+        "`python3`; its numbers on its own image are listed above."
     )
     add(
-        "- One LM Handler for both: dockerrepl's `LMHandler` with `EchoClient` (answers `echo:<prompt>`). "
-        "rlm's proxy forwards to it with rlm's own client code (one TCP connection per request), "
-        "exactly as it would to rlm's handler; the wire protocol is the same."
+        "- One LM Handler for both: dockerrepl's `LMHandler` with `EchoClient` (answers "
+        "`echo:<prompt>`). rlm's proxy reaches it with rlm's own client code (one connection per "
+        "request), as it would reach rlm's handler; the wire protocol is the same."
     )
     add(
-        "- rlm's `setup()` runs `docker exec <id> pip install -q dill requests` in every new container. "
-        "The image has no pip, so that exec fails at once (the packages are already there) and no "
-        "network is used; the cost of that failed exec is part of rlm's open time. Containers here "
-        "reach the package index only through a TLS-intercepting proxy they do not trust, so on an "
-        "image with pip the install would fail more slowly; this image gives rlm its best case."
+        "- rlm's `setup()` runs `docker exec <id> pip install -q dill requests` in every new "
+        "container. This image has no pip, so that exec fails at once and uses no network (dill and "
+        "requests are already there); its cost is part of rlm's open time. Containers on this machine "
+        "reach the package index only through a TLS-intercepting proxy whose certificate they do not "
+        "trust, so on an image with pip the install would fail, slowly: this image is rlm's best case."
     )
     add(
-        "- rlm's containers run without limits or hardening; dockerrepl's run with its defaults "
-        "(`--cap-drop ALL`, `no-new-privileges`, pids limit 512, 2 GB memory with swap off, a "
-        "`docker inspect` check of that hardening at start). Both times include all of that."
+        "- rlm's containers run with no limits and no hardening; dockerrepl's with its defaults "
+        "(`--cap-drop ALL`, `no-new-privileges`, pids limit 512, 2 GB of memory with swap off, "
+        "`--init`, a `docker inspect` check of that at start). Both are measured as shipped."
     )
     add(
-        f"- rlm version: rlms {data['versions'].get('rlms') or '?'}; dockerrepl {data['versions'].get('dockerrepl')} "
-        f"(commit {info['commit'] or '?'})."
-    )
-    add("")
-    add("## Where the time goes")
-    add("")
-    add(
-        "- rlm runs each cell as a new `docker exec` of a generated script: a new process in the "
-        "container, which `dill.load`s the whole namespace, runs the cell, `dill.dump`s the whole "
-        "namespace back to `/workspace/state.dill`, and prints the `repr` of every variable as JSON "
-        "(with a context loaded that is `context` and `context_0`, twice its size per cell). Its cost is "
-        "one `docker exec` (the floor of its trivial cell) plus work linear in the state size."
-    )
-    add(
-        "- dockerrepl keeps one process per container (`docker run -i`), and a cell is one framed "
-        "message each way over that pipe to a worker that keeps the namespace in memory. `locals` are "
-        "reprs capped at 1000 characters (sliced before `repr`). Checkpoints are taken after a cell "
-        "in a forked copy-on-write child, skipped when nothing mutable can have changed; loaded "
-        "context files are recorded by path instead of being pickled again."
-    )
-    add(
-        "- `llm_query`: rlm's cell opens a new HTTP connection per call (`requests.post`), and its "
-        "proxy opens a new TCP connection to the LM Handler per call. dockerrepl's container keeps one "
-        "HTTP/1.1 connection to its proxy, which keeps one connection to the LM Handler."
-    )
-    add(
-        "- `load_context`: both write the payload to a file in the bind mount. rlm then runs a cell "
-        "that reads it (and pays its state dump and reprs); dockerrepl's worker reads the file directly."
+        "- Both run in the benchmark's process (`.bench/venv`, created by the script: rlms "
+        f"{data['versions'].get('rlms') or '?'}, matplotlib, dill {data['versions'].get('dill') or '?'}); "
+        f"dockerrepl {data['versions'].get('dockerrepl')} is imported from this checkout (commit "
+        f"{info['commit'] or '?'}). Every REPL and container the run starts is removed at the end, "
+        "also on Ctrl-C or an error."
     )
     add("")
     add("## Machine")
     add("")
     add("| | |")
     add("|---|---|")
-    rows_m = [
+    la = " / ".join(f"{x:.2f}" for x in data["load_avg_start"])
+    le = " / ".join(f"{x:.2f}" for x in data["load_avg_end"])
+    for k, v in [
         ("CPU", f"{info['cpu']} ({info['cores']} cores)"),
         ("RAM", f"{info['ram_gib']} GiB"),
         ("kernel", info["kernel"]),
@@ -835,17 +1016,12 @@ def write_doc(path: str, plot_name: str, json_name: str, data: dict[str, Any]) -
             "docker",
             f"{info['docker']}, storage driver {info['storage_driver']}, cgroup {info['cgroup']}",
         ),
-        ("python (benchmark)", info["python"]),
-        (
-            "load average at start",
-            " / ".join(f"{x:.2f}" for x in data["load_avg_start"]) + " (1 / 5 / 15 min)",
-        ),
-        ("load average at end", " / ".join(f"{x:.2f}" for x in data["load_avg_end"])),
-        ("date (UTC)", info["date"]),
-        ("duration", f"{data['duration_s']:.0f} s"),
+        ("python", info["python"]),
+        ("load average (1 / 5 / 15 min)", f"{la} at the start, {le} at the end"),
+        ("date", info["date"]),
+        ("duration of the run", f"{data['duration_s']:.0f} s"),
         ("command", f"`{data['command']}`"),
-    ]
-    for k, v in rows_m:
+    ]:
         add(f"| {k} | {v} |")
     add("")
     with open(path, "w") as f:
@@ -873,6 +1049,9 @@ def counts_for(quick: bool) -> dict[str, int]:
             "loads": 3,
             "state_cells": 30,
             "state_cells_big": 15,
+            "mut_cells": 30,
+            "mut_cells_big": 15,
+            "floors": 3,
             "pool": 4,
             "rlm_opens": 2,
             "rlm_trivial": 6,
@@ -881,6 +1060,8 @@ def counts_for(quick: bool) -> dict[str, int]:
             "rlm_loads": 1,
             "rlm_state_cells": 2,
             "rlm_state_cells_big": 1,
+            "rlm_mut_cells": 1,
+            "rlm_mut_cells_big": 1,
         }
     return {
         "opens": 7,
@@ -890,21 +1071,36 @@ def counts_for(quick: bool) -> dict[str, int]:
         "loads": 7,
         "state_cells": 200,
         "state_cells_big": 100,
+        "mut_cells": 200,
+        "mut_cells_big": 100,
+        "floors": 7,
         "pool": 12,
-        "rlm_opens": 3,
+        "rlm_opens": 7,
         "rlm_trivial": 20,
         "rlm_llm": 3,
         "rlm_batch": 3,
         "rlm_loads": 3,
         "rlm_state_cells": 5,
         "rlm_state_cells_big": 3,
+        "rlm_mut_cells": 3,
+        "rlm_mut_cells_big": 2,
     }
 
 
 def rlm_counts(c: dict[str, int]) -> dict[str, int]:
     return {
         k: c[f"rlm_{k}"]
-        for k in ("opens", "trivial", "llm", "batch", "loads", "state_cells", "state_cells_big")
+        for k in (
+            "opens",
+            "trivial",
+            "llm",
+            "batch",
+            "loads",
+            "state_cells",
+            "state_cells_big",
+            "mut_cells",
+            "mut_cells_big",
+        )
     } | {"pool": 0}
 
 
@@ -926,9 +1122,7 @@ def main() -> int:
     ap.add_argument(
         "--no-venv", action="store_true", help="run in this interpreter (needs rlms, matplotlib)"
     )
-    ap.add_argument(
-        "--only", default="", help="comma-separated subset: open,cells,state,concurrent,pool"
-    )
+    ap.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(GROUPS))
     args = ap.parse_args()
     if not args.no_venv and not _in_bench_env():
         ensure_venv_and_reexec(sys.argv[1:])
@@ -944,13 +1138,9 @@ def main() -> int:
     load_start = os.getloadavg()
     started = time.time()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    only = set(filter(None, args.only.split(","))) or {
-        "open",
-        "cells",
-        "state",
-        "concurrent",
-        "pool",
-    }
+    only = set(filter(None, args.only.split(","))) or set(GROUPS)
+    if only - set(GROUPS):
+        ap.error(f"--only: unknown group(s) {sorted(only - set(GROUPS))}; choose from {GROUPS}")
     c = counts_for(args.quick)
     conc_s, rlm_conc_s = (1.5, 3.0) if args.quick else (4.0, 8.0)
     results: dict[str, dict[str, Any]] = {"dockerrepl": {}}
@@ -983,20 +1173,28 @@ def main() -> int:
         # warm-up: one open per system (image layers, caches); not counted
         for s, _ in systems:
             REG.close(s.open())
+        if "open" in only:
+            print("== open + first cell, cleanup (the systems take turns)", flush=True)
+            bench_open_cleanup([(s, cs["opens"]) for s, cs in systems], results)
         for s, cs in systems:
             out = results[s.name]
-            if "open" in only:
-                print(f"== {s.name}: open + first cell, cleanup", flush=True)
-                bench_open_cleanup(s, cs["opens"], out)
             if "cells" in only:
                 print(f"== {s.name}: trivial cells, llm_query, llm_query_batched", flush=True)
                 bench_cells(s, cs, out)
             if "state" in only:
                 print(f"== {s.name}: load_context and state sizes", flush=True)
                 bench_state(s, cs, out)
+            if "mutable" in only:
+                print(f"== {s.name}: state built in a cell (a list of strings)", flush=True)
+                bench_mutable_state(s, cs, out)
             if "concurrent" in only:
                 print(f"== {s.name}: {N_CONCURRENT} concurrent REPLs", flush=True)
                 bench_concurrent(s, conc_s if s.name == "dockerrepl" else rlm_conc_s, out)
+        if "floors" in only:
+            print("== the engine's own floors (docker run, pipe, docker exec)", flush=True)
+            floors: dict[str, Any] = {}
+            bench_floors(args.image, c["floors"], floors)
+            results["floors"] = floors
         if "pool" in only:
             print("== dockerrepl: warm pool acquire", flush=True)
             bench_pool(ours_kwargs, c["pool"], results["dockerrepl"])
@@ -1005,8 +1203,9 @@ def main() -> int:
             own_kwargs = dict(ours_kwargs, image=args.our_image)
             own = System("dockerrepl", lambda: DockerREPL(**own_kwargs), args.our_image)
             REG.close(own.open())
-            sub: dict[str, Any] = {}
-            bench_open_cleanup(own, c["opens"], sub)
+            wrap: dict[str, Any] = {"dockerrepl": {}}
+            bench_open_cleanup([(own, c["opens"])], wrap)
+            sub = wrap["dockerrepl"]
             cells: dict[str, Any] = {}
             r = own.open()
             try:
