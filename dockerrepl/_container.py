@@ -136,7 +136,11 @@ class ContainerConfig:
 
     def run_argv(self, name: str, python: str) -> list[str]:
         """The ``docker run`` arguments (without the leading ``docker``)."""
-        argv = ["run", "-i", "--rm", "--init", "--name", name, "--pull", "missing"]
+        # --sig-proxy=false: a Ctrl-C in the user's terminal reaches the docker CLI (same
+        # process group) and must not be forwarded into the container; interrupts are
+        # sent deliberately, as frames, by DockerREPL.interrupt()
+        argv = ["run", "-i", "--rm", "--init", "--sig-proxy=false", "--name", name]
+        argv += ["--pull", "missing"]
         for k, v in sorted(self.labels.items()):
             argv += ["--label", f"{k}={v}"]
         argv += ["-v", f"{self.workspace}:{MOUNT_POINT}", "-w", MOUNT_POINT]

@@ -128,6 +128,7 @@ def test_run_argv_hardened_defaults(tmp_path):
         "--rm",
         "-i",
         "--init",
+        "--sig-proxy=false",
         "host.docker.internal:host-gateway",
     ):
         assert part in joined
