@@ -215,18 +215,28 @@ class Container:
         self.proc = _docker.spawn(
             self.config.run_argv(self.name, python), docker=self.config.docker, stderr=self._log
         )
-        # Pipelined: the hello waits in the pipe while the container starts.
-        try:
-            self.send(hello)
-        except ContainerDied:
-            pass
         deadline = time.monotonic() + self.config.start_timeout
         try:
+            # Pipelined: the hello waits in the pipe while the container starts.
+            try:
+                self.send(hello)
+            except ContainerDied:
+                pass
             ready = self.recv(deadline)
         except ContainerDied:
             self._raise_start_failure(python)
             raise
         except DockerReplError:
+            self.kill()
+            raise
+        except TimeoutError:
+            self.kill()
+            raise BootstrapError(
+                f"the container was not ready within start_timeout={self.config.start_timeout:g}s;"
+                f" log tail:\n{self.log_tail()}"
+            ) from None
+        except BaseException:
+            # e.g. KeyboardInterrupt: a half-started container must not outlive the call
             self.kill()
             raise
         if ready.get("type") != "ready":
