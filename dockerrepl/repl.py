@@ -13,6 +13,8 @@ import ast
 import copy
 import json
 import logging
+import math
+import numbers
 import os
 import shutil
 import stat
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 DEFAULT_IMAGE = "python:3.11-slim"
 #: Per-cell wall-clock limit unless the caller passes ``timeout=`` (None disables it).
 DEFAULT_CELL_TIMEOUT = 900.0
+#: The longest finite timeout accepted (about 115 days); ``None`` or ``inf`` means no limit.
+MAX_TIMEOUT = 1e7
 #: Names the REPL owns: restored after every cell and refused as custom-tool names.
 RESERVED_NAMES = frozenset(
     {
@@ -171,6 +175,75 @@ def _tool_specs(
     return specs, host
 
 
+def _number(name: str, value: Any) -> float:
+    """``value`` as a float: a real number, not a bool (``True`` is not a duration)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    out = float(value)
+    if math.isnan(out):
+        raise ValueError(f"{name} must not be NaN")
+    return out
+
+
+def _limit(name: str, value: Any) -> Optional[float]:
+    """A wall-clock limit in seconds: positive, at most MAX_TIMEOUT; ``None`` or ``inf``: none."""
+    if value is None:
+        return None
+    out = _number(name, value)
+    if out == math.inf:
+        return None
+    if not 0 < out <= MAX_TIMEOUT:
+        raise ValueError(
+            f"{name} must be > 0 and <= {MAX_TIMEOUT:g} seconds, or None for no limit (got {out!r})"
+        )
+    return out
+
+
+def _count(name: str, value: Any, *, minimum: int = 1) -> int:
+    """A whole number >= ``minimum`` (an integral float such as 1e6 is accepted)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if isinstance(value, numbers.Integral):
+        out = int(value)
+    elif math.isfinite(float(value)) and float(value).is_integer():
+        out = int(float(value))
+    else:
+        raise TypeError(f"{name} must be a whole number, not {value!r}")
+    if out < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, not {out}")
+    return out
+
+
+def _address(name: str, value: Any) -> Address:
+    """An LM Handler address: ``(host, port)`` with a str host and a port in 1-65535."""
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"{name} must be a (host, port) tuple, not {type(value).__name__}")
+    if len(value) != 2:
+        raise ValueError(f"{name} must be a (host, port) pair, not {len(value)} items")
+    host, port = value
+    if not isinstance(host, str) or not host:
+        raise TypeError(f"{name}: the host must be a non-empty str, not {host!r}")
+    if isinstance(port, bool) or not isinstance(port, numbers.Integral):
+        raise TypeError(f"{name}: the port must be an int, not {type(port).__name__}")
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"{name}: the port must be in 1-65535, not {port}")
+    return host, int(port)
+
+
+def _index(name: str, value: Optional[int], count: int) -> int:
+    """A ``context_N`` / ``history_N`` index: the next free one, or one already used."""
+    if value is None:
+        return count
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int or None, not {type(value).__name__}")
+    index = int(value)
+    if not 0 <= index <= count:
+        raise ValueError(
+            f"{name} must be between 0 and {count} (replace one or add the next), not {index}"
+        )
+    return index
+
+
 class DockerREPL:
     """A Python REPL in a Docker container, with ``llm_query()`` to the host.
 
@@ -187,16 +260,22 @@ class DockerREPL:
         setup_code: code run once after start (e.g. imports).
         persistent, depth, subcall_fn, custom_tools, custom_sub_tools,
             compaction, max_concurrent_subcalls: rlm's environment contract.
-        timeout: per-cell wall-clock limit in seconds (``None``: no limit).
-        memory, cpus, pids_limit: container limits (swap is always off).
+        timeout: per-cell wall-clock limit in seconds, > 0 and at most
+            ``MAX_TIMEOUT``; ``None`` or ``float("inf")``: no limit. A bool or
+            NaN is refused.
+        memory, cpus: container limits (swap is always off); ``None``: none.
+        pids_limit: the most processes and threads the container may hold, a
+            positive int; ``None``: no limit of ours (the engine's default).
         network: ``"bridge"`` (default) or ``"none"`` (``llm_query`` then goes
             through a unix socket in the mount).
         user: run as this ``uid:gid`` inside the container.
         read_only: read-only root filesystem with a tmpfs ``/tmp``.
-        workspace_dir: where the host temp dir is created.
+        workspace_dir: an existing directory in which the host temp dir is
+            created (default: the system's temp dir).
         docker: the docker CLI to use.
-        max_output_bytes: per-cell cap on each of stdout/stderr (head and tail kept).
-        repr_cap: the longest repr kept per variable in ``REPLResult.locals``.
+        max_output_bytes: per-cell cap on each of stdout/stderr (head and tail
+            kept), >= 1.
+        repr_cap: the longest repr kept per variable in ``REPLResult.locals``, >= 1.
         max_llm_calls, max_llm_tokens: budgets; past them ``llm_query`` returns
             an ``"Error: budget exceeded ..."`` string.
         auto_checkpoint: ``True``: snapshot the namespace in the background after
@@ -205,6 +284,14 @@ class DockerREPL:
             the result returns (nothing completed is ever lost; each cell that
             changes the namespace pays the dump); ``False``: only
             :meth:`checkpoint`.
+        grace: seconds (>= 0) a cell gets between its interrupt and the kill of
+            its worker.
+        start_timeout: seconds (> 0) a container may take to become ready; past
+            it :class:`~dockerrepl.errors.BootstrapError`.
+
+    Wrong argument types raise ``TypeError`` and impossible values
+    ``ValueError`` (a missing ``workspace_dir``: ``FileNotFoundError``), all
+    before anything is started.
     """
 
     def __init__(
@@ -243,13 +330,39 @@ class DockerREPL:
     ) -> None:
         if kwargs:
             log.debug("DockerREPL ignores unknown arguments: %s", sorted(kwargs))
+        # every argument is checked before anything starts (typed errors, nothing to undo)
         if network not in ("bridge", "none"):
             raise ValueError(f"network must be 'bridge' or 'none', not {network!r}")
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be positive or None")
+        timeout = _limit("timeout", timeout)
         if setup_code is not None and not isinstance(setup_code, str):
             raise TypeError("setup_code must be a str")
-        self.image = image or os.environ.get("DOCKERREPL_IMAGE") or DEFAULT_IMAGE
+        if image is not None and not isinstance(image, str):
+            raise TypeError(f"image must be a str, not {type(image).__name__}")
+        image = image or os.environ.get("DOCKERREPL_IMAGE") or DEFAULT_IMAGE
+        if image.startswith("-"):
+            # it goes on docker run's command line, where it would be read as an option
+            raise ValueError(f"image must not start with '-': {image!r}")
+        if pids_limit is not None:
+            pids_limit = _count("pids_limit", pids_limit)
+        if cpus is not None and _number("cpus", cpus) <= 0:
+            raise ValueError(f"cpus must be > 0 or None, not {cpus!r}")
+        max_output_bytes = _count("max_output_bytes", max_output_bytes)
+        repr_cap = _count("repr_cap", repr_cap)
+        grace = _number("grace", grace)
+        if not 0 <= grace <= MAX_TIMEOUT:
+            raise ValueError(f"grace must be >= 0 seconds, not {grace!r}")
+        start_limit = _limit("start_timeout", start_timeout)
+        if start_limit is None:
+            raise ValueError("start_timeout must be a finite number of seconds")
+        if workspace_dir is not None:
+            workspace_dir = os.fspath(workspace_dir)
+            if not os.path.isdir(workspace_dir):
+                raise FileNotFoundError(
+                    f"workspace_dir {workspace_dir!r} does not exist or is not a directory"
+                )
+        if lm_handler_address is not None:
+            lm_handler_address = _address("lm_handler_address", lm_handler_address)
+        self.image = image
         self.persistent = persistent
         self.depth = depth
         self.subcall_fn = subcall_fn
@@ -270,14 +383,14 @@ class DockerREPL:
             "read_only": read_only,
             "runtime": runtime,
             "docker": docker,
-            "start_timeout": start_timeout,
+            "start_timeout": start_limit,
         }
-        self._max_output = int(max_output_bytes)
-        self._repr_cap = int(repr_cap)
+        self._max_output = max_output_bytes
+        self._repr_cap = repr_cap
         if auto_checkpoint not in (True, False, "sync"):
             raise ValueError("auto_checkpoint must be True, False or 'sync'")
         self._auto_checkpoint = auto_checkpoint
-        self._grace = float(grace)
+        self._grace = grace
         self._verify = verify_security
         self._workspace_dir = workspace_dir
         self._lock = threading.RLock()
@@ -297,7 +410,7 @@ class DockerREPL:
         self._state = ProxyState(
             token="",
             depth=depth,
-            lm_handler_address=tuple(lm_handler_address) if lm_handler_address else None,  # type: ignore[arg-type]
+            lm_handler_address=lm_handler_address,
             subcall_fn=subcall_fn,
             max_concurrent_subcalls=max_concurrent_subcalls,
             max_llm_calls=max_llm_calls,
@@ -525,9 +638,8 @@ class DockerREPL:
         """
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
-        limit = self.timeout if timeout == "default" else timeout
-        if limit is not None and (not isinstance(limit, (int, float)) or limit <= 0):
-            raise ValueError("timeout must be a positive number or None")
+        limit = self.timeout if isinstance(timeout, str) and timeout == "default" else timeout
+        limit = _limit("timeout", limit)
         start = time.perf_counter()
         with self._lock:
             self._check_open()
@@ -695,10 +807,12 @@ class DockerREPL:
         context_payload: Union[str, dict[str, Any], list[Any]],
         context_index: Optional[int] = None,
     ) -> int:
-        """Add a context as ``context_N`` (next free index unless given); returns N."""
-        index = self._context_count if context_index is None else int(context_index)
-        if index < 0:
-            raise ValueError("context_index must be >= 0")
+        """Add a context as ``context_N``; returns N.
+
+        ``context_index`` defaults to the next free index; a given one must be
+        at most :meth:`get_context_count` (replace a context, or add the next).
+        """
+        index = _index("context_index", context_index, self._context_count)
         path, kind = self._write_payload(f"context_{index}", context_payload)
         self._call(
             "load_file",
@@ -717,12 +831,14 @@ class DockerREPL:
         return self._context_count
 
     def add_history(self, message_history: list[Any], history_index: Optional[int] = None) -> int:
-        """Store a message history (deep copy) as ``history_N``; returns N."""
+        """Store a message history (deep copy) as ``history_N``; returns N.
+
+        ``history_index`` defaults to the next free index; a given one must be
+        at most :meth:`get_history_count` (replace a history, or add the next).
+        """
         if not isinstance(message_history, list):
             raise TypeError("message_history must be a list")
-        index = self._history_count if history_index is None else int(history_index)
-        if index < 0:
-            raise ValueError("history_index must be >= 0")
+        index = _index("history_index", history_index, self._history_count)
         path, kind = self._write_payload(f"history_{index}", message_history)
         aliases = ["history"] if index == 0 and not self.compaction else []
         self._call(
@@ -749,22 +865,23 @@ class DockerREPL:
 
     def update_handler_address(self, address: Address) -> None:
         """Point ``llm_query`` at another LM Handler; also resets ``answer``."""
-        self._state.lm_handler_address = (str(address[0]), int(address[1]))
+        self._state.lm_handler_address = _address("address", address)
         self._call("reset_answer", {})
 
     def _write_payload(self, stem: str, payload: Any) -> tuple[str, str]:
         self._check_open()
+        what = stem.split("_", 1)[0]  # "context" or "history", for the messages
         if isinstance(payload, str):
             rel = f"{stem}.txt"
             with self._open_new(rel) as f:
                 f.write(payload)
             return rel, "text"
         if not isinstance(payload, (dict, list)):
-            raise TypeError(f"context must be str, dict or list, not {type(payload).__name__}")
+            raise TypeError(f"{what} must be str, dict or list, not {type(payload).__name__}")
         try:
             data = json.dumps(payload, ensure_ascii=False)
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"context payload is not JSON-serialisable: {exc}") from None
+            raise TypeError(f"{what} payload is not JSON-serialisable: {exc}") from None
         rel = f"{stem}.json"
         with self._open_new(rel) as f:
             f.write(data)
@@ -845,7 +962,9 @@ class DockerREPL:
 
     @lm_handler_address.setter
     def lm_handler_address(self, value: Optional[Address]) -> None:
-        self._state.lm_handler_address = None if value is None else (str(value[0]), int(value[1]))
+        self._state.lm_handler_address = (
+            None if value is None else _address("lm_handler_address", value)
+        )
 
     # -------------------------------------------------------------- teardown
     def cleanup(self) -> None:

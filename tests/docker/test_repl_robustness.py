@@ -7,6 +7,7 @@ purpose), and no container left behind.
 
 from __future__ import annotations
 
+import math
 import subprocess
 
 import pytest
@@ -37,3 +38,48 @@ def test_start_deadline_is_a_bootstrap_error_and_leaves_nothing(image, tmp_path)
     assert "start_timeout" in str(info.value)
     assert our_containers() - before == set()
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- arguments
+def test_method_arguments_are_checked_and_nothing_half_loads(repl):
+    with pytest.raises(TypeError):
+        repl.update_handler_address(None)
+    with pytest.raises(ValueError):
+        repl.update_handler_address(("x",))
+    with pytest.raises(TypeError):
+        repl.add_context("x", "abc")
+    with pytest.raises(TypeError):
+        repl.add_context("x", True)
+    with pytest.raises(ValueError):
+        repl.add_context("x", 10**6)
+    with pytest.raises(ValueError):
+        repl.add_context("x", -1)
+    with pytest.raises(ValueError):
+        repl.add_history([], 10**6)
+    with pytest.raises(TypeError) as info:
+        repl.add_history([object()])
+    assert "history" in str(info.value)
+    assert "context" not in str(info.value)
+    assert repl.get_context_count() == 0
+    assert repl.get_history_count() == 0
+    # append, then replace: both are allowed
+    assert repl.add_context("a") == 0
+    assert repl.add_context("b", 1) == 1
+    assert repl.add_context("B", 1) == 1
+    assert repl.add_history([{"role": "user", "content": "hi"}], 0) == 0
+    assert repl.get_context_count() == 2
+    r = repl.execute_code("print(context_0, context_1, history_0[0]['content'])")
+    assert r.stdout == "a B hi\n"
+
+
+@pytest.mark.parametrize(("timeout", "exc"), [(True, TypeError), (math.nan, ValueError)])
+def test_execute_code_checks_its_timeout_before_sending(repl, timeout, exc):
+    with pytest.raises(exc):
+        repl.execute_code("x = 1", timeout=timeout)
+    r = repl.execute_code("print('next')")
+    assert (r.status, r.stdout, r.stderr) == ("ok", "next\n", "")
+
+
+def test_an_infinite_timeout_means_no_limit(repl):
+    r = repl.execute_code("import time; time.sleep(0.2); print('slept')", timeout=math.inf)
+    assert (r.status, r.stdout) == ("ok", "slept\n")
