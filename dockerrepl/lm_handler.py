@@ -5,7 +5,8 @@ Protocol (rlm's): 4-byte big-endian length + UTF-8 JSON. A request carries
 Every response has all three keys ``chat_completion``, ``chat_completions`` and
 ``error``. Unlike rlm's server, ours keeps serving further frames on the same
 connection until the client closes it (our proxy keeps one connection open);
-rlm's one-request-per-connection clients work unchanged.
+rlm's one-request-per-connection clients work unchanged. ``stop()`` closes
+those kept-alive connections too: after it, no request reaches a client.
 """
 
 from __future__ import annotations
@@ -29,16 +30,69 @@ log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 
+#: How long stop() waits, in all, for connection threads inside a client call.
+STOP_TIMEOUT = 5.0
+
 
 def _error(msg: str) -> dict[str, Any]:
     return {"error": msg, "chat_completion": None, "chat_completions": None}
 
 
 class _Server(socketserver.ThreadingTCPServer):
+    """One run of an LMHandler (start to stop): its socket, connections and batch pool.
+
+    ``daemon_threads`` means socketserver keeps no list of connection threads, so
+    the server keeps its own: ``stop()`` must reach kept-alive connections too.
+    """
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
     owner: LMHandler
+
+    def init_run(self, owner: LMHandler) -> None:
+        self.owner = owner
+        self.stopping = threading.Event()
+        self.pool = ThreadPoolExecutor(
+            owner.batch_max_concurrent, thread_name_prefix="dockerrepl-lm"
+        )
+        self._conn_lock = threading.Lock()
+        self._conns: dict[socket.socket, threading.Thread] = {}
+
+    def track(self, sock: socket.socket) -> bool:
+        """Register a connection and its thread; False once stop() has begun."""
+        with self._conn_lock:
+            if self.stopping.is_set():
+                return False
+            self._conns[sock] = threading.current_thread()
+            return True
+
+    def untrack(self, sock: socket.socket) -> None:
+        with self._conn_lock:
+            self._conns.pop(sock, None)
+
+    def close_connections(self, timeout: float) -> None:
+        """Shut every open connection, join its thread (bounded), close it."""
+        with self._conn_lock:
+            self.stopping.set()
+            conns = dict(self._conns)
+        for sock in conns:
+            try:
+                # wakes a thread blocked in recv (it reads EOF); a thread inside a
+                # client call finds its socket shut when it tries to answer
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        for thread in conns.values():
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        for sock in conns:
+            try:
+                sock.close()  # a Python socket object closes once; later uses raise OSError
+            except OSError:
+                pass
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("LM handler: error serving %r", client_address, exc_info=True)
@@ -48,8 +102,17 @@ class _ConnHandler(socketserver.BaseRequestHandler):
     server: _Server
 
     def handle(self) -> None:
-        owner = self.server.owner
+        server = self.server
         sock: socket.socket = self.request
+        if not server.track(sock):
+            return  # accepted while stop() ran: socketserver closes it
+        try:
+            self._serve(server, sock)
+        finally:
+            server.untrack(sock)
+
+    def _serve(self, server: _Server, sock: socket.socket) -> None:
+        owner = server.owner
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
@@ -75,13 +138,15 @@ class _ConnHandler(socketserver.BaseRequestHandler):
                     return
             except (ProtocolError, OSError):
                 return  # EOF mid-frame, reset or timeout
+            if server.stopping.is_set():
+                return  # read while stop() ran: close without calling a client
             try:
                 req = decode_body(body)
             except ProtocolError as exc:
                 # the length was valid, so the stream is still aligned: answer and go on
                 resp = _error(f"Bad request: {exc}")
             else:
-                resp = owner.dispatch(req)
+                resp = owner._answer(req, server)
             try:
                 send_frame(sock, resp)
             except OSError:
@@ -132,8 +197,7 @@ class LMHandler:
         self.clients.update(clients or {})
         self._server: Optional[_Server] = None
         self._thread: Optional[threading.Thread] = None
-        self._pool: Optional[ThreadPoolExecutor] = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # serialises start() and stop()
 
     def register_client(self, name: str, client: Any) -> None:
         """Route requests whose ``model`` is ``name`` to ``client``."""
@@ -141,7 +205,11 @@ class LMHandler:
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> Address:
-        """Start serving (idempotent); returns ``(host, port)``."""
+        """Start serving (idempotent); returns ``(host, port)``.
+
+        A stopped handler can be started again: it listens anew on the same
+        host and port (the port it got the first time, when ``port`` was 0).
+        """
         with self._lock:
             if self._server is None:
                 try:
@@ -150,25 +218,30 @@ class LMHandler:
                     raise LMHandlerError(
                         f"cannot listen on {self.host}:{self.port}: {exc}"
                     ) from None
-                server.owner = self
+                server.init_run(self)
                 self._server = server
                 self.port = int(server.server_address[1])
-                self._pool = ThreadPoolExecutor(
-                    self.batch_max_concurrent, thread_name_prefix="dockerrepl-lm"
-                )
                 self._thread = start_serving(server, "dockerrepl-lm-handler")
             return self.address
 
-    def stop(self) -> None:
-        """Stop serving (idempotent)."""
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop serving: close the listening socket and every open connection.
+
+        Idempotent and thread-safe. Once it has begun, no request reaching the
+        handler calls a client: a request read after that point, and every
+        prompt of a batch not yet handed to a client, gets a closed connection or
+        an error instead. Calls already inside a client are waited for up to
+        ``timeout`` seconds in all; one still running then finishes in its thread
+        and its answer is dropped (its connection is closed).
+        """
         with self._lock:
             server, self._server = self._server, None
-            pool, self._pool = self._pool, None
             thread, self._thread = self._thread, None
-        if server is not None and thread is not None:
+            if server is None or thread is None:
+                return
+            server.stopping.set()  # before the loop stops: nothing accepted now is served
             stop_serving(server, thread)
-        if pool is not None:
-            pool.shutdown(wait=False)
+            server.close_connections(timeout)
 
     @property
     def address(self) -> Address:
@@ -194,7 +267,11 @@ class LMHandler:
         return self.default_client
 
     def dispatch(self, req: Any) -> dict[str, Any]:
-        """Answer one decoded request (never raises)."""
+        """Answer one decoded request in this thread (never raises)."""
+        return self._answer(req, None)
+
+    def _answer(self, req: Any, server: Optional[_Server]) -> dict[str, Any]:
+        # server: the run the request came through; once it is stopping, no client is called
         if not isinstance(req, dict):
             return _error("Request must be a JSON object")
         model = req.get("model") if isinstance(req.get("model"), str) else None
@@ -203,20 +280,24 @@ class LMHandler:
         prompts = req.get("prompts")
         try:
             if isinstance(prompts, list) and prompts:
-                comps = self._batched(prompts, model, depth)
+                comps = self._batched(prompts, model, depth, server)
                 return {
                     "chat_completions": [c.to_dict() for c in comps],
                     "chat_completion": None,
                     "error": None,
                 }
             if req.get("prompt"):
-                comp = self._single(req["prompt"], model, depth)
+                comp = self._single(req["prompt"], model, depth, server)
                 return {"chat_completion": comp.to_dict(), "chat_completions": None, "error": None}
         except Exception as exc:
             return _error(str(exc) or type(exc).__name__)
         return _error("Missing 'prompt' or 'prompts' in request.")
 
-    def _single(self, prompt: Any, model: Optional[str], depth: int) -> RLMChatCompletion:
+    def _single(
+        self, prompt: Any, model: Optional[str], depth: int, server: Optional[_Server]
+    ) -> RLMChatCompletion:
+        if server is not None and server.stopping.is_set():
+            raise LMHandlerError("the LM handler is stopping")
         client = self.get_client(model, depth)
         t0 = time.perf_counter()
         text = client.completion(prompt)
@@ -232,14 +313,13 @@ class LMHandler:
         )
 
     def _batched(
-        self, prompts: list[Any], model: Optional[str], depth: int
+        self, prompts: list[Any], model: Optional[str], depth: int, server: Optional[_Server]
     ) -> list[RLMChatCompletion]:
-        pool = self._pool
         root = str(model or getattr(self.get_client(model, depth), "model_name", "unknown"))
 
         def one(p: Any) -> RLMChatCompletion:
             try:
-                return self._single(p, model, depth)
+                return self._single(p, model, depth, server)
             except Exception as exc:
                 return RLMChatCompletion(
                     root_model=root,
@@ -250,9 +330,11 @@ class LMHandler:
                     error=f"llm() call failed - {exc}",
                 )
 
-        if pool is None or len(prompts) == 1:
+        if server is None or len(prompts) == 1:
             return [one(p) for p in prompts]
-        return list(pool.map(one, prompts))
+        # after stop() the pool refuses new work (RuntimeError: an error frame) and
+        # cancels what has not started; prompts that start check stopping in _single
+        return list(server.pool.map(one, prompts))
 
 
 def _last_usage(client: Any) -> Any:

@@ -406,3 +406,180 @@ def test_client_without_usage_methods():
         c = ask(h.address, {"prompt": "x"})["chat_completion"]
     assert c["response"] == ""
     assert c["usage_summary"]["model_usage_summaries"]["bare"]["total_calls"] == 0
+
+
+# ---------------------------------------------------------------- stop() and open connections
+class Blocking(EchoClient):
+    """Counts calls; each call waits for ``release`` (set it to let calls through)."""
+
+    def __init__(self, block=True):
+        super().__init__("blocking")
+        self.lock = threading.Lock()
+        self.calls = []
+        self.threads = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        if not block:
+            self.release.set()
+
+    def completion(self, prompt):
+        with self.lock:
+            self.calls.append(prompt)
+            self.threads.append(threading.current_thread())
+        self.entered.set()
+        assert self.release.wait(20)
+        return super().completion(prompt)
+
+
+def closed_by_peer(sock):
+    """True when the peer has closed (EOF or reset) and sent nothing more."""
+    sock.settimeout(10)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_stop_closes_a_kept_alive_connection():
+    client = Blocking(block=False)
+    h = LMHandler(client)
+    with socket.create_connection(h.start(), timeout=10) as s:
+        send_frame(s, {"prompt": "one"})
+        assert recv_frame(s)["chat_completion"]["response"] == "echo:one"
+        (conn_thread,) = client.threads  # a single prompt runs in the connection's thread
+        h.stop()
+        assert not conn_thread.is_alive()
+        try:
+            send_frame(s, {"prompt": "after-stop"})
+        except OSError:
+            pass  # already reset: as good as a close
+        assert closed_by_peer(s)
+    assert client.calls == ["one"]  # the frame after stop() reached no client
+
+
+def test_stop_answers_nothing_after_it_began_single_call_in_flight():
+    client = Blocking()
+    h = LMHandler(client)
+    with socket.create_connection(h.start(), timeout=10) as s:
+        send_frame(s, {"prompt": "slow"})
+        assert client.entered.wait(10)
+        h.stop(timeout=0.2)  # the call is inside the client: waited for, bounded
+        client.release.set()
+        assert closed_by_peer(s)  # its answer is dropped, the connection closed
+    assert client.calls == ["slow"]
+
+
+def test_stop_cancels_the_rest_of_a_batch():
+    client = Blocking()
+    h = LMHandler(client, batch_max_concurrent=1)
+    with socket.create_connection(h.start(), timeout=10) as s:
+        send_frame(s, {"prompts": ["p0", "p1", "p2", "p3"]})
+        assert client.entered.wait(10)
+        h.stop(timeout=0.2)
+        client.release.set()
+        assert closed_by_peer(s)
+        (t,) = set(client.threads)
+        t.join(10)
+    assert client.calls == ["p0"]  # no prompt after stop() reached the client
+
+
+def test_a_request_through_a_stopped_run_is_refused_even_if_restarted():
+    client = Blocking(block=False)
+    h = LMHandler(client)
+    addr = h.start()
+    try:
+        with socket.create_connection(addr, timeout=10) as s:
+            send_frame(s, {"prompt": "a"})
+            assert recv_frame(s)["error"] is None
+            h.stop()
+            assert h.start() == addr  # restartable, on the same port
+            try:
+                send_frame(s, {"prompt": "old-connection"})
+            except OSError:
+                pass
+            assert closed_by_peer(s)
+        assert ask(addr, {"prompt": "new"})["chat_completion"]["response"] == "echo:new"
+    finally:
+        h.stop()
+    assert client.calls == ["a", "new"]
+
+
+def test_stop_is_thread_safe():
+    h = LMHandler(EchoClient())
+    addr = h.start()
+    socks = [socket.create_connection(addr, timeout=10) for _ in range(5)]
+    try:
+        for s in socks:  # each connection is being served (its thread exists)
+            send_frame(s, {"prompt": "x"})
+            assert recv_frame(s)["error"] is None
+        errors = []
+
+        def stop():
+            try:
+                h.stop()
+            except Exception as exc:  # pragma: no cover - the failure being tested
+                errors.append(exc)
+
+        stoppers = [threading.Thread(target=stop) for _ in range(4)]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join(20)
+        assert errors == []
+        assert not any(t.is_alive() for t in stoppers)
+        assert all(closed_by_peer(s) for s in socks)
+        with pytest.raises(LMHandlerError):
+            _ = h.address
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_lm_connection_after_stop_raises_lm_handler_error():
+    """What the proxy's kept connection sees: a clean LMHandlerError, never a hang."""
+    h = LMHandler(EchoClient())
+    conn = LMConnection(h.start(), timeout=10)
+    try:
+        assert conn.request({"prompt": "a"})["error"] is None
+        h.stop()
+        with pytest.raises(LMHandlerError):
+            conn.request({"prompt": "b"})
+        h.start()  # same port again: the connection reconnects
+        assert conn.request({"prompt": "c"})["chat_completion"]["response"] == "echo:c"
+    finally:
+        conn.close()
+        h.stop()
+
+
+def test_proxy_llm_query_after_handler_stop_is_an_error_answer():
+    import http.client
+    import json
+
+    from dockerrepl._proxy import ProxyServer, ProxyState
+
+    client = Blocking(block=False)
+    h = LMHandler(client)
+    state = ProxyState(token="t", depth=1, lm_handler_address=h.start())
+    proxy = ProxyServer(state, host="127.0.0.1")
+    http_conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+
+    def llm_query(path, body):
+        http_conn.request(
+            "POST", path, body=json.dumps(body).encode(), headers={"Authorization": "Bearer t"}
+        )
+        resp = http_conn.getresponse()
+        assert resp.status == 200
+        return json.loads(resp.read())
+
+    try:
+        assert llm_query("/llm_query", {"prompt": "a"}) == {"response": "echo:a"}
+        h.stop()
+        data = llm_query("/llm_query", {"prompt": "b"})
+        assert set(data) == {"error"}
+        data = llm_query("/llm_query_batched", {"prompts": ["c", "d"]})
+        assert all(r.startswith("Error: ") for r in data["responses"])
+    finally:
+        http_conn.close()
+        proxy.close()
+        h.stop()
+    assert client.calls == ["a"]
