@@ -5,13 +5,21 @@ the *host* (``/workspace/x -> /etc/shadow``). Every path is therefore walked
 one component at a time with ``O_NOFOLLOW`` relative to the previous
 directory's file descriptor (``dir_fd``), so neither a symlink nor a race
 with the container can lead the host outside the workspace.
+
+The host never opens for writing a name the container could have planted: an
+upload goes to a fresh temp file beside it (``O_CREAT | O_EXCL | O_NOFOLLOW``)
+that is renamed over the name. A FIFO planted there can therefore not block
+the host, and a swap between a check and the write replaces only the swapped-in
+entry. A download opens the file ``O_NONBLOCK`` and reads it only when
+``fstat`` says it is a regular file.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import secrets
 import stat
+from typing import Optional
 
 from .errors import WorkspacePathError
 
@@ -65,26 +73,90 @@ def _open_dir_chain(root: str, parts: list[str], create: bool) -> int:
         raise
 
 
+def _entry_mode(name: str, dfd: int) -> Optional[int]:
+    """``st_mode`` of ``name`` in ``dfd`` without following a symlink; None if absent."""
+    try:
+        return os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        return None
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
 def copy_in(root: str, local_path: str, remote_path: str, max_bytes: int = DEFAULT_MAX_FILE) -> int:
-    """Copy a host file into the workspace; returns the bytes written."""
+    """Copy a host file into the workspace; returns the bytes written.
+
+    If ``remote_path`` exists it must be a regular file, which is replaced
+    whole (atomically: a reader sees the old content or the new one); a
+    symlink, directory, FIFO, socket or device there raises
+    :class:`WorkspacePathError` and is left as it is. The file is written to
+    a temp file in the same directory and renamed over the name, so the host
+    never opens the entry found under that name. The new file gets the
+    permission bits of the file it replaces (a new name: ``0o666`` less the
+    umask); its owner is the host user.
+    """
     parts = split_remote(remote_path)
     st = os.stat(local_path)
     if not stat.S_ISREG(st.st_mode):
         raise ValueError(f"{local_path!r} is not a regular file")
     if st.st_size > max_bytes:
         raise ValueError(f"{local_path!r} is {st.st_size} bytes, over the {max_bytes}-byte cap")
+    name = parts[-1]
     dfd = _open_dir_chain(root, parts[:-1], create=True)
     try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        old = _entry_mode(name, dfd)
+        if old is not None and not stat.S_ISREG(old):
+            raise WorkspacePathError(f"cannot write {remote_path!r}: it is {_kind(old)}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        for _ in range(8):  # O_EXCL: a name the container planted is never reused
+            tmp = f".{name[:200]}.{secrets.token_hex(8)}.upload"
+            try:
+                fd = os.open(tmp, flags, 0o666, dir_fd=dfd)
+                break
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise WorkspacePathError(f"cannot write {remote_path!r}: {exc}") from None
+        else:
+            raise WorkspacePathError(f"cannot write {remote_path!r}: no free temp name")
         try:
-            fd = os.open(parts[-1], flags, 0o666, dir_fd=dfd)
-        except OSError as exc:
-            raise WorkspacePathError(f"cannot write {remote_path!r} (symlink?): {exc}") from None
+            with open(local_path, "rb") as src, os.fdopen(fd, "wb") as dst:
+                if old is not None:
+                    os.fchmod(dst.fileno(), stat.S_IMODE(old) & 0o777)
+                copied = 0
+                while True:
+                    chunk = src.read(1 << 20)
+                    if not chunk:
+                        break
+                    copied += len(chunk)
+                    if copied > max_bytes:  # the local file grew while we read it
+                        raise ValueError(f"{local_path!r} grew past the {max_bytes}-byte cap")
+                    dst.write(chunk)
+            try:
+                os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except OSError as exc:  # the name became a directory meanwhile, ...
+                raise WorkspacePathError(f"cannot write {remote_path!r}: {exc}") from None
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+            raise
+        return copied
     finally:
         os.close(dfd)
-    with open(local_path, "rb") as src, os.fdopen(fd, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-        return dst.tell()
 
 
 def copy_out(
@@ -94,7 +166,14 @@ def copy_out(
     parts = split_remote(remote_path)
     dfd = _open_dir_chain(root, parts[:-1], create=False)
     try:
+        mode = _entry_mode(parts[-1], dfd)
+        if mode is None:
+            raise FileNotFoundError(f"no such file in the workspace: {remote_path!r}")
+        if not stat.S_ISREG(mode):  # not even opened (a device's open can act)
+            raise WorkspacePathError(f"cannot read {remote_path!r}: it is {_kind(mode)}")
         try:
+            # O_NONBLOCK: a FIFO swapped in after the check opens at once, and the
+            # fstat below refuses it before any read
             fd = os.open(
                 parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd
             )
@@ -114,16 +193,21 @@ def copy_out(
             )
         tmp = local_path + ".part"
         copied = 0
-        with open(tmp, "wb") as dst:
-            while True:
-                chunk = src.read(1 << 20)
-                if not chunk:
-                    break
-                copied += len(chunk)
-                if copied > max_bytes:  # the file grew while we read it
-                    dst.close()
-                    os.unlink(tmp)
-                    raise ValueError(f"{remote_path!r} grew past the {max_bytes}-byte cap")
-                dst.write(chunk)
-        os.replace(tmp, local_path)
+        try:
+            with open(tmp, "wb") as dst:
+                while True:
+                    chunk = src.read(1 << 20)
+                    if not chunk:
+                        break
+                    copied += len(chunk)
+                    if copied > max_bytes:  # the file grew while we read it
+                        raise ValueError(f"{remote_path!r} grew past the {max_bytes}-byte cap")
+                    dst.write(chunk)
+            os.replace(tmp, local_path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
         return copied

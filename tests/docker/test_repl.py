@@ -336,3 +336,36 @@ def test_network_none_with_a_deep_workspace_dir(image, handler, tmp_path):
         r = repl.execute_code("print(llm_query('deep'))")
         assert r.stdout == "echo:deep\n", r.stderr
         assert [c.response for c in r.rlm_calls] == ["echo:deep"]
+
+
+def test_upload_and_download_refuse_a_fifo_the_cell_planted(repl, tmp_path):
+    from dockerrepl.errors import WorkspacePathError
+
+    local = tmp_path / "local.txt"
+    local.write_text("from the host")
+    r = repl.execute_code("import os\nos.mkfifo('/workspace/data.txt')")
+    assert r.status == "ok", r.stderr
+    out = {}
+
+    def transfer():
+        try:
+            repl.upload(str(local), "data.txt")
+        except Exception as exc:
+            out["upload"] = exc
+        try:
+            repl.download("data.txt", str(tmp_path / "back.txt"))
+        except Exception as exc:
+            out["download"] = exc
+
+    t = threading.Thread(target=transfer, daemon=True)
+    t.start()
+    t.join(20)
+    if t.is_alive():  # let the thread go before failing
+        os.close(os.open(os.path.join(repl.temp_dir, "data.txt"), os.O_RDWR))
+        pytest.fail("upload or download blocked on the FIFO")
+    assert isinstance(out.get("upload"), WorkspacePathError), out
+    assert isinstance(out.get("download"), WorkspacePathError), out
+    # the REPL goes on, and a plain upload is seen by the next cell
+    assert repl.upload(str(local), "sub/ok.txt") == len("from the host")
+    r = repl.execute_code("print(open('/workspace/sub/ok.txt').read())")
+    assert r.stdout == "from the host\n", r.stderr
