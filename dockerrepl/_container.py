@@ -139,7 +139,12 @@ class ContainerConfig:
         # --sig-proxy=false: a Ctrl-C in the user's terminal reaches the docker CLI (same
         # process group) and must not be forwarded into the container; interrupts are
         # sent deliberately, as frames, by DockerREPL.interrupt()
-        argv = ["run", "-i", "--rm", "--init", "--sig-proxy=false", "--name", name]
+        # No --init: the bootstrap supervisor is pid 1 and reaps orphans itself. An
+        # init process would hold the host channel (its fds 0/1) where cell code can
+        # open it through /proc/1/fd; the supervisor makes itself non-dumpable so that
+        # /proc/<it>/fd is closed to cell code, and pid 1 ignores signals sent from
+        # inside the container that it has no handler for (SIGKILL, SIGSTOP included).
+        argv = ["run", "-i", "--rm", "--sig-proxy=false", "--name", name]
         argv += ["--pull", "missing"]
         for k, v in sorted(self.labels.items()):
             argv += ["--label", f"{k}={v}"]
@@ -185,6 +190,9 @@ class Container:
         self._log: Optional[IO[bytes]] = None
         self.info: dict[str, Any] = {}
         self.id: Optional[str] = None
+        #: a frame to the container was cut short: the channel is out of step for good
+        self.broken = False
+        self._stdin_nonblocking = False
 
     # -- start ---------------------------------------------------------------
     def start(self, hello: dict[str, Any]) -> dict[str, Any]:
@@ -219,7 +227,7 @@ class Container:
         try:
             # Pipelined: the hello waits in the pipe while the container starts.
             try:
-                self.send(hello)
+                self.send(hello, deadline)
             except ContainerDied:
                 pass
             ready = self.recv(deadline)
@@ -272,18 +280,50 @@ class Container:
         )
 
     # -- channel -------------------------------------------------------------
-    def send(self, obj: Any) -> None:
-        """Write one frame to the container's stdin."""
+    def send(self, obj: Any, deadline: Optional[float] = None) -> None:
+        """Write one frame to the container's stdin, waiting until ``deadline`` (monotonic).
+
+        The pipe is non-blocking: a container that stops reading (``docker
+        pause``, a stuck supervisor) fills it, and the write gives up at the
+        deadline with ``TimeoutError`` instead of hanging. A frame cut short
+        by that (or by any exception, e.g. ``KeyboardInterrupt``) leaves the
+        channel out of step: :attr:`broken` is set and every later send
+        raises :class:`ContainerDied`. Frames up to ``PIPE_BUF`` (4 KiB) are
+        written whole or not at all.
+        """
         proc = self.proc
         if proc is None or proc.stdin is None:
             raise ContainerDied("the container is not running")
-        data = encode_frame(obj)
+        if self.broken:
+            raise ContainerDied("an earlier frame to the container was cut short")
+        data = memoryview(encode_frame(obj))
+        sent = 0
         try:
-            proc.stdin.write(data)
-        except (BrokenPipeError, ValueError, OSError) as exc:
-            raise ContainerDied(
-                f"the container's stdin is closed ({exc.__class__.__name__})"
-            ) from None
+            fd = proc.stdin.fileno()
+            if not self._stdin_nonblocking:
+                os.set_blocking(fd, False)
+                self._stdin_nonblocking = True
+            while sent < len(data):
+                try:
+                    sent += os.write(fd, data[sent:])
+                    continue
+                except BlockingIOError:
+                    pass
+                timeout = None if deadline is None else deadline - time.monotonic()
+                if timeout is not None and timeout <= 0:
+                    raise TimeoutError(
+                        f"the container did not take a {len(data)}-byte frame before the deadline"
+                        f" ({sent} bytes written)"
+                    )
+                select.select([], [fd], [], None if timeout is None else min(timeout, 3600.0))
+        except BaseException as exc:
+            if 0 < sent < len(data):
+                self.broken = True
+            if isinstance(exc, (OSError, ValueError)) and not isinstance(exc, TimeoutError):
+                raise ContainerDied(
+                    f"the container's stdin is closed ({exc.__class__.__name__})"
+                ) from None
+            raise
 
     def recv(self, deadline: Optional[float]) -> dict[str, Any]:
         """Read one frame, waiting until ``deadline`` (monotonic); ``TimeoutError`` after it."""
@@ -403,9 +443,9 @@ class Container:
         try:
             if proc.poll() is None:
                 try:
-                    self.send({"type": "shutdown", "purge": purge})
-                except DockerReplError:
-                    pass
+                    self.send({"type": "shutdown", "purge": purge}, time.monotonic() + 1.0)
+                except (DockerReplError, TimeoutError):
+                    pass  # closing stdin below ends the supervisor all the same
             try:
                 if proc.stdin is not None:
                     proc.stdin.close()

@@ -66,6 +66,15 @@ RESULT_STATUSES = frozenset({"ok", "error", "timeout", "interrupted", "crashed",
 #: Extra seconds the host waits past a cell's timeout + grace before it declares
 #: the whole container unresponsive and replaces it.
 HOST_MARGIN = 20.0
+# Bounds on a result frame's fields (the bootstrap's MAX_LOCALS, MAX_NAME and
+# FINAL_ANSWER_CAP), with slack for its marker lines and notes.
+_MAX_LOCALS = 10_000
+_MAX_NAME = 1000
+_REPR_SLACK = 64
+_FINAL_ANSWER_CAP = 16 << 20
+_TEXT_SLACK = 64 << 10
+#: The longest :meth:`DockerREPL.interrupt` waits to hand its frame to the container.
+INTERRUPT_WAIT = 1.0
 _BOOTSTRAP_SRC = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "_bootstrap", "dockerrepl_bootstrap.py"
 )
@@ -514,12 +523,13 @@ class DockerREPL:
         self._req += 1
         return self._req
 
-    def _send(self, obj: dict[str, Any]) -> None:
+    def _send(self, obj: dict[str, Any], deadline: Optional[float] = None) -> None:
+        """Send a frame; ``TimeoutError`` when the container takes none of it by ``deadline``."""
         container = self._container
         if container is None:
             raise ContainerDied("no container")
         with self._send_lock:
-            container.send(obj)
+            container.send(obj, deadline)
 
     def _call(self, op: str, args: dict[str, Any], timeout: float = 600.0) -> Any:
         """Run an internal operation in the worker; raise on failure."""
@@ -527,12 +537,16 @@ class DockerREPL:
             self._check_open()
             self._ensure_container()
             rid = self._next_req()
-            self._send({"type": "call", "id": rid, "op": op, "args": args, "timeout": timeout})
             container = self._container
             assert container is not None
             deadline = time.monotonic() + timeout + self._grace + HOST_MARGIN
+            request = {"type": "call", "id": rid, "op": op, "args": args, "timeout": timeout}
+            sent = False
             while True:
                 try:
+                    if not sent:
+                        self._send(request, deadline)
+                        sent = True
                     msg = container.recv(deadline)
                 except TimeoutError:
                     self._restart("the container did not answer an internal request")
@@ -560,10 +574,14 @@ class DockerREPL:
         if self._closed:
             raise ReplClosed("this DockerREPL was cleaned up")
 
-    def _ensure_container(self) -> None:
+    def _ensure_container(self) -> str:
+        """Replace a container that exited or whose channel is out of step; returns a note."""
         c = self._container
         if c is None or not c.alive():
-            self._restart("the container had exited")
+            return self._restart("the container had exited") + "\n"
+        if c.broken:
+            return self._restart("a frame to the container was cut short") + "\n"
+        return ""
 
     def _restart(self, why: str) -> str:
         """Replace the container and restore the last checkpoint; returns a note for stderr."""
@@ -643,10 +661,7 @@ class DockerREPL:
         start = time.perf_counter()
         with self._lock:
             self._check_open()
-            note = ""
-            c = self._container
-            if c is None or not c.alive():
-                note = self._restart("the container had exited") + "\n"
+            note = self._ensure_container()
             self._cell += 1
             cell = self._cell
             self._state.current_cell = cell
@@ -707,15 +722,17 @@ class DockerREPL:
         the docker CLI noticed late. It is replaced and the cell sent once more.
         """
         seen = [False]
+        margin = self._grace + HOST_MARGIN
         try:
-            self._send(msg)
+            # a container that takes no input (paused) gets as long as it would to answer
+            self._send(msg, None if limit is None else time.monotonic() + limit + margin)
             return self._await_result(msg["id"], limit, on_output, seen)
         except ContainerDied as exc:
             if seen[0]:
                 raise
             notes.append(self._restart(f"the container had died ({exc})") + "\n")
         seen[0] = False
-        self._send(msg)
+        self._send(msg, None if limit is None else time.monotonic() + limit + margin)
         return self._await_result(msg["id"], limit, on_output, seen)
 
     def _await_result(
@@ -728,26 +745,35 @@ class DockerREPL:
         container = self._container
         assert container is not None
         margin = self._grace + HOST_MARGIN
+        restore_bound = float(self._options["start_timeout"])  # type: ignore[arg-type]
         deadline = None if limit is None else time.monotonic() + limit + margin
+        # Progress frames move the deadline, never past this ceiling: the cell's own
+        # time plus two restores (one before it runs, one after its worker dies). Frames
+        # are untrusted; forged ones cannot keep the host waiting any longer.
+        ceiling = None if deadline is None else deadline + 2 * (restore_bound + margin)
+        streamed = 0  # characters handed to on_output; the supervisor stops at the cap
         while True:
             msg = container.recv(deadline)
             kind = msg.get("type")
             if msg.get("id") == cell and seen is not None:
                 seen[0] = True
             if kind == "progress":
-                if msg.get("id") == cell and limit is not None:
+                if msg.get("id") == cell and limit is not None and ceiling is not None:
                     # a restore has its own bound; the cell's clock restarts after it
                     state = msg.get("state")
                     if state == "restoring":
-                        restore_bound = float(self._options["start_timeout"])  # type: ignore[arg-type]
-                        deadline = time.monotonic() + restore_bound + margin
+                        deadline = min(ceiling, time.monotonic() + restore_bound + margin)
                     elif state == "running":
-                        deadline = time.monotonic() + limit + margin
+                        deadline = min(ceiling, time.monotonic() + limit + margin)
                 continue
             if kind == "output":
                 if on_output is not None and msg.get("id") == cell:
+                    data = str(msg.get("data"))
+                    streamed += len(data)
+                    if streamed > self._max_output + _TEXT_SLACK:
+                        continue
                     try:
-                        on_output(str(msg.get("stream")), str(msg.get("data")))
+                        on_output(str(msg.get("stream")), data)
                     except Exception:
                         log.exception("on_output callback failed")
                 continue
@@ -757,45 +783,82 @@ class DockerREPL:
                 raise ProtocolError(str(msg.get("error")))
 
     def _result(self, cell: int, start: float, res: dict[str, Any]) -> REPLResult:
-        # The result frame comes from the container: every field is checked, never trusted.
+        # The result frame comes from the container: every field is checked and bounded,
+        # never trusted. The supervisor keeps to the same bounds, so an honest result
+        # never meets them (docs/security.md, "Frames are untrusted").
         calls = [RLMChatCompletion.from_dict(c) for c in self._state.take(cell)]
         raw_locals = res.get("locals")
         raw_trunc = res.get("truncated")
         status = res.get("status", "ok")
+        cap, repr_cap = self._max_output, self._repr_cap
+        truncated = {
+            k: v
+            for k, v in (raw_trunc.items() if isinstance(raw_trunc, dict) else ())
+            if k in ("stdout", "stderr") and type(v) is int and v >= 0
+        }
+
+        def cut(value: str, keep: int, what: str) -> str:
+            half = keep // 2
+            return (
+                f"{value[:half]}\n... [dockerrepl: {len(value) - keep} characters of {what}"
+                f" dropped by the host] ...\n{value[len(value) - (keep - half) :]}"
+            )
 
         def text(key: str) -> str:
             value = res.get(key, "")
-            return value if isinstance(value, str) else ""
+            if not isinstance(value, str):
+                return ""
+            # the supervisor sends at most max_output_bytes, a marker line and its notes
+            if len(value) > cap + _TEXT_SLACK:
+                truncated[key] = truncated.get(key, 0) + len(value) - cap
+                return cut(value, cap, key)
+            return value
 
+        stdout, stderr = text("stdout"), text("stderr")
+        locals_: dict[str, str] = {}
+        for k, v in raw_locals.items() if isinstance(raw_locals, dict) else ():
+            if len(locals_) >= _MAX_LOCALS:
+                break
+            if isinstance(k, str) and isinstance(v, str) and len(k) <= _MAX_NAME:
+                too_long = len(v) > repr_cap + _REPR_SLACK
+                locals_[k] = f"{v[:repr_cap]}... ({len(v)} chars)" if too_long else v
+        answer = res.get("final_answer")
+        if isinstance(answer, str) and len(answer) > _FINAL_ANSWER_CAP + _TEXT_SLACK:
+            answer = cut(answer, _FINAL_ANSWER_CAP, "the final answer")
+        exception = res.get("exception")
         return REPLResult(
-            stdout=text("stdout"),
-            stderr=text("stderr"),
-            locals={k: v for k, v in raw_locals.items() if isinstance(v, str)}
-            if isinstance(raw_locals, dict)
-            else {},
+            stdout=stdout,
+            stderr=stderr,
+            locals=locals_,
             execution_time=time.perf_counter() - start,
             rlm_calls=calls,
-            final_answer=res.get("final_answer")
-            if isinstance(res.get("final_answer"), str)
-            else None,
-            status=status if status in RESULT_STATUSES else "crashed",
-            exception=res.get("exception") if isinstance(res.get("exception"), str) else None,
-            output_truncated={
-                k: v
-                for k, v in raw_trunc.items()
-                if k in ("stdout", "stderr") and isinstance(v, int) and not isinstance(v, bool)
-            }
-            if isinstance(raw_trunc, dict)
-            else {},
+            final_answer=answer if isinstance(answer, str) else None,
+            status=status if isinstance(status, str) and status in RESULT_STATUSES else "crashed",
+            exception=exception[:200] if isinstance(exception, str) else None,
+            output_truncated=truncated,
         )
 
     def interrupt(self) -> None:
-        """Interrupt the running cell (KeyboardInterrupt inside it; state kept). Thread-safe."""
-        if self._container is not None and not self._closed:
-            try:
-                self._send({"type": "interrupt"})
-            except DockerReplError:
-                pass
+        """Interrupt the running cell (KeyboardInterrupt inside it; state kept). Thread-safe.
+
+        Never blocks for more than about a second: while a large frame is still
+        being written to a container that does not read it (``docker pause``),
+        the interrupt is not sent and a warning is logged; that cell then ends
+        at its deadline.
+        """
+        container = self._container
+        if container is None or self._closed:
+            return
+        if not self._send_lock.acquire(timeout=INTERRUPT_WAIT):
+            log.warning("dockerrepl: interrupt() not sent: the container is not taking input")
+            return
+        try:
+            # a few bytes: written whole or not at all (see Container.send)
+            container.send({"type": "interrupt"}, time.monotonic() + INTERRUPT_WAIT)
+        except (DockerReplError, TimeoutError) as exc:
+            log.warning("dockerrepl: interrupt() not sent: %s", exc)
+        finally:
+            self._send_lock.release()
 
     # --------------------------------------------------------------- context
     def load_context(self, context_payload: Union[str, dict[str, Any], list[Any]]) -> None:

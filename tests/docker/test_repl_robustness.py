@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import math
 import subprocess
+import threading
+import time
 
 import pytest
 
-from dockerrepl import DockerREPL
+import dockerrepl.repl as repl_mod
+from dockerrepl import DockerREPL, REPLResult
 from dockerrepl._container import owner_label
 from dockerrepl.errors import BootstrapError, DockerReplError
 
@@ -83,3 +86,41 @@ def test_execute_code_checks_its_timeout_before_sending(repl, timeout, exc):
 def test_an_infinite_timeout_means_no_limit(repl):
     r = repl.execute_code("import time; time.sleep(0.2); print('slept')", timeout=math.inf)
     assert (r.status, r.stdout) == ("ok", "slept\n")
+
+
+# --------------------------------------------------------------------------- stuck stdin
+def test_a_big_frame_to_a_paused_container_times_out_and_interrupt_does_not_hang(
+    image, handler, monkeypatch
+):
+    monkeypatch.setattr(repl_mod, "HOST_MARGIN", 2.0)
+    with DockerREPL(
+        image=image, lm_handler_address=handler.address, grace=0.5, auto_checkpoint="sync"
+    ) as r:
+        assert r.execute_code("keep = 1").status == "ok"
+        name = r.container_name
+        assert name
+        assert docker("pause", name).returncode == 0
+        res: dict[str, object] = {}
+
+        def run() -> None:
+            # far bigger than the pipe's 64 KiB: the write blocks on a paused reader
+            res["r"] = r.execute_code("x = 1\n#" + "a" * 2_000_000, timeout=1)
+
+        cell = threading.Thread(target=run, daemon=True)
+        cell.start()
+        time.sleep(0.5)  # let the write fill the pipe
+        stopper = threading.Thread(target=r.interrupt, daemon=True)
+        stopper.start()
+        stopper.join(10)
+        assert not stopper.is_alive()  # interrupt() gave up instead of waiting on the lock
+        cell.join(60)
+        assert not cell.is_alive()
+        out = res["r"]
+        assert isinstance(out, REPLResult)
+        assert out.status == "timeout"
+        assert "stopped answering" in out.stderr
+        assert r.restarts == 1
+        assert r.container_name != name
+        after = r.execute_code("print(keep)")
+        assert (after.status, after.stdout) == ("ok", "1\n")
+    assert docker("ps", "-aq", "--filter", f"name=^{name}$").stdout.strip() == ""
