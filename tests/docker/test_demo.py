@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -75,66 +73,22 @@ def test_demo_with_the_echo_client(image, tmp_path):
     container_gone(out)
 
 
-class FakeOpenAI:
-    """An OpenAI-compatible chat-completions endpoint that answers by counting."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(
-                    {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
-                )
-                text = body["messages"][-1]["content"]
-                answer = (
-                    "Tomas sails north and comes home."
-                    if text.startswith("In one sentence")
-                    else f"Title {text.split('Chapter ')[1][0]}"
-                )
-                data = json.dumps(
-                    {
-                        "choices": [{"message": {"role": "assistant", "content": answer}}],
-                        "usage": {"prompt_tokens": 10, "completion_tokens": 5},
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+def demo_model(messages: list[dict]) -> str:
+    """Answers the demo's two kinds of prompt: a summary, and a chapter's title."""
+    text = messages[-1]["content"]
+    if text.startswith("In one sentence"):
+        return "Tomas sails north and comes home."
+    return f"Title {text.split('Chapter ')[1][0]}"
 
 
 def test_demo_with_the_openai_client(image, tmp_path):
-    fake = FakeOpenAI()
-    try:
+    with FakeOpenAI(answer=demo_model, tokens=(10, 5)) as fake:
         env = demo_env(
             OPENAI_API_KEY="sk-demo-secret",
             OPENAI_BASE_URL=fake.url,
             OPENAI_MODEL="demo-model",
         )
         r = run_demo(env, "--image", image, cwd=tmp_path)
-    finally:
-        fake.close()
     out = r.stdout
     assert r.returncode == 0, out + r.stderr
     assert "LM client: OpenAIClient(model='demo-model'" in out
@@ -146,7 +100,7 @@ def test_demo_with_the_openai_client(image, tmp_path):
     assert len(fake.requests) == 4
     for req in fake.requests:
         assert req["path"] == "/v1/chat/completions"
-        assert req["auth"] == "Bearer sk-demo-secret"
+        assert req["headers"]["authorization"] == "Bearer sk-demo-secret"
         assert req["body"]["model"] == "demo-model"
     container_gone(out)
 

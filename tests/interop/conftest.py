@@ -7,18 +7,13 @@ which installs rlms) a missing rlm is a failure, not a skip.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
-
-Script = Callable[[list[dict[str, Any]]], str]
+from fake_openai import FakeOpenAI
 
 
 def our_containers() -> list[str]:
@@ -56,94 +51,14 @@ def no_leftovers(docker_engine: str) -> Iterator[None]:
     assert not left, f"containers left behind: {sorted(left)}"
 
 
-class FakeOpenAI:
-    """An OpenAI-compatible ``/v1/chat/completions`` on 127.0.0.1 answering from ``script``.
-
-    ``script(messages) -> str`` decides each answer; every request's messages are
-    kept in ``requests``. Usage is always reported (rlm's client requires it).
-    """
-
-    def __init__(self) -> None:
-        self.script: Script = lambda messages: "no script set"
-        self.requests: list[list[dict[str, Any]]] = []
-        self.lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                messages = body.get("messages") or []
-                with fake.lock:
-                    fake.requests.append(messages)
-                try:
-                    text = fake.script(messages)
-                    status, answer = 200, _completion(body.get("model", ""), text, messages)
-                except Exception as exc:  # a broken script shows up as an API error
-                    status, answer = 500, {"error": {"message": f"script failed: {exc!r}"}}
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def backend_kwargs(self, model: str = "gpt-4o-mini") -> dict[str, Any]:
-        return {
-            "model_name": model,
-            "base_url": self.base_url,
-            "api_key": "dummy",
-            "max_retries": 0,
-        }
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def _completion(model: str, text: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
-    prompt_tokens = sum(len(str(m.get("content", ""))) for m in messages) // 4 + 1
-    completion_tokens = len(text) // 4 + 1
-    return {
-        "id": "chatcmpl-fake",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
-    }
-
-
 @pytest.fixture
 def fake_openai() -> Iterator[FakeOpenAI]:
-    server = FakeOpenAI()
-    try:
+    """The model behind rlm's openai backend: a test sets ``answer``.
+
+    Usage is always reported (rlm's client requires it), estimated from the text.
+    """
+    with FakeOpenAI(answer=lambda messages: "no answer set", tokens=None) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture

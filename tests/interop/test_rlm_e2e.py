@@ -41,7 +41,12 @@ def _rlm(fake: Any, image: str, **kwargs: Any) -> Any:
     env_kwargs = {"image": image, "timeout": 60, **kwargs.pop("environment_kwargs", {})}
     return RLM(
         backend="openai",
-        backend_kwargs=fake.backend_kwargs(),
+        backend_kwargs={
+            "model_name": "gpt-4o-mini",
+            "base_url": fake.url,
+            "api_key": "dummy",
+            "max_retries": 0,
+        },
         environment="docker",
         environment_kwargs=env_kwargs,
         max_iterations=4,
@@ -62,7 +67,7 @@ def test_one_shot(
             return _repl("r = llm_query(PREFIX + context)\nprint(r)")
         return _repl("answer['content'] = r.upper()\nanswer['ready'] = True")
 
-    fake_openai.script = script
+    fake_openai.answer = script
     rlm = _rlm(
         fake_openai,
         image,
@@ -76,7 +81,7 @@ def test_one_shot(
     assert result.response == "SUB:HELLO THE CONTEXT"
     assert result.usage_summary.model_usage_summaries["gpt-4o-mini"].total_calls == 3
     # the REPL output went back to the model as rlm formats it
-    second_turn = fake_openai.requests[-1]
+    second_turn = fake_openai.messages[-1]
     assert any("sub:hello the context" in str(m.get("content")) for m in second_turn)
     # rlm's logger wrote our results (as rlm's types) to its JSONL file
     (log_file,) = tmp_path.iterdir()
@@ -107,7 +112,7 @@ def test_persistent_two_turns_one_container(
             "answer['ready'] = True"
         )
 
-    fake_openai.script = script
+    fake_openai.answer = script
     rlm = _rlm(fake_openai, image, persistent=True)
     try:
         first = rlm.completion("turn one")
@@ -150,7 +155,7 @@ def test_max_depth_2_rlm_query_spawns_a_child_on_dockerrepl(
             )
         return _repl("answer['content'] = tag(r) + f'/{mine}'\nanswer['ready'] = True")
 
-    fake_openai.script = script
+    fake_openai.answer = script
     rlm = _rlm(
         fake_openai,
         image,
@@ -164,7 +169,7 @@ def test_max_depth_2_rlm_query_spawns_a_child_on_dockerrepl(
         "root:child:sub:leaf child task/True "
         "child:sub:leaf child a/True,child:sub:leaf child b/True"
     )
-    system_prompts = [m[0]["content"] for m in fake_openai.requests if not _is_sub_call(m)]
+    system_prompts = [m[0]["content"] for m in fake_openai.messages if not _is_sub_call(m)]
     assert len(system_prompts) == 2 + 3 * 2  # root: 2 turns; three children: 2 turns each
 
 
@@ -187,7 +192,7 @@ def test_compaction(
             "answer['ready'] = True"
         )
 
-    fake_openai.script = script
+    fake_openai.answer = script
     # a tiny threshold: rlm compacts before every iteration
     rlm = _rlm(fake_openai, image, compaction=True, compaction_threshold_pct=0.0001)
     result = rlm.completion("some context")
@@ -223,7 +228,7 @@ def test_custom_tools_code_data_and_host_tool(
             "answer['ready'] = True"
         )
 
-    fake_openai.script = script
+    fake_openai.answer = script
     rlm = _rlm(
         fake_openai,
         image,
@@ -238,6 +243,6 @@ def test_custom_tools_code_data_and_host_tool(
     assert result.response == "8 no record 'missing' 2"
     assert seen == ["abcd", "missing"]
     # rlm described the tools to the model
-    system = fake_openai.requests[0][0]["content"]
+    system = fake_openai.messages[0][0]["content"]
     assert "`fetch`: fetch a record by key" in system
     assert "`double`: doubles" in system

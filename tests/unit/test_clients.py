@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import threading
 import types
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from fake_openai import FakeOpenAI
 
 from dockerrepl import clients
 from dockerrepl.clients import EchoClient, OpenAIClient, ScriptedClient
@@ -99,84 +98,10 @@ def test_scripted_function_error_propagates():
 
 
 # --------------------------------------------------------------------------- fake OpenAI server
-class FakeOpenAI:
-    """An OpenAI-compatible /chat/completions server on 127.0.0.1.
-
-    ``script`` is a list of (status, headers, body) answered in order; when it runs
-    out, a normal completion is answered. ``hold`` makes the handler wait (for
-    client timeouts) until the server is closed.
-    """
-
-    def __init__(self):
-        self.requests: list[dict] = []
-        self.script: list[tuple[int, dict, object]] = []
-        self.hold = threading.Event()
-        self.holding = False
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                length = int(self.headers.get("Content-Length", 0))
-                raw = self.rfile.read(length)
-                outer.requests.append(
-                    {
-                        "path": self.path,
-                        "headers": {k.lower(): v for k, v in self.headers.items()},
-                        "body": json.loads(raw),
-                    }
-                )
-                if outer.holding:
-                    outer.hold.wait(10)
-                if outer.script:
-                    status, headers, body = outer.script.pop(0)
-                else:
-                    status, headers, body = 200, {}, outer.completion("fake answer")
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    @staticmethod
-    def completion(text, prompt_tokens=7, completion_tokens=3):
-        return {
-            "id": "chatcmpl-1",
-            "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }
-
-    def close(self):
-        self.hold.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def fake():
-    f = FakeOpenAI()
-    yield f
-    f.close()
+    with FakeOpenAI() as f:
+        yield f
 
 
 @pytest.fixture
@@ -227,7 +152,7 @@ def test_no_key_no_authorization_header(fake):
 
 
 def test_usage_recorded(fake):
-    fake.script = [
+    fake.replies = [
         (200, {}, FakeOpenAI.completion("one", 10, 4)),
         (200, {}, FakeOpenAI.completion("two", 5, 1)),
     ]
@@ -243,7 +168,7 @@ def test_usage_recorded(fake):
 def test_null_content_is_empty_string(fake):
     body = FakeOpenAI.completion("x")
     body["choices"][0]["message"]["content"] = None
-    fake.script = [(200, {}, body)]
+    fake.replies = [(200, {}, body)]
     assert OpenAIClient("m", base_url=fake.url).completion("x") == ""
 
 
@@ -268,7 +193,7 @@ def test_default_base_url():
 
 @pytest.mark.parametrize("status", [429, 500, 502, 503])
 def test_retries_then_succeeds(fake, sleeps, status):
-    fake.script = [(status, {}, {"error": "busy"}), (status, {}, {"error": "busy"})]
+    fake.replies = [(status, {}, {"error": "busy"}), (status, {}, {"error": "busy"})]
     c = OpenAIClient("m", base_url=fake.url, max_retries=3, backoff=0.001, max_backoff=0.01)
     assert c.completion("x") == "fake answer"
     assert len(fake.requests) == 3
@@ -277,7 +202,7 @@ def test_retries_then_succeeds(fake, sleeps, status):
 
 
 def test_backoff_is_exponential_with_jitter(fake, sleeps):
-    fake.script = [(503, {}, {})] * 3
+    fake.replies = [(503, {}, {})] * 3
     c = OpenAIClient("m", base_url=fake.url, max_retries=3, backoff=1.0, max_backoff=30.0)
     c.completion("x")
     assert len(sleeps) == 3
@@ -286,7 +211,7 @@ def test_backoff_is_exponential_with_jitter(fake, sleeps):
 
 
 def test_retry_after_honoured_and_capped(fake, sleeps):
-    fake.script = [
+    fake.replies = [
         (429, {"Retry-After": "7"}, {"error": "slow down"}),
         (429, {"Retry-After": "500"}, {"error": "slow down"}),
         (429, {"Retry-After": "soon"}, {"error": "unparseable header"}),
@@ -299,7 +224,7 @@ def test_retry_after_honoured_and_capped(fake, sleeps):
 
 
 def test_retries_exhausted(fake, sleeps):
-    fake.script = [(500, {}, {"error": "down"})] * 10
+    fake.replies = [(500, {}, {"error": "down"})] * 10
     c = OpenAIClient("m", base_url=fake.url, max_retries=2, backoff=0.001)
     with pytest.raises(ClientError) as info:
         c.completion("x")
@@ -310,7 +235,7 @@ def test_retries_exhausted(fake, sleeps):
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
 def test_no_retry_on_client_errors(fake, sleeps, status):
-    fake.script = [(status, {}, {"error": {"message": "bad"}})]
+    fake.replies = [(status, {}, {"error": {"message": "bad"}})]
     c = OpenAIClient("m", base_url=fake.url, api_key="sk-secret-key", max_retries=3)
     with pytest.raises(ClientError) as info:
         c.completion("x")
@@ -341,7 +266,7 @@ def test_timeout(fake, sleeps):
 
 
 def test_invalid_json_not_retried(fake, sleeps):
-    fake.script = [(200, {}, b"this is not json")]
+    fake.replies = [(200, {}, b"this is not json")]
     c = OpenAIClient("m", base_url=fake.url, max_retries=3)
     with pytest.raises(ClientError):
         c.completion("x")
@@ -351,7 +276,7 @@ def test_invalid_json_not_retried(fake, sleeps):
 
 @pytest.mark.parametrize("body", [{}, {"choices": []}, {"choices": [{"text": "old api"}]}, []])
 def test_response_without_a_message(fake, body):
-    fake.script = [(200, {}, body)]
+    fake.replies = [(200, {}, body)]
     with pytest.raises(ClientError):
         OpenAIClient("m", base_url=fake.url).completion("x")
 
@@ -370,7 +295,7 @@ def test_works_behind_the_lm_handler(fake):
     from dockerrepl import LMHandler
     from dockerrepl.lm_handler import send_lm_request, send_lm_request_batched
 
-    fake.script = [(200, {}, FakeOpenAI.completion("via handler", 11, 2))]
+    fake.replies = [(200, {}, FakeOpenAI.completion("via handler", 11, 2))]
     with LMHandler(OpenAIClient("gpt-h", base_url=fake.url, api_key="k")) as h:
         resp = send_lm_request(h.address, "q")
         c = resp["chat_completion"]
