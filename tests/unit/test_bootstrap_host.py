@@ -1,8 +1,6 @@
-"""The in-container bootstrap, run under the host Python with no access to the package.
+"""The in-container bootstrap under the host Python, with no access to the package.
 
-The file is copied into ``<tmp>/ws/.dockerrepl/`` as the host does for a container,
-``DOCKERREPL_WORKSPACE`` points it at ``<tmp>/ws`` instead of ``/workspace``, and a
-poisoned ``dockerrepl`` package on PYTHONPATH makes any import of ours fail loudly.
+How it runs there: tests/bootstrap_process.py.
 """
 
 from __future__ import annotations
@@ -10,16 +8,12 @@ from __future__ import annotations
 import ast
 import json
 import os
-import select
-import shutil
 import signal
-import struct
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from bootstrap_process import BOOTSTRAP, BOOTSTRAP_FILE, Boot, frame, hello
 
 from dockerrepl import LMHandler
 from dockerrepl._proxy import ProxyServer, ProxyState
@@ -27,113 +21,11 @@ from dockerrepl.clients import EchoClient
 
 pytestmark = pytest.mark.timeout(60)
 
-BOOTSTRAP = Path(__file__).resolve().parents[2] / "dockerrepl" / "_bootstrap"
-BOOTSTRAP_FILE = BOOTSTRAP / "dockerrepl_bootstrap.py"
-HEADER = struct.Struct(">I")
-
-
-class Boot:
-    """A bootstrap process and the host's end of its framed stdin/stdout channel."""
-
-    def __init__(self, tmp: Path, hello: dict | None = None) -> None:
-        self.ws = tmp / "ws"
-        boot_dir = self.ws / ".dockerrepl"
-        boot_dir.mkdir(parents=True)
-        shutil.copyfile(BOOTSTRAP_FILE, boot_dir / "dockerrepl_bootstrap.py")
-        poison = tmp / "poison" / "dockerrepl"
-        poison.mkdir(parents=True)
-        (poison / "__init__.py").write_text(
-            "raise ImportError('the bootstrap must not import dockerrepl')\n"
-        )
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "DOCKERREPL_WORKSPACE": str(self.ws),
-            "PYTHONPATH": str(tmp / "poison"),
-            "LANG": "C.UTF-8",
-        }
-        self.proc = subprocess.Popen(
-            [sys.executable, "-B", str(boot_dir / "dockerrepl_bootstrap.py")],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            cwd=str(tmp),
-            bufsize=0,
-        )
-        self.buf = bytearray()
-        self.ready: dict | None = None
-        if hello is not None:
-            self.send(hello)
-            self.ready = self.recv()
-
-    def send(self, obj: dict) -> None:
-        body = json.dumps(obj).encode()
-        self.proc.stdin.write(HEADER.pack(len(body)) + body)
-
-    def recv(self, timeout: float = 30.0) -> dict | None:
-        """The next frame, or None when the bootstrap closed its stdout."""
-        end = time.monotonic() + timeout
-        fd = self.proc.stdout.fileno()
-        while True:
-            if len(self.buf) >= 4:
-                (n,) = HEADER.unpack_from(self.buf)
-                if len(self.buf) >= 4 + n:
-                    body = bytes(self.buf[4 : 4 + n])
-                    del self.buf[: 4 + n]
-                    return json.loads(body)
-            left = end - time.monotonic()
-            assert left > 0, "no frame from the bootstrap in time"
-            r, _, _ = select.select([fd], [], [], left)
-            if r:
-                data = os.read(fd, 1 << 16)
-                if not data:
-                    return None
-                self.buf += data
-
-    def exec(self, code: str, cell: int, timeout: float | None = 20, **extra) -> dict:
-        self.send({"type": "exec", "id": cell, "code": code, "timeout": timeout, **extra})
-        while True:
-            msg = self.recv()
-            assert msg is not None, self.stderr()
-            if msg.get("type") == "result" and msg.get("id") == cell:
-                return msg
-            # informational frames about this request may come first
-            assert msg.get("type") in ("output", "progress") and msg.get("id") == cell, msg
-
-    def stderr(self) -> str:
-        return self.proc.stderr.read().decode(errors="replace") if self.proc.poll() else ""
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        for f in (self.proc.stdout, self.proc.stderr):
-            f.close()
-
-
-def hello(**config) -> dict:
-    base = {
-        "proxy": {"host": "127.0.0.1", "port": 9},
-        "token": "t",
-        "auto_checkpoint": False,
-        "grace": 0.5,
-    }
-    base.update(config)
-    return {"type": "hello", "version": 1, "config": base}
-
 
 @pytest.fixture
 def boot(tmp_path):
-    b = Boot(tmp_path, hello())
-    yield b
-    b.close()
+    with Boot(tmp_path, hello()) as b:
+        yield b
 
 
 def pid_gone(pid: int, timeout: float = 10.0) -> bool:
@@ -186,56 +78,40 @@ def test_handshake(boot):
 
 
 def test_version_mismatch_is_an_error_frame(tmp_path):
-    b = Boot(tmp_path)
-    try:
+    with Boot(tmp_path) as b:
         b.send({"type": "hello", "version": 999, "config": {}})
         msg = b.recv()
         assert msg["type"] == "error"
         assert "999" in msg["error"]
         assert b.proc.wait(10) != 0
-    finally:
-        b.close()
 
 
 def test_first_frame_must_be_hello(tmp_path):
-    b = Boot(tmp_path)
-    try:
+    with Boot(tmp_path) as b:
         b.send({"type": "exec", "id": 1, "code": "print(1)"})
         msg = b.recv()
         assert msg["type"] == "error"
         assert b.proc.wait(10) != 0
-    finally:
-        b.close()
 
 
 def test_hello_split_across_writes(tmp_path):
-    b = Boot(tmp_path)
-    try:
-        body = json.dumps(hello()).encode()
-        data = HEADER.pack(len(body)) + body
+    with Boot(tmp_path) as b:
+        data = frame(hello())
         for i in range(0, len(data), 7):
             b.proc.stdin.write(data[i : i + 7])
             time.sleep(0.001)
         assert b.recv()["type"] == "ready"
-    finally:
-        b.close()
 
 
 def test_hello_and_first_cell_in_one_write(tmp_path):
-    b = Boot(tmp_path)
-    try:
-        frames = b""
-        for obj in (hello(), {"type": "exec", "id": 1, "code": "print('early')", "timeout": 10}):
-            body = json.dumps(obj).encode()
-            frames += HEADER.pack(len(body)) + body
-        b.proc.stdin.write(frames)
+    with Boot(tmp_path) as b:
+        cell = {"type": "exec", "id": 1, "code": "print('early')", "timeout": 10}
+        b.proc.stdin.write(frame(hello()) + frame(cell))
         assert b.recv()["type"] == "ready"
         res = b.recv()
         while res["type"] == "progress":
             res = b.recv()
         assert res["type"] == "result" and res["stdout"] == "early\n"
-    finally:
-        b.close()
 
 
 # --------------------------------------------------------------------------- cells
@@ -356,8 +232,7 @@ def test_scaffold_restored_and_show_vars(boot):
 
 
 def test_locals_are_capped_reprs_and_broken_repr_is_a_placeholder(tmp_path):
-    b = Boot(tmp_path, hello(repr_cap=50))
-    try:
+    with Boot(tmp_path, hello(repr_cap=50)) as b:
         code = (
             "big = 'x' * 10000\n"
             "class Bad:\n"
@@ -371,8 +246,6 @@ def test_locals_are_capped_reprs_and_broken_repr_is_a_placeholder(tmp_path):
         assert len(r["locals"]["big"]) <= 50 + 30
         assert "10000" in r["locals"]["big"]
         assert isinstance(r["locals"]["bad"], str) and r["locals"]["bad"]
-    finally:
-        b.close()
 
 
 def test_streamed_output_frames(boot):
@@ -458,49 +331,40 @@ def test_llm_query_through_a_real_proxy_and_handler(tmp_path):
     with LMHandler(EchoClient()) as handler:
         state = ProxyState(token="tok-1", depth=1, lm_handler_address=handler.address)
         proxy = ProxyServer(state, host="127.0.0.1")
-        b = Boot(
-            tmp_path,
-            hello(proxy={"host": "127.0.0.1", "port": proxy.port}, token="tok-1", depth=1),
-        )
+        config = hello(proxy={"host": "127.0.0.1", "port": proxy.port}, token="tok-1", depth=1)
         try:
-            r = b.exec(
-                "print(llm_query('hi'))\n"
-                "print(llm_query_batched(['a', 'b']))\n"
-                "print(rlm_query('r'))\n",
-                1,
-            )
+            with Boot(tmp_path, config) as b:
+                r = b.exec(
+                    "print(llm_query('hi'))\n"
+                    "print(llm_query_batched(['a', 'b']))\n"
+                    "print(rlm_query('r'))\n",
+                    1,
+                )
             assert r["status"] == "ok", r["stderr"]
             assert r["stdout"].splitlines() == ["echo:hi", "['echo:a', 'echo:b']", "echo:r"]
             calls = state.take(1)
             assert [c["prompt"] for c in calls] == ["hi", "a", "b", "r"]
             assert all(c["root_model"] == "echo" for c in calls)
         finally:
-            b.close()
             proxy.close()
 
 
 def test_llm_query_never_raises(tmp_path):
     # wrong token and nothing listening: error strings, not exceptions
-    b = Boot(tmp_path, hello(proxy={"host": "127.0.0.1", "port": 9}, token="t"))
-    try:
+    with Boot(tmp_path, hello(proxy={"host": "127.0.0.1", "port": 9}, token="t")) as b:
         r = b.exec(
             "a = llm_query('x')\nb = llm_query_batched(['y', 'z'])\nprint(type(a).__name__)", 1
         )
         assert r["status"] == "ok", r["stderr"]
         assert r["locals"]["a"].startswith("'Error: ")
         assert r["stdout"] == "str\n"
-    finally:
-        b.close()
 
 
 def test_stdin_close_right_after_start(tmp_path):
     # a race: a kill that came before the worker's own setpgid found no process
     # group, and the supervisor then waited for the worker for ever
     for i in range(20):
-        b = Boot(tmp_path / str(i), hello())
-        try:
+        with Boot(tmp_path / str(i), hello()) as b:
             assert b.ready["type"] == "ready"
             b.proc.stdin.close()
             assert b.proc.wait(10) == 0
-        finally:
-            b.close()

@@ -16,17 +16,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import select
-import shutil
 import socket
-import struct
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from bootstrap_process import BOOTSTRAP_FILE, Boot, hello
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -41,9 +36,6 @@ from dockerrepl.errors import ProtocolError  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
-BOOTSTRAP_FILE = (
-    Path(__file__).resolve().parents[2] / "dockerrepl" / "_bootstrap" / "dockerrepl_bootstrap.py"
-)
 TOKEN = "fuzz-token"
 FAST = settings(
     max_examples=150,
@@ -275,62 +267,18 @@ def test_lm_handler_raw_frames(echo_handler, data):
 
 
 # --------------------------------------------------------------------------- the bootstrap
-class Supervisor:
+class Supervisor(Boot):
     """The bootstrap under the host Python (its sweep never runs outside a container)."""
 
     def __init__(self, tmp: Path) -> None:
-        ws = tmp / "ws"
-        (ws / ".dockerrepl").mkdir(parents=True)
-        shutil.copyfile(BOOTSTRAP_FILE, ws / ".dockerrepl" / "dockerrepl_bootstrap.py")
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "DOCKERREPL_WORKSPACE": str(ws),
-            "LANG": "C.UTF-8",
-        }
-        self.proc = subprocess.Popen(
-            [sys.executable, "-B", str(ws / ".dockerrepl" / "dockerrepl_bootstrap.py")],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=env,
-            cwd=str(tmp),
-            bufsize=0,
-        )
-        self.buf = bytearray()
-        self.send(
-            {
-                "type": "hello",
-                "version": 1,
-                "config": {
-                    "proxy": {"host": "127.0.0.1", "port": 9},
-                    "token": "t",
-                    "auto_checkpoint": False,
-                    "grace": 0.2,
-                },
-            }
-        )
-        assert self.recv()["type"] == "ready"
-
-    def send(self, obj: object) -> None:
-        self.proc.stdin.write(frame(json.dumps(obj).encode()))
+        # stderr is not read: a pipe could fill up over a long run
+        super().__init__(tmp, hello(grace=0.2), stderr=subprocess.DEVNULL)
+        assert self.ready is not None and self.ready["type"] == "ready"
 
     def recv(self, timeout: float = 20.0) -> dict:
-        end = time.monotonic() + timeout
-        fd = self.proc.stdout.fileno()
-        while True:
-            if len(self.buf) >= 4:
-                (n,) = struct.unpack_from(">I", self.buf)
-                if len(self.buf) >= 4 + n:
-                    body = bytes(self.buf[4 : 4 + n])
-                    del self.buf[: 4 + n]
-                    return json.loads(body)
-            left = end - time.monotonic()
-            assert left > 0, "the supervisor stopped answering"
-            r, _, _ = select.select([fd], [], [], left)
-            if r:
-                data = os.read(fd, 1 << 16)
-                assert data, f"the supervisor exited ({self.proc.poll()})"
-                self.buf += data
+        msg = super().recv(timeout)
+        assert msg is not None, f"the supervisor exited ({self.proc.poll()})"
+        return msg
 
     def ping(self, n: int) -> None:
         self.send({"type": "ping", "id": f"ping-{n}"})
@@ -340,18 +288,6 @@ class Supervisor:
                 # busy would mean a request is stuck: every fuzzed request got its answer
                 assert msg["busy"] is False
                 return
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.proc.stdout.close()
 
 
 @pytest.fixture(scope="module")
