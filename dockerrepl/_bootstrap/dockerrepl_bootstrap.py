@@ -57,6 +57,93 @@ HIDDEN_LOCALS = frozenset(SCAFFOLD_FUNCS) | {"__builtins__"}
 SNAPSHOT_COMM = "drepl-snapshot"
 # seconds after which a still-running cell is acknowledged to the host (see start_request)
 ACK_DELAY = 0.02
+# Bounds on what a cell's result may carry (the host enforces the same ones, plus a
+# small slack, on every result frame): names listed in locals, the length of one
+# name, the characters of final_answer, and of the supervisor's own notes.
+MAX_LOCALS = 10000
+MAX_NAME = 1000
+FINAL_ANSWER_CAP = 16 << 20
+MAX_NOTES = 16 << 10
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
+NONDUMPABLE = [False]  # the supervisor made itself non-dumpable (main)
+
+
+# --------------------------------------------------------------------------- #
+# keeping the supervisor out of the cell's reach
+# --------------------------------------------------------------------------- #
+def _set_dumpable(flag):
+    """prctl(PR_SET_DUMPABLE, flag); True if the flag now reads back as asked.
+
+    A process that is not dumpable can be neither ptrace'd nor opened through
+    /proc/<pid>/{fd,mem,environ,...} by other processes of the same uid
+    unless they hold CAP_SYS_PTRACE, which ``--cap-drop ALL`` removes. The flag
+    survives fork and is reset by execve. ctypes may be missing from a minimal
+    image: then nothing happens and False is returned.
+    """
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl.restype = ctypes.c_int
+        if prctl(PR_SET_DUMPABLE, int(flag), 0, 0, 0) != 0:
+            return False
+        return prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == int(flag)
+    except Exception:
+        return False
+
+
+def _channel_shared_with_init():
+    """True when another process (a ``docker run --init`` init) holds this process's
+    stdout, the host channel, and can be reached through /proc: then cell code could
+    write frames through /proc/1/fd/1 whatever this process does."""
+    if os.getpid() == 1:
+        return False
+    try:
+        theirs = os.stat("/proc/1/fd/1")
+        mine = os.fstat(1)
+    except OSError:
+        return False  # no /proc, or init is out of reach: so it is for the worker too
+    return (theirs.st_dev, theirs.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _close_fds_except(keep):
+    """Close every descriptor of this process but ``keep`` (the worker, after fork)."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except (OSError, ValueError):
+        fds = range(3, 4096)  # no /proc: the supervisor never holds more than a few
+    for fd in fds:
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _clean_locals(raw, cap):
+    """The worker's locals as they may go to the host: str to str, bounded."""
+    out = {}
+    if not isinstance(raw, dict):
+        return out
+    for k, v in raw.items():
+        if len(out) >= MAX_LOCALS:
+            break
+        if isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_NAME:
+            out[k] = v if len(v) <= cap + 64 else v[:cap] + "... (%d chars)" % len(v)
+    return out
+
+
+def _cut(text, cap, what):
+    """``text`` with at most ``cap`` characters: head and tail kept, the middle said."""
+    if not isinstance(text, str) or len(text) <= cap:
+        return text
+    half = cap // 2
+    return "%s\n... [dockerrepl: %d characters of %s dropped] ...\n%s" % (
+        text[:half],
+        len(text) - cap,
+        what,
+        text[len(text) - (cap - half) :],
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -420,9 +507,10 @@ def bounded_repr(value, cap):
     try:
         if isinstance(value, (str, bytes, bytearray)):
             if len(value) > cap:
-                return repr(value[:cap]) + "... (%d total)" % len(value)
-            return repr(value)
-        if isinstance(value, (list, tuple, dict, set, frozenset)):
+                # escapes (\x00, \U000e0001) make a repr up to 10x longer than its text
+                return repr(value[:cap])[:cap] + "... (%d total)" % len(value)
+            s = repr(value)
+        elif isinstance(value, (list, tuple, dict, set, frozenset)):
             s = _BoundedRepr(cap).repr(value)
         else:
             s = repr(value)
@@ -431,9 +519,9 @@ def bounded_repr(value, cap):
     except BaseException as e:  # a broken __repr__ must not fail the cell
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        return "<%s object; repr failed: %s: %s>" % (
-            type(value).__name__,
-            type(e).__name__,
+        s = "<%s object; repr failed: %s: %s>" % (
+            type(value).__name__[:200],
+            type(e).__name__[:200],
             str(e)[:200],
         )
     if len(s) > cap:
@@ -501,7 +589,8 @@ def _new_namespace():
 def _user_names():
     out = []
     for k, v in NS.items():
-        if k.startswith("_") or k in HIDDEN_LOCALS:
+        # globals()[1] = ... puts a key that is not a str in the namespace
+        if not isinstance(k, str) or k.startswith("_") or k in HIDDEN_LOCALS:
             continue
         out.append(k)
     return out
@@ -509,16 +598,31 @@ def _user_names():
 
 def _locals_snapshot():
     cap = CONFIG.get("repr_cap", 1000)
-    return {k: bounded_repr(NS[k], cap) for k in _user_names()}
+    names = _user_names()
+    listed = [k for k in names if len(k) <= MAX_NAME][:MAX_LOCALS]
+    if len(listed) < len(names):
+        try:
+            sys.stderr.write(
+                "dockerrepl: locals lists %d of the %d names (at most %d, each at most %d"
+                " characters long)\n" % (len(listed), len(names), MAX_LOCALS, MAX_NAME)
+            )
+            sys.stderr.flush()
+        except BaseException:
+            pass
+    return {k: bounded_repr(NS[k], cap) for k in listed}
 
 
 def _final_answer():
     ans = NS.get("answer")
     if isinstance(ans, dict) and ans.get("ready"):
         try:
-            return str(ans.get("content", ""))
+            text = str(ans.get("content", ""))
         except BaseException as e:
-            return "<answer content could not be converted to str: %s>" % (e,)
+            try:
+                text = "<answer content could not be converted to str: %s>" % (e,)
+            except BaseException:
+                text = "<answer content could not be converted to str>"
+        return _cut(text, FINAL_ANSWER_CAP, "the final answer")
     return None
 
 
@@ -1198,6 +1302,7 @@ class Supervisor:
         # SIGCHLD wakes select() through this pipe (PEP 475 retries EINTR)
         self.wake_r = self.wake_w = None
         self.kill_reason = None  # why the supervisor killed the worker, for the cell's note
+        self.worker_status = None  # the worker's wait status, when reap_orphans collected it
         self.ack_at = None  # when to tell the host that a still-running cell did arrive
 
     # -- host channel --
@@ -1223,6 +1328,7 @@ class Supervisor:
             # with it, and the host starts a fresh one)
             sweep_processes()
             time.sleep(0.1)
+            self.reap_orphans()  # as pid 1, the killed orphans' pids are ours to free
             pid = os.fork()
         if pid == 0:
             try:
@@ -1232,13 +1338,15 @@ class Supervisor:
                 os.dup2(devnull, 0)
                 os.dup2(out_w, 1)
                 os.dup2(err_w, 2)
-                keep = {0, 1, 2, child.fileno()}
-                for fd in (devnull, out_w, err_w, self.out_r, self.err_r, self.wake_r, self.wake_w):
-                    if fd is not None and fd not in keep:
-                        try:
-                            os.close(fd)
-                        except OSError:
-                            pass
+                # Nothing of the supervisor's may stay open in the worker (the host
+                # channel was fds 0/1 until the dup2s above), and only then can the
+                # worker be dumpable again: a non-dumpable worker's /proc/self files
+                # belong to root, so as a non-root user it could not name its snapshot
+                # children (/proc/self/comm), read /proc/self/environ, or let its own
+                # children read its /proc entries. The supervisor stays non-dumpable.
+                _close_fds_except({0, 1, 2, child.fileno()})
+                if NONDUMPABLE[0]:
+                    _set_dumpable(1)
                 child.set_inheritable(False)
                 worker_main(child, self.config, restore, self.last_good_cell)
             except BaseException:
@@ -1256,6 +1364,7 @@ class Supervisor:
         except OSError:
             pass
         self.worker_pid = pid
+        self.worker_status = None
         self.ctrl = parent
         self.ctrl.setblocking(False)
         self.ctrl_reader = FrameReader(1 << 30)
@@ -1277,17 +1386,39 @@ class Supervisor:
     def reap_worker(self, block):
         if self.worker_pid is None:
             return None
-        try:
-            pid, status = os.waitpid(self.worker_pid, 0 if block else os.WNOHANG)
-        except ChildProcessError:
-            pid, status = self.worker_pid, 0
-        if not pid:
-            return None
+        status, self.worker_status = self.worker_status, None
+        if status is None:
+            try:
+                pid, status = os.waitpid(self.worker_pid, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                pid, status = self.worker_pid, 0
+            if not pid:
+                return None
         self.worker_pid = None
         if self.ctrl is not None:
             self.ctrl.close()
             self.ctrl = None
         return status
+
+    def reap_orphans(self):
+        """As pid 1 (``docker run`` without ``--init``), collect every exited child.
+
+        Processes the worker leaves behind (``setsid`` forks, snapshot writers of a
+        killed worker) are re-parented to pid 1; until it waits for them they stay
+        zombies and hold pids under the pids limit. The worker's own status is kept
+        for :meth:`reap_worker`.
+        """
+        if os.getpid() != 1:
+            return
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if not pid:
+                return
+            if pid == self.worker_pid and self.worker_status is None:
+                self.worker_status = status
 
     # -- request handling --
     def start_request(self, msg):
@@ -1337,22 +1468,27 @@ class Supervisor:
             pass  # the worker died; its EOF is handled by the loop
 
     def on_worker_frame(self, msg):
+        # Cell code can write to the worker's end of this socket (it is in the
+        # worker's memory, and children inherit it): a frame is taken only where
+        # the worker itself would send it, and what it carries is bounded.
         kind = msg.get("type")
         if kind == "started":
+            if self.worker_started:
+                return  # once per worker: a repeat would restart the clock and re-send
             self.worker_started = True
             if msg.get("note"):
-                self.restart_note = msg.get("note")
+                self.restart_note = str(msg.get("note"))[:MAX_NOTES]
             if self.current is not None:
                 self.progress("running")
                 self.start_clock()
                 self.forward(self.current)
             return
-        if self.current is None:
+        if self.current is None or msg.get("id") != self.current.get("id"):
             return
         self.drain_output()
-        if kind == "done":
+        if kind == "done" and self.current.get("type") == "exec":
             self.finish_cell(msg)
-        elif kind == "reply":
+        elif kind == "reply" and self.current.get("type") == "call":
             reply = dict(msg)
             self.current = None
             self.ack_at = None
@@ -1363,6 +1499,8 @@ class Supervisor:
         self.current = None
         self.deadline = self.kill_at = self.ack_at = None
         st = status or msg.get("status", "ok")
+        if not status and st not in ("ok", "error"):
+            st = "error"  # all a worker ever reports; the other statuses are the supervisor's
         if (
             self.interrupted
             and st in ("ok", "error")
@@ -1383,6 +1521,7 @@ class Supervisor:
         if st != "ok" and _in_container() and _pids_exhausted():
             # a flood left no process slots: nothing could fork, not even a snapshot
             killed = sweep_processes(spare=self.worker_pid)
+            self.reap_orphans()
             mine = [pid for pid, ppid in killed if ppid == self.worker_pid]
             if mine and self.ctrl is not None:
                 # the worker is their parent: until it reaps them they hold their pids
@@ -1395,16 +1534,21 @@ class Supervisor:
             notes.append("dockerrepl: " + self.restart_note)
             self.restart_note = None
         if notes:
-            err = err + ("" if not err or err.endswith("\n") else "\n") + "\n".join(notes) + "\n"
+            text = _cut("\n".join(notes), MAX_NOTES, "notes")
+            err = err + ("" if not err or err.endswith("\n") else "\n") + text + "\n"
+        exc = msg.get("exception")
+        answer = msg.get("final_answer")
         result = {
             "type": "result",
             "id": req.get("id"),
             "stdout": self.out.text(),
             "stderr": err,
             "status": st,
-            "exception": msg.get("exception"),
-            "locals": msg.get("locals") or {},
-            "final_answer": msg.get("final_answer"),
+            "exception": exc[:200] if isinstance(exc, str) else None,
+            "locals": _clean_locals(msg.get("locals"), int(self.config.get("repr_cap", 1000))),
+            "final_answer": _cut(answer, FINAL_ANSWER_CAP, "the final answer")
+            if isinstance(answer, str)
+            else None,
             "truncated": {"stdout": self.out.dropped, "stderr": self.err.dropped},
         }
         self.out.reset()
@@ -1456,6 +1600,7 @@ class Supervisor:
             if st in ("timeout", "interrupted"):
                 # a cell that had to be killed may have left processes outside its group
                 sweep_processes()
+                self.reap_orphans()
             self.spawn_worker(restore=True)
             self.progress("restoring")
             # wait for the new worker to come up so the note can say what was restored
@@ -1647,6 +1792,10 @@ class Supervisor:
                 "dill": dill_from,
                 "pid": os.getpid(),
                 "uid": os.getuid(),
+                # True: cell code cannot open this process's fds (the host channel)
+                # through /proc, ptrace it or read its memory; no other process holds them
+                "nondumpable": NONDUMPABLE[0],
+                "channel_private": NONDUMPABLE[0] and not _channel_shared_with_init(),
             }
         )
         for m in pending:
@@ -1704,6 +1853,7 @@ class Supervisor:
                         self.on_worker_frame(m)
                 elif data == b"":
                     self.worker_died(self.kill_worker())
+            self.reap_orphans()
             if self.worker_pid is not None:
                 status = self.reap_worker(block=False)
                 if status is not None:
@@ -1883,6 +2033,8 @@ def _purge_workspace():
 
 
 def main():
+    # before anything else: cell code must never find this process reachable
+    NONDUMPABLE[0] = _set_dumpable(0)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are for the worker
     try:
