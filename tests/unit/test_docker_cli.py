@@ -127,11 +127,13 @@ def test_run_argv_hardened_defaults(tmp_path):
         "--memory-swap 2g",
         "--rm",
         "-i",
-        "--init",
         "--sig-proxy=false",
         "host.docker.internal:host-gateway",
     ):
         assert part in joined
+    # the supervisor is pid 1: an init process would hold the host channel where cell
+    # code can open it (/proc/1/fd/1)
+    assert "--init" not in argv
     assert argv[-4:-1] == ["img", "-B", "-c"]
     assert "import dockerrepl_bootstrap" in argv[-1]
     assert "-e" not in argv and "--env" not in argv  # no host environment, ever
