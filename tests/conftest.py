@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+from docker_helpers import image_exists, our_containers, wait_gone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TEST_IMAGE = "dockerrepl/python:3.11-bookworm"
@@ -61,8 +62,7 @@ def docker_engine(pytestconfig: pytest.Config) -> str:
 def image(docker_engine: str) -> str:
     """A python3-only image (no dill, no pip): built offline if absent."""
     tag = os.environ.get("DOCKERREPL_TEST_IMAGE", DEFAULT_TEST_IMAGE)
-    have = subprocess.run(["docker", "image", "inspect", tag], capture_output=True, timeout=30)
-    if have.returncode != 0:
+    if not image_exists(tag):
         subprocess.run(
             [os.path.join(ROOT, "scripts", "build-image.sh"), "--tag", tag], check=True, timeout=900
         )
@@ -89,14 +89,11 @@ def repl(image: str, handler: object) -> Iterator[object]:
         r.cleanup()
 
 
-def our_containers() -> list[str]:
-    """Containers this test process owns (by the owner label)."""
-    from dockerrepl._container import owner_label
-
-    out = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label=dockerrepl.owner={owner_label()}"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    return out.stdout.split()
+@pytest.fixture
+def no_leftovers(docker_engine: str) -> Iterator[None]:
+    """Fail the test if it leaves a container of this process behind."""
+    before = our_containers()
+    yield
+    # `docker run --rm` removes an exited container asynchronously
+    left = wait_gone(our_containers() - before, timeout=10)
+    assert not left, f"containers left behind: {sorted(left)}"

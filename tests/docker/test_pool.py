@@ -12,55 +12,14 @@ import threading
 import time
 
 import pytest
+from docker_helpers import our_containers, wait_gone
 
 from dockerrepl import DockerREPL, DockerREPLPool
-from dockerrepl._container import owner_label
 from dockerrepl.errors import DockerError, DockerReplError, ReplClosed
 
 pytestmark = pytest.mark.timeout(180)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def ours() -> set[str]:
-    """Ids of the containers this process owns (by its owner label)."""
-    out = subprocess.run(
-        [
-            "docker",
-            "ps",
-            "-aq",
-            "--no-trunc",
-            "--filter",
-            f"label=dockerrepl.owner={owner_label()}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return set(out.stdout.split())
-
-
-def exists(cid: str) -> bool:
-    out = subprocess.run(
-        ["docker", "ps", "-aq", "--no-trunc", "--filter", f"id={cid}"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return bool(out.stdout.strip())
-
-
-def wait_gone(cids: set[str], timeout: float = 30.0) -> set[str]:
-    """Wait until none of ``cids`` exists; returns those still there."""
-    end = time.monotonic() + timeout
-    left = set(cids)
-    while left and time.monotonic() < end:
-        left = {c for c in left if exists(c)}
-        if left:
-            time.sleep(0.2)
-    return left
 
 
 def wait_ready(pool: DockerREPLPool, n: int, timeout: float = 120.0) -> None:
@@ -126,12 +85,12 @@ def test_concurrent_acquires_never_share(kwargs):
 
 
 def test_close_removes_every_member_and_spares_handed_out_ones(kwargs):
-    before = ours()
+    before = our_containers()
     pool = DockerREPLPool(size=2, **kwargs)
     mine = pool.acquire(timeout=120)
     try:
         wait_ready(pool, 2)
-        members = ours() - before - {mine.container_id}
+        members = our_containers() - before - {mine.container_id}
         assert len(members) == 2
         pool.close()
         assert wait_gone(members) == set()
@@ -144,21 +103,21 @@ def test_close_removes_every_member_and_spares_handed_out_ones(kwargs):
     finally:
         pool.close()
         mine.cleanup()
-    assert wait_gone(ours() - before) == set()
+    assert wait_gone(our_containers() - before) == set()
 
 
 def test_close_while_members_are_still_starting(kwargs):
-    before = ours()
+    before = our_containers()
     with DockerREPLPool(size=3, **kwargs):
         pass  # closed at once: members that finish starting afterwards remove themselves
-    assert wait_gone(ours() - before) == set()
+    assert wait_gone(our_containers() - before) == set()
 
 
 def test_members_die_with_the_pool_object(kwargs):
-    before = ours()
+    before = our_containers()
     pool = DockerREPLPool(size=2, **kwargs)
     wait_ready(pool, 2)
-    members = ours() - before
+    members = our_containers() - before
     assert len(members) == 2
     del pool
     gc.collect()
@@ -187,15 +146,7 @@ def test_members_die_with_the_process(image):
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
-        label = f"dockerrepl.owner={owner_label(proc.pid)}"
-        out = subprocess.run(
-            ["docker", "ps", "-aq", "--no-trunc", "--filter", f"label={label}"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-        members = set(out.stdout.split())
+        members = our_containers(proc.pid)
         assert len(members) == 2
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
@@ -209,12 +160,12 @@ def test_members_die_with_the_process(image):
 
 
 def test_a_member_that_died_while_waiting_is_not_handed_out(kwargs):
-    before = ours()
+    before = our_containers()
     pool = DockerREPLPool(size=1, **kwargs)
     got: list[DockerREPL] = []
     try:
         wait_ready(pool, 1)
-        (victim,) = ours() - before
+        (victim,) = our_containers() - before
         subprocess.run(["docker", "kill", victim], capture_output=True, timeout=60, check=True)
         assert wait_gone({victim}) == set()
         time.sleep(0.5)  # the `docker run -i` client exits once its stream closes
@@ -230,7 +181,7 @@ def test_a_member_that_died_while_waiting_is_not_handed_out(kwargs):
 
 
 def test_a_member_that_cannot_start_fails_acquire_clearly(docker_engine, handler):
-    before = ours()
+    before = our_containers()
     pool = DockerREPLPool(
         size=1, image="dockerrepl/no-such-image:absent", lm_handler_address=handler.address
     )
@@ -240,7 +191,7 @@ def test_a_member_that_cannot_start_fails_acquire_clearly(docker_engine, handler
         assert isinstance(info.value.__cause__, DockerError)
     finally:
         pool.close()
-    assert ours() - before == set()
+    assert our_containers() - before == set()
 
 
 @pytest.mark.parametrize(

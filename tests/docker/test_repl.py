@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from docker_helpers import exists, image_exists
 
 from dockerrepl import DockerREPL, LMHandler
 from dockerrepl.clients import ScriptedClient
@@ -241,10 +242,7 @@ def test_lifecycle_labels_and_cleanup(image, handler):
     repl.cleanup()
     repl.cleanup()  # idempotent
     assert not os.path.exists(temp_dir)
-    gone = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"id={cid}"], capture_output=True, text=True, timeout=30
-    )
-    assert gone.stdout.strip() == ""
+    assert not exists(cid)
     with pytest.raises(ReplClosed):
         repl.execute_code("1")
 
@@ -289,12 +287,7 @@ def test_on_output_streams_in_order(repl):
 
 def test_python_only_image(image, handler, docker_engine):
     tag = "dockerrepl/python-only:test-v2"
-    if (
-        subprocess.run(
-            ["docker", "image", "inspect", tag], capture_output=True, timeout=30
-        ).returncode
-        != 0
-    ):
+    if not image_exists(tag):
         df = f"FROM {image}\nRUN ln -s python3.11 /usr/bin/python && rm /usr/bin/python3\n"
         subprocess.run(
             ["docker", "build", "-q", "-t", tag, "-"],
@@ -310,12 +303,7 @@ def test_python_only_image(image, handler, docker_engine):
 
 def test_image_with_dill_uses_its_own(handler, docker_engine):
     img = "dockerrepl/rlm-python:bookworm"
-    if (
-        subprocess.run(
-            ["docker", "image", "inspect", img], capture_output=True, timeout=30
-        ).returncode
-        != 0
-    ):
+    if not image_exists(img):
         pytest.skip("rlm image not built")
     with DockerREPL(image=img, lm_handler_address=handler.address) as repl:
         r = repl.execute_code("import dill\nprint(dill.__file__)")

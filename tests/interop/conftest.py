@@ -8,25 +8,10 @@ which installs rlms) a missing rlm is a failure, not a skip.
 from __future__ import annotations
 
 import os
-import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
 from fake_openai import FakeOpenAI
-
-
-def our_containers() -> list[str]:
-    """Containers this test process owns (by the owner label), running or not."""
-    from dockerrepl._container import owner_label
-
-    out = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label=dockerrepl.owner={owner_label()}"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    return out.stdout.split()
 
 
 @pytest.fixture(autouse=True)
@@ -35,20 +20,6 @@ def _rlm_installed() -> None:
         import rlm  # noqa: F401  (CI installs rlms: a missing rlm must fail loudly)
     else:
         pytest.importorskip("rlm", reason="the interop tests need rlm: pip install rlms")
-
-
-@pytest.fixture
-def no_leftovers(docker_engine: str) -> Iterator[None]:
-    """Fail the test if it leaves a container of this process behind."""
-    before = set(our_containers())
-    yield
-    left: set[str] = set()
-    for _ in range(50):  # `docker run --rm` removes an exited container asynchronously
-        left = set(our_containers()) - before
-        if not left:
-            break
-        time.sleep(0.1)
-    assert not left, f"containers left behind: {sorted(left)}"
 
 
 @pytest.fixture

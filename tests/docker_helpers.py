@@ -1,0 +1,50 @@
+"""The docker CLI from the tests: which containers exist, whose they are, which images."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterable
+from typing import Optional
+
+
+def docker(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``docker ARGS``, whatever its exit status."""
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def container_ids(*filters: str) -> set[str]:
+    """Full ids of the containers, in any state, that match every ``--filter``."""
+    argv = ["ps", "-aq", "--no-trunc"]
+    for f in filters:
+        argv += ["--filter", f]
+    out = docker(*argv, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return set(out.stdout.split())
+
+
+def our_containers(pid: Optional[int] = None) -> set[str]:
+    """Containers owned (by the owner label) by this test process, or by process ``pid``."""
+    from dockerrepl._container import owner_label
+
+    return container_ids(f"label=dockerrepl.owner={owner_label(pid)}")
+
+
+def exists(cid: str) -> bool:
+    """Whether the container with this id (or id prefix) exists, in any state."""
+    return bool(container_ids(f"id={cid}"))
+
+
+def wait_gone(cids: Iterable[str], timeout: float = 30.0) -> set[str]:
+    """Wait until none of ``cids`` exists; returns those still there."""
+    end = time.monotonic() + timeout
+    left = set(cids)
+    while left and time.monotonic() < end:
+        left = {c for c in left if exists(c)}
+        if left:
+            time.sleep(0.2)
+    return left
+
+
+def image_exists(tag: str) -> bool:
+    return docker("image", "inspect", tag, timeout=30).returncode == 0
