@@ -404,6 +404,11 @@ class DockerREPL:
         self._workspace_dir = workspace_dir
         self._lock = threading.RLock()
         self._send_lock = threading.Lock()
+        # The request the host sent and stopped waiting for (a KeyboardInterrupt or an
+        # on_output callback raising while it ran): ("result"|"reply", id). Its answer
+        # is read, and dropped, before the next request is sent (see _sync).
+        self._in_flight: Optional[tuple[str, int]] = None
+        self._in_flight_interrupted = False
         self._closed = False
         self._cell = 0
         self._req = 0
@@ -536,39 +541,55 @@ class DockerREPL:
         with self._lock:
             self._check_open()
             self._ensure_container()
+            self._sync()
             rid = self._next_req()
             container = self._container
             assert container is not None
             deadline = time.monotonic() + timeout + self._grace + HOST_MARGIN
             request = {"type": "call", "id": rid, "op": op, "args": args, "timeout": timeout}
-            sent = False
-            while True:
-                try:
-                    if not sent:
-                        self._send(request, deadline)
-                        sent = True
-                    msg = container.recv(deadline)
-                except TimeoutError:
-                    self._restart("the container did not answer an internal request")
-                    raise ContainerDied(
-                        f"internal operation {op!r} timed out; the container was replaced"
-                    ) from None
-                if msg.get("id") != rid:
-                    continue
-                if msg.get("type") == "reply":
-                    if not msg.get("ok"):
-                        err = str(msg.get("error"))
-                        if msg.get("exception") in (
-                            "TypeError",
-                            "ValueError",
-                            "NameError",
-                            "SyntaxError",
-                        ):
-                            raise ValueError(f"{op} failed in the REPL: {err}")
-                        raise DockerReplError(f"{op} failed in the REPL: {err}")
-                    return msg.get("value")
-                if msg.get("type") == "error":
-                    raise ProtocolError(str(msg.get("error")))
+            self._in_flight = ("reply", rid)
+            self._in_flight_interrupted = False
+            try:
+                return self._call_reply(op, request, container, deadline)
+            except BaseException:
+                if self._in_flight is not None:
+                    self._abandon()  # e.g. KeyboardInterrupt during a long load_file
+                raise
+
+    def _call_reply(
+        self, op: str, request: dict[str, Any], container: Container, deadline: float
+    ) -> Any:
+        rid = request["id"]
+        sent = False
+        while True:
+            try:
+                if not sent:
+                    self._send(request, deadline)
+                    sent = True
+                msg = container.recv(deadline)
+            except TimeoutError:
+                self._restart("the container did not answer an internal request")
+                raise ContainerDied(
+                    f"internal operation {op!r} timed out; the container was replaced"
+                ) from None
+            if msg.get("id") != rid:
+                continue
+            if msg.get("type") in ("reply", "error"):
+                self._in_flight = None
+            if msg.get("type") == "reply":
+                if not msg.get("ok"):
+                    err = str(msg.get("error"))
+                    if msg.get("exception") in (
+                        "TypeError",
+                        "ValueError",
+                        "NameError",
+                        "SyntaxError",
+                    ):
+                        raise ValueError(f"{op} failed in the REPL: {err}")
+                    raise DockerReplError(f"{op} failed in the REPL: {err}")
+                return msg.get("value")
+            if msg.get("type") == "error":
+                raise ProtocolError(str(msg.get("error")))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -583,11 +604,82 @@ class DockerREPL:
             return self._restart("a frame to the container was cut short") + "\n"
         return ""
 
+    def _abandon(self) -> None:
+        """The host stopped waiting for the request in flight: interrupt it now.
+
+        Its answer is read (and dropped) by :meth:`_sync` before the next request.
+        """
+        c = self._container
+        if self._in_flight is None or c is None or c.broken or not c.alive():
+            return  # a dead or broken container is replaced before its next use
+        self._in_flight_interrupted = self._send_interrupt(c)
+
+    def _send_interrupt(self, container: Container) -> bool:
+        """Send an interrupt frame, waiting at most about INTERRUPT_WAIT; True if sent."""
+        if not self._send_lock.acquire(timeout=INTERRUPT_WAIT):
+            log.warning("dockerrepl: interrupt not sent: the container is not taking input")
+            return False
+        try:
+            # a few bytes: written whole or not at all (see Container.send)
+            container.send({"type": "interrupt"}, time.monotonic() + INTERRUPT_WAIT)
+            return True
+        except (DockerReplError, TimeoutError) as exc:
+            log.warning("dockerrepl: interrupt not sent: %s", exc)
+            return False
+        finally:
+            self._send_lock.release()
+
+    def _sync(self) -> str:
+        """Bring the channel back in step after a request the host stopped waiting for.
+
+        The request was interrupted (see :meth:`_abandon`); a ping tells whether
+        it still runs. Its answer is awaited (grace + HOST_MARGIN, longer while
+        its worker restores) and dropped; a container that does not answer in
+        time is replaced. Returns a note for stderr ("" when all went well).
+        """
+        stale = self._in_flight
+        container = self._container
+        if stale is None or container is None:
+            return ""
+        kind, rid = stale
+        margin = self._grace + HOST_MARGIN
+        restore_bound = float(self._options["start_timeout"])  # type: ignore[arg-type]
+        try:
+            if not self._in_flight_interrupted:
+                self._in_flight_interrupted = self._send_interrupt(container)
+            ping = self._next_req()
+            deadline = time.monotonic() + margin
+            ceiling = deadline + restore_bound + margin
+            self._send({"type": "ping", "id": ping}, deadline)
+            busy = False
+            while True:
+                msg = container.recv(deadline)
+                mtype, mid = msg.get("type"), msg.get("id")
+                if mtype == "pong" and mid == ping:
+                    if not msg.get("busy"):
+                        break  # the stale request had ended (its answer, if any, came first)
+                    busy = True
+                elif mtype == kind and mid == rid:
+                    if kind == "result" and msg.get("status") in ("ok", "error"):
+                        self._last_completed = rid
+                    if busy:
+                        break
+                elif mtype == "progress" and mid == rid and msg.get("state") == "restoring":
+                    deadline = min(ceiling, time.monotonic() + restore_bound + margin)
+                elif mtype == "error":
+                    raise ProtocolError(str(msg.get("error")))
+        except (TimeoutError, DockerReplError) as exc:
+            what = f"cell {rid}" if kind == "result" else "an internal request"
+            return self._restart(f"the interrupted {what} did not end ({exc})") + "\n"
+        self._in_flight = None
+        return ""
+
     def _restart(self, why: str) -> str:
         """Replace the container and restore the last checkpoint; returns a note for stderr."""
         log.warning("dockerrepl: %s; starting a new container", why)
         old = self._container
         self._container = None
+        self._in_flight = None  # whatever ran in the old container ends with it
         if old is not None:
             old.kill()
         self.restarts += 1
@@ -662,6 +754,7 @@ class DockerREPL:
         with self._lock:
             self._check_open()
             note = self._ensure_container()
+            note += self._sync()
             self._cell += 1
             cell = self._cell
             self._state.current_cell = cell
@@ -699,6 +792,12 @@ class DockerREPL:
                 return self._result(
                     cell, start, {"status": "timeout", "stdout": "", "stderr": note}
                 )
+            except BaseException:
+                # the host gave up on the cell (KeyboardInterrupt, an on_output callback
+                # raising): stop it in the container, and re-raise to the caller
+                self._state.abandon_through(cell)
+                self._abandon()
+                raise
             if note:
                 res["stderr"] = note + str(res.get("stderr", ""))
             if res.get("status") not in ("ok", "error"):
@@ -723,17 +822,22 @@ class DockerREPL:
         """
         seen = [False]
         margin = self._grace + HOST_MARGIN
-        try:
-            # a container that takes no input (paused) gets as long as it would to answer
-            self._send(msg, None if limit is None else time.monotonic() + limit + margin)
-            return self._await_result(msg["id"], limit, on_output, seen)
-        except ContainerDied as exc:
-            if seen[0]:
-                raise
-            notes.append(self._restart(f"the container had died ({exc})") + "\n")
-        seen[0] = False
-        self._send(msg, None if limit is None else time.monotonic() + limit + margin)
-        return self._await_result(msg["id"], limit, on_output, seen)
+        for attempt in (1, 2):
+            self._in_flight = ("result", msg["id"])
+            self._in_flight_interrupted = False
+            try:
+                # a container that takes no input (paused) gets as long as it would to answer
+                self._send(msg, None if limit is None else time.monotonic() + limit + margin)
+                res = self._await_result(msg["id"], limit, on_output, seen)
+            except ContainerDied as exc:
+                if seen[0] or attempt == 2:
+                    raise
+                notes.append(self._restart(f"the container had died ({exc})") + "\n")
+                seen[0] = False
+                continue
+            self._in_flight = None
+            return res
+        raise AssertionError("unreachable")
 
     def _await_result(
         self,
@@ -847,18 +951,8 @@ class DockerREPL:
         at its deadline.
         """
         container = self._container
-        if container is None or self._closed:
-            return
-        if not self._send_lock.acquire(timeout=INTERRUPT_WAIT):
-            log.warning("dockerrepl: interrupt() not sent: the container is not taking input")
-            return
-        try:
-            # a few bytes: written whole or not at all (see Container.send)
-            container.send({"type": "interrupt"}, time.monotonic() + INTERRUPT_WAIT)
-        except (DockerReplError, TimeoutError) as exc:
-            log.warning("dockerrepl: interrupt() not sent: %s", exc)
-        finally:
-            self._send_lock.release()
+        if container is not None and not self._closed:
+            self._send_interrupt(container)
 
     # --------------------------------------------------------------- context
     def load_context(self, context_payload: Union[str, dict[str, Any], list[Any]]) -> None:

@@ -8,6 +8,7 @@ purpose), and no container left behind.
 from __future__ import annotations
 
 import math
+import signal
 import subprocess
 import threading
 import time
@@ -124,3 +125,75 @@ def test_a_big_frame_to_a_paused_container_times_out_and_interrupt_does_not_hang
         after = r.execute_code("print(keep)")
         assert (after.status, after.stdout) == ("ok", "1\n")
     assert docker("ps", "-aq", "--filter", f"name=^{name}$").stdout.strip() == ""
+
+
+# --------------------------------------------------------------------------- host exceptions
+def _raise_in_main_thread_after(seconds: float) -> threading.Timer:
+    """SIGUSR1 to the main thread after ``seconds``; its handler raises KeyboardInterrupt.
+
+    A real signal (not _thread.interrupt_main): it wakes the host's select(), as
+    Ctrl-C in a terminal or Jupyter's interrupt does.
+    """
+    main = threading.main_thread().ident
+    assert main == threading.get_ident()
+    timer = threading.Timer(seconds, signal.pthread_kill, (main, signal.SIGUSR1))
+    timer.start()
+    return timer
+
+
+@pytest.fixture
+def usr1_raises_keyboardinterrupt():
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+@pytest.mark.parametrize("ignores_sigint", [False, True], ids=["plain", "cell-ignores-sigint"])
+def test_keyboardinterrupt_in_the_host_during_a_cell(
+    image, handler, usr1_raises_keyboardinterrupt, ignores_sigint
+):
+    with DockerREPL(
+        image=image, lm_handler_address=handler.address, grace=0.5, auto_checkpoint="sync"
+    ) as r:
+        assert r.execute_code("keep = 42").status == "ok"
+        code = "import time\nstarted = True\n"
+        if ignores_sigint:
+            code = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n" + code
+        timer = _raise_in_main_thread_after(0.5)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                r.execute_code(code + "time.sleep(30)\nprint('done')", timeout=60)
+        finally:
+            timer.cancel()
+            timer.join()
+        # the old cell is stopped and its result read before the next cell is sent
+        after = r.execute_code("print(keep)")
+        assert (after.status, after.stdout) == ("ok", "42\n")
+        assert r.restarts == 0  # the same container, not a replacement
+        again = r.execute_code("print(keep + 1)")
+        assert (again.status, again.stdout) == ("ok", "43\n")
+        if not ignores_sigint:
+            # interrupted, not killed: the cell's own changes are there
+            assert r.execute_code("print(started)").stdout == "True\n"
+
+
+@pytest.mark.parametrize("exc", [SystemExit(3), KeyboardInterrupt()])
+def test_an_on_output_callback_raising_baseexception(repl, exc):
+    assert repl.execute_code("keep = [1, 2]").status == "ok"
+
+    def callback(stream: str, data: str) -> None:
+        raise exc
+
+    with pytest.raises(type(exc)):
+        repl.execute_code(
+            "import time\nprint('a', flush=True)\ntime.sleep(30)\nprint('b')", on_output=callback
+        )
+    after = repl.execute_code("print(keep)")
+    assert (after.status, after.stdout, after.stderr) == ("ok", "[1, 2]\n", "")
+    assert repl.restarts == 0
+    assert repl.checkpoint() == []  # internal calls are in step too
