@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from concurrency import run_threads
 from docker_helpers import our_containers, wait_gone
 
 from dockerrepl import DockerREPL, DockerREPLPool
@@ -57,24 +58,15 @@ def test_each_repl_handed_out_once_with_its_own_state(kwargs):
 def test_concurrent_acquires_never_share(kwargs):
     pool = DockerREPLPool(size=2, **kwargs)
     got: list[DockerREPL] = []
-    errors: list[BaseException] = []
     lock = threading.Lock()
 
-    def take() -> None:
-        try:
-            r = pool.acquire(timeout=120)
-            with lock:
-                got.append(r)
-        except BaseException as exc:
-            errors.append(exc)
+    def take(_thread: int) -> None:
+        r = pool.acquire(timeout=120)
+        with lock:
+            got.append(r)
 
-    threads = [threading.Thread(target=take) for _ in range(4)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(150)
-        assert errors == []
+        assert run_threads(take, 4, timeout=150) == []
         assert len(got) == 4
         assert len({id(r) for r in got}) == 4
         assert len({r.container_id for r in got}) == 4

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from concurrency import run_threads
 from docker_helpers import exists, image_exists
 
 from dockerrepl import DockerREPL, LMHandler
@@ -256,20 +257,16 @@ def test_proxy_not_on_all_interfaces(repl):
 def test_concurrent_repls_do_not_serialise(image, handler):
     repls = [DockerREPL(image=image, lm_handler_address=handler.address) for _ in range(3)]
     try:
-        errors: list[str] = []
+        wrong: list[str] = []
 
-        def work(r: DockerREPL, k: int) -> None:
+        def work(k: int) -> None:
             for i in range(20):
-                res = r.execute_code(f"v = {k} * 100 + {i}\nprint(llm_query(str(v)))")
+                res = repls[k].execute_code(f"v = {k} * 100 + {i}\nprint(llm_query(str(v)))")
                 if res.stdout != f"echo:{k * 100 + i}\n":
-                    errors.append(res.stdout + res.stderr)
+                    wrong.append(res.stdout + res.stderr)
 
-        threads = [threading.Thread(target=work, args=(r, k)) for k, r in enumerate(repls)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert errors == []
+        assert run_threads(work, len(repls), timeout=120) == []
+        assert wrong == []
     finally:
         for r in repls:
             r.cleanup()

@@ -8,6 +8,7 @@ import threading
 import types
 
 import pytest
+from concurrency import run_threads
 from fake_openai import FakeOpenAI
 
 from dockerrepl import clients
@@ -75,17 +76,13 @@ def test_scripted_list_hands_each_answer_out_once_under_threads():
     got: list[str] = []
     lock = threading.Lock()
 
-    def worker():
+    def worker(_thread: int) -> None:
         for _ in range(50):
             a = c.completion("p")
             with lock:
                 got.append(a)
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    assert run_threads(worker, 4, timeout=20) == []
     assert sorted(got, key=int) == [str(i) for i in range(200)]
 
 

@@ -7,6 +7,7 @@ import socketserver
 import threading
 
 import pytest
+from concurrency import run_threads
 
 from dockerrepl import LMHandler
 from dockerrepl._serve import start_serving, stop_serving
@@ -207,11 +208,7 @@ def test_one_frame_then_close_clients(echo):
     def one(i):
         results.append(ask(echo.address, {"prompt": f"c{i}"})["chat_completion"]["response"])
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
+    assert run_threads(one, 20, timeout=20) == []
     assert sorted(results) == sorted(f"echo:c{i}" for i in range(20))
 
 
@@ -512,21 +509,7 @@ def test_stop_is_thread_safe():
         for s in socks:  # each connection is being served (its thread exists)
             send_frame(s, {"prompt": "x"})
             assert recv_frame(s)["error"] is None
-        errors = []
-
-        def stop():
-            try:
-                h.stop()
-            except Exception as exc:  # pragma: no cover - the failure being tested
-                errors.append(exc)
-
-        stoppers = [threading.Thread(target=stop) for _ in range(4)]
-        for t in stoppers:
-            t.start()
-        for t in stoppers:
-            t.join(20)
-        assert errors == []
-        assert not any(t.is_alive() for t in stoppers)
+        assert run_threads(lambda _: h.stop(), 4, timeout=20) == []
         assert all(closed_by_peer(s) for s in socks)
         with pytest.raises(LMHandlerError):
             _ = h.address

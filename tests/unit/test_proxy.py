@@ -10,9 +10,9 @@ import json
 import os
 import socket
 import socketserver
-import threading
 
 import pytest
+from concurrency import run_threads
 
 from dockerrepl import LMHandler
 from dockerrepl._proxy import ProxyServer, ProxyState
@@ -372,28 +372,19 @@ def test_connection_close_is_honoured(served):
 def test_concurrent_connections(served):
     state, proxy, _ = served
     results = []
-    errors = []
 
     def worker(i):
+        if proxy.unix_path:
+            c = UnixHTTPConnection(proxy.unix_path)
+        else:
+            c = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
         try:
-            if proxy.unix_path:
-                c = UnixHTTPConnection(proxy.unix_path)
-            else:
-                c = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
-            try:
-                for j in range(5):
-                    results.append(post(c, "/llm_query", {"prompt": f"{i}-{j}"}, cell=9))
-            finally:
-                c.close()
-        except Exception as exc:  # surfaced below
-            errors.append(exc)
+            for j in range(5):
+                results.append(post(c, "/llm_query", {"prompt": f"{i}-{j}"}, cell=9))
+        finally:
+            c.close()
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
-    assert errors == []
+    assert run_threads(worker, 8, timeout=20) == []
     assert len(results) == 40
     assert len(state.take(9)) == 40
 

@@ -14,6 +14,7 @@ import time
 import tracemalloc
 
 import pytest
+from concurrency import run_threads
 
 from dockerrepl import LMHandler
 from dockerrepl import _proxy as proxy_mod
@@ -236,20 +237,11 @@ def test_connection_cap_refuses_extra_and_recovers(proxy, monkeypatch):
 
 def test_many_connections_at_once(proxy):
     _, where = proxy
-    errors: list[BaseException] = []
 
     def one(i: int) -> None:
-        try:
-            assert ask(where, f"p{i}") == {"response": f"echo:p{i}"}
-        except BaseException as exc:
-            errors.append(exc)
+        assert ask(where, f"p{i}") == {"response": f"echo:p{i}"}
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(100)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert errors == []
+    assert run_threads(one, 100, timeout=30) == []
     alive(where)
 
 
