@@ -8,8 +8,11 @@ and a grep that the host never unpickles anything).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
+import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -45,7 +48,7 @@ def test_hardened_defaults_visible_in_docker_inspect(repl):
     assert hc["Memory"] == 2 * 1024**3
     assert hc["MemorySwap"] == hc["Memory"]  # swap off
     assert hc["AutoRemove"] is True  # --rm: gone when the supervisor exits
-    assert hc["Init"] is True
+    assert not hc.get("Init")  # the supervisor is pid 1: no init holds the host channel
     assert hc["NetworkMode"] == "bridge"
     assert attrs["Config"]["Env"] is not None
     # and from inside: no capabilities, no privilege gain, a seccomp filter
@@ -219,6 +222,34 @@ def test_symlink_planted_in_the_mount_is_not_followed_by_the_host(repl, tmp_path
     assert run_ok(repl, "print(context_1)") == "the payload\n"
 
 
+def inject_later(repl: DockerREPL, data: bytes, delay: float = 0.5) -> threading.Timer:
+    """Write ``data`` into the host channel, as a compromised container would.
+
+    Cell code can no longer reach the channel (test_cell_code_cannot_reach_the_host_channel),
+    so these tests write into the pipe the host reads, through this process's own
+    /proc/self/fd: the bytes arrive exactly as if the supervisor had sent them.
+    """
+    fileno = repl._container.proc.stdout.fileno()  # type: ignore[union-attr]
+
+    def write() -> None:
+        fd = os.open(f"/proc/self/fd/{fileno}", os.O_WRONLY)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+
+    timer = threading.Timer(delay, write)
+    timer.start()
+    return timer
+
+
+def frame(obj: dict) -> bytes:
+    body = json.dumps(obj).encode()
+    return struct.pack(">I", len(body)) + body
+
+
 @pytest.mark.parametrize(
     "payload",
     [
@@ -229,38 +260,47 @@ def test_symlink_planted_in_the_mount_is_not_followed_by_the_host(repl, tmp_path
     ids=["garbage", "non-object", "huge-prefix"],
 )
 def test_forged_frames_on_the_host_channel_end_that_container_only(repl, payload):
-    """Cell code can write to the supervisor's stdout (/proc/<ppid>/fd/1): the host
-    channel. Whatever it writes is checked; a violation replaces the container."""
+    """Whatever arrives on the host channel is checked; a violation replaces the container."""
     run_ok(repl, "kept = 'yes'")
     repl.checkpoint()
-    r = repl.execute_code(
-        "import os\n"
-        "fd = os.open(f'/proc/{os.getppid()}/fd/1', os.O_WRONLY)\n"
-        f"os.write(fd, {payload!r})\n"
-        "import time\ntime.sleep(5)\n"
-    )
+    timer = inject_later(repl, payload)
+    r = repl.execute_code("import time\ntime.sleep(5)\n")
+    timer.join()
     assert r.status == "crashed"
     assert "protocol" in r.stderr
     assert repl.restarts == 1
     assert run_ok(repl, "print(kept)") == "yes\n"
 
 
-def test_forged_result_is_schema_checked(repl):
+def test_forged_result_is_schema_checked_and_bounded(repl):
+    """A result that does not come from the supervisor: every field checked, every size capped
+    (max_output_bytes, 10000 locals of repr_cap + 64, 16 Mi characters of final_answer)."""
     run_ok(repl, "kept = 'yes'")
     repl.checkpoint()
-    code = (
-        "import json, os, struct\n"
-        "body = json.dumps({'type': 'result', 'id': %d, 'status': 'pwned', 'stdout': 5,"
-        " 'locals': {'a': [1], 'b': 'str'}, 'truncated': [1, 2]}).encode()\n"
-        "fd = os.open(f'/proc/{os.getppid()}/fd/1', os.O_WRONLY)\n"
-        "os.write(fd, struct.pack('>I', len(body)) + body)\n"
-        "import time\ntime.sleep(2)\n"
-    )
-    r = repl.execute_code(code % (repl._cell + 1))
+    forged = {
+        "type": "result",
+        "id": repl._cell + 1,
+        "status": "pwned",
+        "stdout": "F" * (20 << 20),
+        "stderr": 5,
+        "exception": "E" * 5000,
+        "final_answer": "A" * (17 << 20),
+        "locals": {**{f"n{i}": "v" * 5000 for i in range(12000)}, "a": [1], "x" * 2000: "y"},
+        "truncated": {"stdout": -5, "stderr": True},
+    }
+    timer = inject_later(repl, frame(forged))
+    r = repl.execute_code("import time\ntime.sleep(3)\n")
+    timer.join()
     assert r.status == "crashed"  # not a status the REPL knows
-    assert r.stdout == ""
-    assert r.locals == {"b": "str"}
-    assert r.output_truncated == {}
+    assert repl._max_output <= len(r.stdout) < repl._max_output + 200
+    assert r.stdout.startswith("F") and r.stdout.endswith("F")
+    assert r.output_truncated == {"stdout": (20 << 20) - repl._max_output}
+    assert r.stderr == ""
+    assert len(r.exception) == 200
+    assert (16 << 20) <= len(r.final_answer) < (16 << 20) + 200
+    assert len(r.locals) == 10_000
+    assert "a" not in r.locals and "x" * 2000 not in r.locals
+    assert max(len(v) for v in r.locals.values()) <= repl._repr_cap + 64
     # the supervisor is still busy with the real cell: the next cell finds it out, and
     # the host, which cannot trust that container any more, replaces it
     nxt = repl.execute_code("print(kept)")
@@ -345,3 +385,182 @@ def test_docker_run_argv_never_forwards_the_environment(tmp_path, monkeypatch):
     argv = ContainerConfig(image="img", workspace=str(tmp_path)).run_argv("n", "python3")
     assert not any(a in ("-e", "--env", "--env-file") or a.startswith("--env") for a in argv)
     assert "sk-x" not in " ".join(argv)
+
+
+# --------------------------------------------------------------------------- the supervisor
+REACH_SUPERVISOR = r"""
+import ctypes, errno, json, os, signal, struct
+libc = ctypes.CDLL(None, use_errno=True)
+out = {"ppid": os.getppid()}
+
+def attempt(name, fn):
+    try:
+        fn()
+        out[name] = "allowed"
+    except OSError as e:
+        out[name] = errno.errorcode.get(e.errno, str(e.errno))
+
+def opened(path, flags):
+    os.close(os.open(path, flags))
+
+def ptrace(request):
+    if libc.ptrace(request, 1, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "ptrace")
+    libc.ptrace(17, 1, 0, 0)  # PTRACE_DETACH
+
+def pidfd_getfd():
+    pidfd = libc.syscall(434, 1, 0)  # pidfd_open: the same number on every architecture
+    if pidfd < 0:
+        raise OSError(ctypes.get_errno(), "pidfd_open")
+    if libc.syscall(438, pidfd, 1, 0) < 0:  # pidfd_getfd(pidfd, 1)
+        raise OSError(ctypes.get_errno(), "pidfd_getfd")
+
+attempt("fd1-write", lambda: opened("/proc/1/fd/1", os.O_WRONLY))
+attempt("fd0-write", lambda: opened("/proc/1/fd/0", os.O_WRONLY))
+attempt("fd0-read", lambda: opened("/proc/1/fd/0", os.O_RDONLY))
+attempt("mem", lambda: opened("/proc/1/mem", os.O_RDWR))
+attempt("environ", lambda: opened("/proc/1/environ", os.O_RDONLY))
+attempt("ptrace-attach", lambda: ptrace(16))
+attempt("ptrace-seize", lambda: ptrace(0x4206))
+attempt("pidfd-getfd", pidfd_getfd)
+# the reviewer's reproducer: a result frame for this very cell, written to the channel
+body = json.dumps({"type": "result", "id": CELL, "status": "ok", "stdout": "FORGED",
+                   "final_answer": "forged answer", "locals": {"pwned": "1"}}).encode()
+def forge():
+    fd = os.open("/proc/%d/fd/1" % os.getppid(), os.O_WRONLY)
+    os.write(fd, struct.pack(">I", len(body)) + body)
+attempt("forge", forge)
+# pid 1 ignores signals from inside its container that it has no handler for
+os.kill(1, signal.SIGSTOP)
+os.kill(1, signal.SIGKILL)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("user", [None, "65534:65534"], ids=["root", "nobody"])
+def test_cell_code_cannot_reach_the_host_channel(image, handler, user):
+    """The supervisor is pid 1 and not dumpable: cell code (root or not, no capabilities)
+    cannot open its fds, read or write its memory, ptrace it, or stop or kill it."""
+    with DockerREPL(image=image, lm_handler_address=handler.address, timeout=30, user=user) as r:
+        info = r._container.info  # type: ignore[union-attr]
+        assert info["pid"] == 1
+        assert info["nondumpable"] is True
+        assert info["channel_private"] is True
+        name = r.container_name
+        res = r.execute_code(REACH_SUPERVISOR.replace("CELL", str(r._cell + 1)))
+        assert res.status == "ok", res.stderr
+        out = json.loads(res.stdout)
+        assert out.pop("ppid") == 1
+        assert out.pop("ptrace-attach") == "EPERM"
+        assert out.pop("ptrace-seize") == "EPERM"
+        assert out.pop("pidfd-getfd") in ("EPERM", "ENOSYS")  # ENOSYS: a kernel before 5.6
+        assert out == dict.fromkeys(
+            ["fd1-write", "fd0-write", "fd0-read", "mem", "environ", "forge"], "EACCES"
+        )
+        assert res.final_answer is None
+        assert "pwned" not in res.locals
+        # SIGSTOP and SIGKILL were ignored: the same container answers, nothing restarted
+        assert run_ok(r, "print('still here')") == "still here\n"
+        assert r.container_name == name
+        assert r.restarts == 0
+
+
+def test_worker_holds_no_descriptor_of_the_supervisor(repl):
+    """After fork the worker closes everything but its own stdio and control socket."""
+    out = run_ok(
+        repl,
+        "import json, os\n"
+        "links = {}\n"
+        "for fd in os.listdir('/proc/self/fd'):\n"
+        "    try:\n"
+        "        links[fd] = os.readlink('/proc/self/fd/' + fd)\n"
+        "    except OSError:\n"
+        "        pass  # the descriptor listdir used, closed by now\n"
+        "print(json.dumps(links))",
+    )
+    links = {int(fd): link for fd, link in json.loads(out).items()}
+    assert links[0] == "/dev/null"
+    assert {fd for fd, link in links.items() if link.startswith("pipe:")} == {1, 2}
+    assert sum(link.startswith("socket:") for link in links.values()) == 1  # the control socket
+    assert all(link.startswith(("pipe:", "socket:", "/dev/null")) for link in links.values())
+    if os.geteuid() == 0:
+        # and none of them is one of the supervisor's host pipes (seen from the host)
+        pid = inspect(repl)["State"]["Pid"]
+        host = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (0, 1, 2)}
+        assert all(link.startswith("pipe:") for link in host)
+        assert not host & set(links.values())
+
+
+def test_crash_restore_llm_query_and_orphans_still_work(repl):
+    run_ok(repl, "x = 41")
+    repl.checkpoint()
+    crash = repl.execute_code("import os\nos._exit(3)")
+    assert crash.status == "crashed"
+    assert "restored" in crash.stderr
+    assert run_ok(repl, "print(x + 1, llm_query('hi'))") == "42 echo:hi\n"
+    # grandchildren re-parented to pid 1 (the supervisor) are reaped, not left as zombies
+    run_ok(
+        repl,
+        "import os\n"
+        "for _ in range(20):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        if os.fork() == 0:\n"
+        "            os._exit(0)\n"
+        "        os._exit(0)\n"
+        "    os.waitpid(pid, 0)\n",
+    )
+    zombies = run_ok(
+        repl,
+        "import os, time\n"
+        "def zombies():\n"
+        "    n = 0\n"
+        "    for p in os.listdir('/proc'):\n"
+        "        try:\n"
+        "            stat = open(f'/proc/{p}/stat').read() if p.isdigit() else ') X'\n"
+        "            n += stat.rsplit(')', 1)[1].split()[0] == 'Z'\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    return n\n"
+        "for _ in range(100):\n"
+        "    if not zombies():\n"
+        "        break\n"
+        "    time.sleep(0.05)\n"
+        "print(zombies())",
+    )
+    assert zombies == "0\n"
+
+
+def test_forged_progress_frames_cannot_hold_the_host_past_a_ceiling(monkeypatch):
+    """No engine: a channel that sends nothing but progress frames, 30 s apart on a fake
+    clock. The host's deadline moves with them, never past timeout + margin + two restores."""
+    import dockerrepl.repl as repl_mod
+
+    clock = [1000.0]
+    deadlines: list[float] = []
+
+    class FakeTime:
+        @staticmethod
+        def monotonic() -> float:
+            return clock[0]
+
+    class Channel:
+        def recv(self, deadline: float) -> dict:
+            deadlines.append(deadline)
+            if clock[0] >= deadline:
+                raise TimeoutError
+            if len(deadlines) > 1000:
+                raise AssertionError("the deadline kept moving")
+            clock[0] += 30.0
+            state = "restoring" if len(deadlines) % 2 else "running"
+            return {"type": "progress", "id": 7, "state": state}
+
+    monkeypatch.setattr(repl_mod, "time", FakeTime)
+    r = DockerREPL.__new__(DockerREPL)
+    r._container = Channel()  # type: ignore[assignment]
+    r._grace, r._options, r._max_output = 2.0, {"start_timeout": 120.0}, 1000
+    with pytest.raises(TimeoutError):
+        r._await_result(7, 10.0, None)
+    margin = 2.0 + repl_mod.HOST_MARGIN
+    assert max(deadlines) <= 1000.0 + 10.0 + margin + 2 * (120.0 + margin)
+    assert len(deadlines) > 3  # the frames did move it (a restore bound each time)
