@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterable
@@ -44,6 +45,13 @@ def wait_gone(cids: Iterable[str], timeout: float = 30.0) -> set[str]:
         if left:
             time.sleep(0.2)
     return left
+
+
+def labels(container: str) -> dict[str, str]:
+    """The labels of a container (by id or name)."""
+    out = docker("inspect", "--format", "{{json .Config.Labels}}", container, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout) or {})
 
 
 def image_exists(tag: str) -> bool:

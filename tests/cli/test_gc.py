@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import pytest
 from cli_helpers import base_env, cli
+from docker_helpers import exists
 
 from dockerrepl import DockerREPL
 from dockerrepl._container import owner_label
@@ -28,11 +29,6 @@ pytestmark = pytest.mark.timeout(120)
 
 HOST = socket.gethostname()
 Plant = Callable[..., str]
-
-
-def _exists(cid: str) -> bool:
-    res = subprocess.run(["docker", "inspect", cid], capture_output=True, timeout=30)
-    return res.returncode == 0
 
 
 def _dead_pid() -> int:
@@ -109,14 +105,14 @@ def test_orphans_and_stale_workspaces(plant: tuple[str, Plant], tmp_path: Path) 
         would = [ln for ln in dry.out.splitlines() if ln.startswith("would remove")]
         assert sorted(_listed(would, "container")) == sorted(_names(dead, reused))
         assert sorted(_listed(would, "workspace")) == sorted([str(ws_orphan), str(ws_stale)])
-        assert all(_exists(c) for c in (dead, reused, live, foreign, no_owner))
+        assert all(exists(c) for c in (dead, reused, live, foreign, no_owner))
         assert ws_stale.exists()
 
         done = cli("gc", "--label", f"dockerrepl.test={tag}", env=env)
         assert done.rc == 0, done.out + done.err
-    assert not _exists(dead)
-    assert not _exists(reused)
-    assert all(_exists(c) for c in (live, foreign, no_owner))
+    assert not exists(dead)
+    assert not exists(reused)
+    assert all(exists(c) for c in (live, foreign, no_owner))
     assert not ws_orphan.exists()
     assert not ws_stale.exists()
     for kept in (ws_fresh, ws_live, ws_busy, not_ours):
@@ -150,17 +146,17 @@ def test_all_asks_first_and_lists_with_dry_run(plant: tuple[str, Plant], tmp_pat
     assert refused.rc == 1
     assert "--yes" in refused.err
     assert "Traceback" not in refused.err
-    assert all(_exists(c) for c in ids)
+    assert all(exists(c) for c in ids)
 
     dry = cli("gc", "--all", "--dry-run", *narrow, env=env)
     assert dry.rc == 0
     would = [ln for ln in dry.out.splitlines() if ln.startswith("would remove")]
     assert sorted(_listed(would, "container")) == sorted(_names(*ids))
-    assert all(_exists(c) for c in ids)
+    assert all(exists(c) for c in ids)
 
     done = cli("gc", "--all", "--yes", *narrow, env=env)
     assert done.rc == 0, done.out + done.err
-    assert not any(_exists(c) for c in ids)
+    assert not any(exists(c) for c in ids)
 
 
 def test_live_repl_survives(image: str, handler: object, tmp_path: Path) -> None:

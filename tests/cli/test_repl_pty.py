@@ -6,13 +6,13 @@ import os
 import pty
 import re
 import select
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 from cli_helpers import base_env, cli, containers_of
+from docker_helpers import labels
 
 from dockerrepl._container import owner_label
 
@@ -87,23 +87,6 @@ class Terminal:
         os.close(self.fd)
 
 
-def _workspace_of(container: str) -> str:
-    res = subprocess.run(
-        [
-            "docker",
-            "inspect",
-            "--format",
-            '{{index .Config.Labels "dockerrepl.workspace"}}',
-            container,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return res.stdout.strip()
-
-
 def test_interactive_session(image: str, tmp_path: Path) -> None:
     histfile = tmp_path / "history"
     env = base_env(
@@ -120,7 +103,7 @@ def test_interactive_session(image: str, tmp_path: Path) -> None:
         names = containers_of(term.pid)
         assert len(names) == 1
         container = names[0]
-        workspace = _workspace_of(container)
+        workspace = labels(container)["dockerrepl.workspace"]
         assert os.path.isdir(workspace)
 
         assert term.run(b"x = 41") == b""

@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from cli_helpers import cli, containers_of
+from docker_helpers import labels
+from fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -117,7 +117,7 @@ def test_output_is_streamed_in_order_and_ctrl_c_interrupts(env: dict[str, str]) 
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"one\n"
         (name,) = containers_of(proc.pid)
-        workspace = os.path.join(_label(name, "dockerrepl.workspace"), "workspace")
+        workspace = os.path.join(labels(name)["dockerrepl.workspace"], "workspace")
         open(os.path.join(workspace, "go1"), "w").close()
         assert proc.stdout.readline() == b"two\n"
         open(os.path.join(workspace, "go2"), "w").close()
@@ -135,60 +135,23 @@ def test_output_is_streamed_in_order_and_ctrl_c_interrupts(env: dict[str, str]) 
     assert containers_of(proc.pid) == []
 
 
-def _label(container: str, key: str) -> str:
-    res = subprocess.run(
-        ["docker", "inspect", "--format", f'{{{{index .Config.Labels "{key}"}}}}', container],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return res.stdout.strip()
-
-
-class _FakeOpenAI(BaseHTTPRequestHandler):
-    seen: list[dict[str, Any]] = []
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        _FakeOpenAI.seen.append({"path": self.path, "auth": self.headers.get("Authorization")})
-        answer = {
-            "choices": [{"message": {"content": "fake:" + body["messages"][-1]["content"]}}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1},
-        }
-        data = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def fake_openai() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    _FakeOpenAI.seen = []
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
+def fake_openai() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI(answer=lambda messages: "fake:" + messages[-1]["content"]) as fake:
+        yield fake
 
 
-def test_openai_backend(env: dict[str, str], fake_openai: str) -> None:
-    env = dict(env, OPENAI_BASE_URL=fake_openai, OPENAI_API_KEY="sk-test")
+def test_openai_backend(env: dict[str, str], fake_openai: FakeOpenAI) -> None:
+    env = dict(env, OPENAI_BASE_URL=fake_openai.url, OPENAI_API_KEY="sk-test")
     done = cli(
         "run", "--backend", "openai", "--model", "m1", "-c", "print(llm_query('q'))", env=env
     )
     assert done.rc == 0, done.err
     assert done.out == "fake:q\n"
     assert done.err == ""
-    assert _FakeOpenAI.seen == [{"path": "/v1/chat/completions", "auth": "Bearer sk-test"}]
+    assert [(r["path"], r["headers"].get("authorization")) for r in fake_openai.requests] == [
+        ("/v1/chat/completions", "Bearer sk-test")
+    ]
 
 
 def test_openai_without_key_falls_back_to_echo_and_says_so(env: dict[str, str]) -> None:

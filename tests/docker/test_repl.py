@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import threading
@@ -10,7 +9,7 @@ import time
 
 import pytest
 from concurrency import run_threads
-from docker_helpers import exists, image_exists
+from docker_helpers import exists, image_exists, labels
 
 from dockerrepl import DockerREPL, LMHandler
 from dockerrepl.clients import ScriptedClient
@@ -221,17 +220,9 @@ def test_lifecycle_labels_and_cleanup(image, handler):
     repl = DockerREPL(image=image, lm_handler_address=handler.address)
     cid = repl.container_id
     assert cid
-    labels = json.loads(
-        subprocess.run(
-            ["docker", "inspect", "--format", "{{json .Config.Labels}}", cid],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-    )
-    assert labels["dockerrepl.version"]
-    host, pid, start = labels["dockerrepl.owner"].split(":")
+    found = labels(cid)
+    assert found["dockerrepl.version"]
+    host, pid, start = found["dockerrepl.owner"].split(":")
     assert int(pid) == os.getpid()
     with open(f"/proc/{os.getpid()}/stat") as fh:
         assert start == fh.read().rsplit(")", 1)[1].split()[19]
