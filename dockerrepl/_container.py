@@ -192,6 +192,8 @@ class Container:
         self.id: Optional[str] = None
         #: a frame to the container was cut short: the channel is out of step for good
         self.broken = False
+        #: abort() was called (from any thread): the container must not start
+        self.aborted = False
         self._stdin_nonblocking = False
 
     # -- start ---------------------------------------------------------------
@@ -223,6 +225,9 @@ class Container:
         self.proc = _docker.spawn(
             self.config.run_argv(self.name, python), docker=self.config.docker, stderr=self._log
         )
+        if self.aborted:  # abort() came before there was a process to stop
+            self.kill()
+            raise ContainerDied("the container was aborted while it started")
         deadline = time.monotonic() + self.config.start_timeout
         try:
             # Pipelined: the hello waits in the pipe while the container starts.
@@ -435,7 +440,7 @@ class Container:
             raise SecurityCheckError("the engine did not apply: " + "; ".join(problems))
 
     # -- stop ----------------------------------------------------------------
-    def close(self, timeout: float = 10.0, purge: bool = False) -> None:
+    def close(self, timeout: float = 10.0, purge: bool = False, kill_timeout: float = 30.0) -> None:
         """Ask the supervisor to exit, close stdin, and wait; kill if it lingers."""
         proc = self.proc
         if proc is None:
@@ -452,29 +457,49 @@ class Container:
             except OSError:
                 pass
             if self.wait(timeout) is None:
-                self.kill()
+                self.kill(kill_timeout)
         finally:
             self._release()
 
-    def kill(self) -> None:
+    def abort(self, timeout: float = 30.0) -> None:
+        """Stop the container now, from any thread, without waiting for its owner.
+
+        Kills the ``docker run`` CLI (the owner's read sees EOF at once) and
+        removes the container (``docker rm -f``). The pipes stay open for the
+        thread that uses them; :meth:`close` or :meth:`kill` releases them.
+        """
+        self.aborted = True
+        proc = self.proc
+        if proc is None:
+            return
+        try:
+            proc.kill()
+        except OSError:
+            pass
+        self._remove(timeout)
+
+    def _remove(self, timeout: float) -> None:
+        try:
+            _docker.run(
+                ["rm", "-f", self.name], timeout=timeout, docker=self.config.docker, check=False
+            )
+        except DockerError as exc:
+            log.warning("docker rm -f %s failed: %s", self.name, exc)
+
+    def kill(self, timeout: float = 30.0) -> None:
         """Remove the container now (``docker rm -f``) and reap the CLI process."""
         proc = self.proc
         if proc is None:
             return
         try:
             if proc.poll() is None:
-                try:
-                    _docker.run(
-                        ["rm", "-f", self.name], timeout=30, docker=self.config.docker, check=False
-                    )
-                except DockerError as exc:
-                    log.warning("docker rm -f %s failed: %s", self.name, exc)
+                self._remove(timeout)
                 try:
                     if proc.stdin is not None:
                         proc.stdin.close()
                 except OSError:
                     pass
-                if self.wait(10) is None:
+                if self.wait(min(10.0, timeout)) is None:
                     proc.kill()
                     self.wait(5)
         finally:

@@ -409,6 +409,7 @@ class DockerREPL:
         # is read, and dropped, before the next request is sent (see _sync).
         self._in_flight: Optional[tuple[str, int]] = None
         self._in_flight_interrupted = False
+        self._close_lock = threading.Lock()
         self._closed = False
         self._cell = 0
         self._req = 0
@@ -514,8 +515,10 @@ class DockerREPL:
             },
         )
         container = Container(cfg, os.path.join(self._root, "docker-run.log"))
-        self._container = container
+        self._container = container  # before it starts: cleanup() can abort it
         ready = container.start(self._hello(restore))
+        if self._closed:
+            raise ReplClosed("this DockerREPL was cleaned up while its container started")
         if ready.get("dill") == "image":
             _IMAGE_HAS_DILL[(cfg.docker, cfg.image)] = True
         elif ready.get("dill") is None:
@@ -676,6 +679,9 @@ class DockerREPL:
 
     def _restart(self, why: str) -> str:
         """Replace the container and restore the last checkpoint; returns a note for stderr."""
+        if self._closed:
+            # cleanup() from another thread removed the container under this call
+            raise ReplClosed("cleanup() was called while this call ran; its container is gone")
         log.warning("dockerrepl: %s; starting a new container", why)
         old = self._container
         self._container = None
@@ -688,6 +694,10 @@ class DockerREPL:
             self._start_container(restore=True)
             self._after_restore()
         except DockerReplError as exc:
+            if self._closed:
+                raise ReplClosed(
+                    "cleanup() was called while this call ran; its container is gone"
+                ) from exc
             raise ContainerDied(f"{why}, and a replacement could not be started: {exc}") from exc
         if saved is None:
             restored = "no checkpoint was found: the namespace starts empty"
@@ -745,6 +755,15 @@ class DockerREPL:
         crashes and memory exhaustion come back as a :class:`REPLResult` with
         ``status`` set and a message in ``stderr``. ``on_output(stream, text)``
         receives stdout/stderr chunks as they are printed.
+
+        Raises :class:`~dockerrepl.errors.ReplClosed` when the REPL was cleaned
+        up, also when :meth:`cleanup` is called from another thread while the
+        cell runs (the cell is stopped with its container, at once). An
+        exception raised in the host while it waits (``KeyboardInterrupt``, an
+        ``on_output`` callback raising one) interrupts the cell in the
+        container and propagates; the next call first waits (bounded) for that
+        cell to end, so it starts in step, with the namespace as the
+        interrupted cell left it.
         """
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
@@ -1125,21 +1144,39 @@ class DockerREPL:
 
     # -------------------------------------------------------------- teardown
     def cleanup(self) -> None:
-        """Stop the container and the proxy and remove the workspace. Idempotent."""
-        with self._lock:
+        """Stop the container and the proxy and remove the workspace. Idempotent, thread-safe.
+
+        It does not wait for a cell running in another thread: that cell's
+        container is removed at once, and its ``execute_code`` raises
+        :class:`~dockerrepl.errors.ReplClosed` (so does any later call).
+        """
+        self._close(wait=10.0, kill_timeout=30.0)
+
+    def _close(self, wait: float, kill_timeout: float) -> None:
+        with self._close_lock:
             if self._closed:
                 return
             self._closed = True
+        if not self._lock.acquire(blocking=False):
+            # a call holds the REPL (a cell running in another thread): stop its
+            # container now, so that call ends at once (it sees _closed: ReplClosed)
+            busy = self._container
+            if busy is not None:
+                busy.abort(kill_timeout)
+            self._lock.acquire()
+        try:
             container, self._container = self._container, None
+            if container is not None:
+                # a non-root host user cannot delete files the container's root made
+                container.close(wait, purge=os.geteuid() != 0, kill_timeout=kill_timeout)
+        finally:
             try:
-                if container is not None:
-                    # a non-root host user cannot delete files the container's root made
-                    container.close(purge=os.geteuid() != 0)
-            finally:
                 if self.proxy is not None:
                     self.proxy.close()
                 if self._root:
                     shutil.rmtree(self._root, ignore_errors=True)
+            finally:
+                self._lock.release()
 
     def __enter__(self) -> DockerREPL:
         return self
@@ -1148,9 +1185,10 @@ class DockerREPL:
         self.cleanup()
 
     def __del__(self) -> None:
+        # never blocks for long: a few seconds at worst, for a hung daemon
         try:
             if not getattr(self, "_closed", True):
-                self.cleanup()
+                self._close(wait=1.0, kill_timeout=5.0)
         except Exception:
             pass
 

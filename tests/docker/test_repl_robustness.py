@@ -8,6 +8,7 @@ purpose), and no container left behind.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import subprocess
 import threading
@@ -18,7 +19,7 @@ import pytest
 import dockerrepl.repl as repl_mod
 from dockerrepl import DockerREPL, REPLResult
 from dockerrepl._container import owner_label
-from dockerrepl.errors import BootstrapError, DockerReplError
+from dockerrepl.errors import BootstrapError, DockerReplError, ReplClosed
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -197,3 +198,51 @@ def test_an_on_output_callback_raising_baseexception(repl, exc):
     assert (after.status, after.stdout, after.stderr) == ("ok", "[1, 2]\n", "")
     assert repl.restarts == 0
     assert repl.checkpoint() == []  # internal calls are in step too
+
+
+# --------------------------------------------------------------------------- cleanup
+def test_cleanup_from_another_thread_stops_the_running_cell(image, handler):
+    before = our_containers()
+    r = DockerREPL(image=image, lm_handler_address=handler.address)
+    try:
+        assert r.execute_code("x = 1").status == "ok"
+        name, root = r.container_name, os.path.dirname(r.temp_dir)
+        res: dict[str, BaseException] = {}
+
+        def run() -> None:
+            try:
+                r.execute_code("import time\ntime.sleep(300)", timeout=None)
+            except BaseException as exc:
+                res["exc"] = exc
+
+        cell = threading.Thread(target=run, daemon=True)
+        cell.start()
+        time.sleep(1)  # the cell is running
+        closer = threading.Thread(target=r.cleanup, daemon=True)
+        closer.start()
+        closer.join(60)
+        assert not closer.is_alive()  # it did not wait for the 300 s cell
+        cell.join(30)
+        assert not cell.is_alive()
+        assert isinstance(res.get("exc"), ReplClosed)
+        assert r.container_id is None
+        assert docker("ps", "-aq", "--filter", f"name=^{name}$").stdout.strip() == ""
+        assert not os.path.exists(root)
+        with pytest.raises(ReplClosed):
+            r.execute_code("print(x)")
+        r.cleanup()  # idempotent
+    finally:
+        r.cleanup()
+    assert our_containers() - before == set()
+
+
+def test_cleanup_from_an_on_output_callback(repl):
+    def callback(stream: str, data: str) -> None:
+        repl.cleanup()
+
+    with pytest.raises(ReplClosed):
+        repl.execute_code(
+            "import time\nprint('a', flush=True)\ntime.sleep(300)", on_output=callback
+        )
+    with pytest.raises(ReplClosed):
+        repl.checkpoint()
