@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+from docker_helpers import container_ids, docker, wait_gone
 
 import dockerrepl.repl as repl_mod
 from dockerrepl import DockerREPL, LMHandler
@@ -58,10 +59,6 @@ def seed(repl: DockerREPL) -> None:
 
 def survived(repl: DockerREPL) -> None:
     assert ok(repl, "print(f(x))") == "42\n"
-
-
-def docker(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60)
 
 
 def container_gone(name: str) -> bool:
@@ -382,13 +379,10 @@ def test_host_sigkill_removes_its_containers(image, tmp_path):
         assert child.stdout is not None
         assert child.stdout.readline() == b"READY\n"
         label = f"label=dockerrepl.owner={owner_label(child.pid)}"
-        assert docker("ps", "-q", "--filter", label).stdout.strip()  # it runs, mid-cell
+        assert container_ids(label, "status=running")  # it runs, mid-cell
         os.kill(child.pid, signal.SIGKILL)
         child.wait(10)
-        deadline = time.monotonic() + 20
-        while docker("ps", "-aq", "--filter", label).stdout.strip():
-            assert time.monotonic() < deadline, "the container outlived its host process"
-            time.sleep(0.2)
+        assert wait_gone(container_ids(label), timeout=20) == set(), "it outlived its host process"
     finally:
         if child.poll() is None:
             child.kill()
