@@ -217,6 +217,7 @@ def test_symlink_planted_in_the_mount_is_not_followed_by_the_host(repl, tmp_path
     sentinel.write_text("untouched")
     run_ok(repl, f"import os\nos.symlink({str(sentinel)!r}, '/workspace/context_1.txt')")
     assert os.path.islink(os.path.join(repl.temp_dir, "context_1.txt"))
+    repl.add_context("the first")  # an index is the next free one or one in use
     repl.add_context("the payload", 1)
     assert sentinel.read_text() == "untouched"
     assert run_ok(repl, "print(context_1)") == "the payload\n"
