@@ -410,6 +410,10 @@ class DockerREPL:
         self._in_flight: Optional[tuple[str, int]] = None
         self._in_flight_interrupted = False
         self._close_lock = threading.Lock()
+        # After a container restart the new worker appends its own restore note to the
+        # first cell's stderr; when it says just what the host's note already said, it
+        # is dropped (one note per restore). The worker's line the host expects:
+        self._restore_echo: Optional[str] = None
         self._closed = False
         self._cell = 0
         self._req = 0
@@ -543,8 +547,8 @@ class DockerREPL:
         """Run an internal operation in the worker; raise on failure."""
         with self._lock:
             self._check_open()
-            self._ensure_container()
-            self._sync()
+            if self._ensure_container() + self._sync():
+                self._restore_echo = None  # no host note shown: the worker's is the one
             rid = self._next_req()
             container = self._container
             assert container is not None
@@ -663,8 +667,10 @@ class DockerREPL:
                         break  # the stale request had ended (its answer, if any, came first)
                     busy = True
                 elif mtype == kind and mid == rid:
-                    if kind == "result" and msg.get("status") in ("ok", "error"):
-                        self._last_completed = rid
+                    if kind == "result":
+                        self._restore_echo = None  # dropped with the result it was in
+                        if msg.get("status") in ("ok", "error"):
+                            self._last_completed = rid
                     if busy:
                         break
                 elif mtype == "progress" and mid == rid and msg.get("state") == "restoring":
@@ -700,8 +706,12 @@ class DockerREPL:
                 ) from exc
             raise ContainerDied(f"{why}, and a replacement could not be started: {exc}") from exc
         if saved is None:
+            self._restore_echo = "dockerrepl: no checkpoint existed; the namespace starts empty\n"
             restored = "no checkpoint was found: the namespace starts empty"
         else:
+            self._restore_echo = (
+                f"dockerrepl: state restored from the checkpoint taken after cell {saved}\n"
+            )
             restored = f"the checkpoint taken after cell {saved} was restored"
             if saved < self._last_completed:
                 # checkpoints are written in the background after each cell: one still
@@ -817,6 +827,10 @@ class DockerREPL:
                 self._state.abandon_through(cell)
                 self._abandon()
                 raise
+            echo, self._restore_echo = self._restore_echo, None
+            stderr = res.get("stderr")
+            if echo and isinstance(stderr, str) and ("\n" + stderr).endswith("\n" + echo):
+                res["stderr"] = stderr[: -len(echo)]
             if note:
                 res["stderr"] = note + str(res.get("stderr", ""))
             if res.get("status") not in ("ok", "error"):

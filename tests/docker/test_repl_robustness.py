@@ -246,3 +246,24 @@ def test_cleanup_from_an_on_output_callback(repl):
         )
     with pytest.raises(ReplClosed):
         repl.checkpoint()
+
+
+# --------------------------------------------------------------------------- restore notes
+def test_a_container_restart_is_reported_once(image, handler):
+    with DockerREPL(image=image, lm_handler_address=handler.address, auto_checkpoint="sync") as r:
+        assert r.execute_code("x = 1").status == "ok"
+        # killed between cells: the host's note and the cell's output, in one result
+        assert docker("kill", str(r.container_name)).returncode == 0
+        after = r.execute_code("print(x)")
+        assert (after.status, after.stdout) == ("ok", "1\n")
+        assert after.stderr.count("dockerrepl:") == 1
+        assert "restored" in after.stderr
+        # killed during a cell: the note is in that cell's result, and only there
+        name = r.container_name
+        threading.Timer(1.0, docker, ("kill", str(name))).start()
+        crashed = r.execute_code("import time\ntime.sleep(30)")
+        assert crashed.status == "crashed"
+        assert crashed.stderr.count("restored") == 1
+        nxt = r.execute_code("print(x)")
+        assert (nxt.status, nxt.stdout, nxt.stderr) == ("ok", "1\n", "")
+        assert r.restarts == 2
