@@ -234,10 +234,13 @@ def test_multi_turn_persistence(image: str, no_leftovers: None) -> None:
             ]
             assert r.rlm_calls[0].root_model == "second"
             assert repl.add_history([{"role": "user", "content": "q2"}]) == 1
-            assert repl.add_context("explicit", 5) == 5
-            assert repl.get_context_count() == 6 and repl.get_history_count() == 2
+            # an explicit index replaces a context or adds the next one; no gaps
+            with pytest.raises(ValueError):
+                repl.add_context("gap", 5)
+            assert repl.add_context("explicit", 2) == 2
+            assert repl.get_context_count() == 3 and repl.get_history_count() == 2
             r = repl.execute_code(
-                "context = 'overwritten'; history = None\nprint(history_1[0]['content'], context_5)"
+                "context = 'overwritten'; history = None\nprint(history_1[0]['content'], context_2)"
             )
             assert r.stdout == "q2 explicit\n"
             r = repl.execute_code("print(context, history[0]['content'])")
