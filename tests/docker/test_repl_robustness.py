@@ -10,28 +10,17 @@ from __future__ import annotations
 import math
 import os
 import signal
-import subprocess
 import threading
 import time
 
 import pytest
+from docker_helpers import docker, our_containers
 
 import dockerrepl.repl as repl_mod
 from dockerrepl import DockerREPL, REPLResult
-from dockerrepl._container import owner_label
 from dockerrepl.errors import BootstrapError, DockerReplError, ReplClosed
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def docker(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60)
-
-
-def our_containers() -> set[str]:
-    """Containers this test process owns (by the owner label)."""
-    out = docker("ps", "-aq", "--filter", f"label=dockerrepl.owner={owner_label()}")
-    return set(out.stdout.split())
 
 
 # --------------------------------------------------------------------------- start
