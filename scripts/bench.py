@@ -992,7 +992,8 @@ def write_doc(path: str, plot_name: str, json_name: str, data: dict[str, Any]) -
     add(
         "- rlm's containers run with no limits and no hardening; dockerrepl's with its defaults "
         "(`--cap-drop ALL`, `no-new-privileges`, pids limit 512, 2 GB of memory with swap off, "
-        "`--init`, a `docker inspect` check of that at start). Both are measured as shipped."
+        "the supervisor as pid 1, a `docker inspect` check of that at start). "
+        "Both are measured as shipped."
     )
     add(
         "- Both run in the benchmark's process (`.bench/venv`, created by the script: rlms "
