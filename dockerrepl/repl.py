@@ -527,6 +527,15 @@ class DockerREPL:
             _IMAGE_HAS_DILL[(cfg.docker, cfg.image)] = True
         elif ready.get("dill") is None:
             log.warning("dill is not available in %s: checkpoints will fail", self.image)
+        if ready.get("channel_private") is False and not restore:
+            # the image lacks ctypes (no prctl), or an init shares the channel's pipes:
+            # cell code could then forge frames; the host's bounds still hold (security.md)
+            log.warning(
+                "the bootstrap could not make its host channel private in %s"
+                " (nondumpable=%s): cell code could forge result frames",
+                self.image,
+                ready.get("nondumpable"),
+            )
         if self._verify:
             container.verify(container.inspect())
 

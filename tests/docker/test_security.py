@@ -565,3 +565,27 @@ def test_forged_progress_frames_cannot_hold_the_host_past_a_ceiling(monkeypatch)
     margin = 2.0 + repl_mod.HOST_MARGIN
     assert max(deadlines) <= 1000.0 + 10.0 + margin + 2 * (120.0 + margin)
     assert len(deadlines) > 3  # the frames did move it (a restore bound each time)
+
+
+def test_an_image_without_ctypes_is_reported_and_still_works(image, handler, caplog):
+    # without ctypes the supervisor cannot make itself non-dumpable: the host must say so
+    import subprocess
+
+    from docker_helpers import image_exists
+
+    tag = "dockerrepl/python-no-ctypes:test-v1"
+    if not image_exists(tag):
+        df = f"FROM {image}\nRUN rm -rf /usr/lib/python3.11/ctypes\n"
+        subprocess.run(
+            ["docker", "build", "-q", "-t", tag, "-"],
+            input=df.encode(),
+            check=True,
+            timeout=300,
+            capture_output=True,
+        )
+    caplog.set_level("WARNING", logger="dockerrepl.repl")
+    with DockerREPL(image=tag, lm_handler_address=handler.address) as repl:
+        r = repl.execute_code("import importlib.util\nprint(importlib.util.find_spec('ctypes'))")
+        assert r.stdout == "None\n"
+        assert repl.execute_code("print(llm_query('x'))").stdout == "echo:x\n"
+    assert any("could not make its host channel private" in m for m in caplog.messages)
