@@ -103,7 +103,10 @@ def classify_error(stderr: str, returncode: int, argv: Sequence[str]) -> DockerE
     cmd = " ".join(argv[1:3]) if len(argv) > 1 else "docker"
     for pattern, cls, hint in _ERROR_TABLE:
         if pattern.search(tail):
-            first = tail.splitlines()[-1] if tail else ""
+            # the line that matched names the cause; the CLI's last line is often only
+            # "Run 'docker run --help' for more information"
+            lines = [ln for ln in tail.splitlines() if pattern.search(ln)]
+            first = lines[-1].strip() if lines else tail.splitlines()[-1]
             return cls(f"`docker {cmd}` failed: {first}", hint, tail, returncode)
     return DockerCommandError(
         f"`docker {cmd}` exited with {returncode}: {tail[-500:]}", "", tail, returncode

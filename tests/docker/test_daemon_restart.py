@@ -178,6 +178,7 @@ def test_daemon_restart_restores_from_the_checkpoint(private_daemon, handler, mo
             # today: ContainerDied (no replacement could start) caused by DockerDaemonError
             assert isinstance(down, ContainerDied)
             assert isinstance(down.__cause__, DockerDaemonError)
+            assert "Cannot connect to the Docker daemon" in str(down)  # the cause, named
         else:
             assert down.status != "ok"  # type: ignore[attr-defined]
             assert "daemon" in down.stderr.lower()  # type: ignore[attr-defined]

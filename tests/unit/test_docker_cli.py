@@ -345,3 +345,16 @@ def test_repl_without_docker(tmp_path, short_ws):
         )
     assert "install" in info.value.hint.lower()
     assert list(ws.iterdir()) == []
+
+
+def test_classify_error_names_the_cause_not_the_cli_footer():
+    # `docker run` ends its stderr with a help footer; the message must carry the cause
+    stderr = (
+        "docker: Cannot connect to the Docker daemon at unix:///tmp/x.sock."
+        " Is the docker daemon running?.\n"
+        "See 'docker run --help'.\n"
+    )
+    err = _docker.classify_error(stderr, 125, ["docker", "run", "-i"])
+    assert isinstance(err, DockerDaemonError)
+    assert "Cannot connect to the Docker daemon" in str(err)
+    assert "--help" not in err.message
