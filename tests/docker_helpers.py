@@ -56,3 +56,16 @@ def labels(container: str) -> dict[str, str]:
 
 def image_exists(tag: str) -> bool:
     return docker("image", "inspect", tag, timeout=30).returncode == 0
+
+
+def derived_image(base: str, tag: str, run: str) -> str:
+    """``tag``: ``base`` plus one ``RUN`` step, built (offline, from the local base) once."""
+    if not image_exists(tag):
+        subprocess.run(
+            ["docker", "build", "-q", "-t", tag, "-"],
+            input=f"FROM {base}\nRUN {run}\n".encode(),
+            check=True,
+            timeout=300,
+            capture_output=True,
+        )
+    return tag

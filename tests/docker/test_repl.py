@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 import time
 
 import pytest
 from concurrency import run_threads
-from docker_helpers import exists, image_exists, labels
+from docker_helpers import derived_image, exists, image_exists, labels
 
 from dockerrepl import DockerREPL, LMHandler
 from dockerrepl.clients import ScriptedClient
@@ -274,16 +273,11 @@ def test_on_output_streams_in_order(repl):
 
 
 def test_python_only_image(image, handler, docker_engine):
-    tag = "dockerrepl/python-only:test-v2"
-    if not image_exists(tag):
-        df = f"FROM {image}\nRUN ln -s python3.11 /usr/bin/python && rm /usr/bin/python3\n"
-        subprocess.run(
-            ["docker", "build", "-q", "-t", tag, "-"],
-            input=df.encode(),
-            check=True,
-            timeout=300,
-            capture_output=True,
-        )
+    tag = derived_image(
+        image,
+        "dockerrepl/python-only:test-v2",
+        "ln -s python3.11 /usr/bin/python && rm /usr/bin/python3",
+    )
     with DockerREPL(image=tag, lm_handler_address=handler.address) as repl:
         r = repl.execute_code("import sys\nprint(sys.executable)\nprint(llm_query('hi'))")
         assert r.stdout.endswith("echo:hi\n"), r.stderr

@@ -569,20 +569,11 @@ def test_forged_progress_frames_cannot_hold_the_host_past_a_ceiling(monkeypatch)
 
 def test_an_image_without_ctypes_is_reported_and_still_works(image, handler, caplog):
     # without ctypes the supervisor cannot make itself non-dumpable: the host must say so
-    import subprocess
+    from docker_helpers import derived_image
 
-    from docker_helpers import image_exists
-
-    tag = "dockerrepl/python-no-ctypes:test-v1"
-    if not image_exists(tag):
-        df = f"FROM {image}\nRUN rm -rf /usr/lib/python3.11/ctypes\n"
-        subprocess.run(
-            ["docker", "build", "-q", "-t", tag, "-"],
-            input=df.encode(),
-            check=True,
-            timeout=300,
-            capture_output=True,
-        )
+    tag = derived_image(
+        image, "dockerrepl/python-no-ctypes:test-v1", "rm -rf /usr/lib/python3.11/ctypes"
+    )
     caplog.set_level("WARNING", logger="dockerrepl.repl")
     with DockerREPL(image=tag, lm_handler_address=handler.address) as repl:
         r = repl.execute_code("import importlib.util\nprint(importlib.util.find_spec('ctypes'))")
