@@ -23,7 +23,7 @@ import warnings
 from typing import Any, Optional
 
 from . import __version__
-from ._cli_sandbox import Output, Sandbox
+from ._cli_sandbox import Output, PromptNudge, Sandbox
 from .repl import RESERVED_NAMES
 
 __all__ = ["cmd_repl", "is_complete", "with_display"]
@@ -142,6 +142,9 @@ def cmd_repl(args: argparse.Namespace) -> int:
     box = Sandbox(args, sys.stderr)
     completer = _Completer()
     readline = _setup_readline(completer) if interactive else None
+    nudge = PromptNudge()
+    if readline is not None:
+        nudge.start()
     try:
         repl = box.open()
         probe = repl.execute_code(
@@ -194,6 +197,7 @@ def cmd_repl(args: argparse.Namespace) -> int:
             if out.broken:
                 return 1
     finally:
+        nudge.stop()
         if readline is not None:
             _save_history(readline)
         box.close()

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ __all__ = [
     "EXIT_SETUP",
     "CliError",
     "Output",
+    "PromptNudge",
     "Sandbox",
     "Terminated",
     "add_sandbox_options",
@@ -248,6 +250,88 @@ def quiet_thread() -> None:
     """
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+
+
+def _no_op(signum: int, frame: Any) -> None:
+    """The nudge signal's handler: a Python-level handler, so the signal interrupts
+    ``select()`` with ``EINTR`` (``SIG_IGN`` would not) and then does nothing."""
+
+
+class PromptNudge:
+    """Re-interrupt the main thread shortly after each terminal signal.
+
+    CPython's readline waits for a key in ``select()`` and checks for signals
+    only when that call fails with ``EINTR``. A Ctrl-C that arrives after the
+    prompt or an echoed key was written, but before ``select()`` starts again,
+    is recorded and then waits for the next key press (seen about 1 in 6 runs
+    of ``tests/cli/test_repl_pty.py``). The signal module's wakeup fd tells a
+    quiet helper thread that a signal came; it then sends the main thread a
+    harmless signal a few times over the next quarter second, and the first
+    one that lands in ``select()`` makes readline run the pending handler.
+    A nudge that arrives when nothing is pending does nothing.
+    """
+
+    DELAYS = (0.01, 0.05, 0.25)  # seconds between nudges, after each signal
+
+    def __init__(self) -> None:
+        self._pair: Optional[tuple[socket.socket, socket.socket]] = None
+        self._saved_fd = -1
+        self._saved_handler: Any = None
+        self._thread: Optional[threading.Thread] = None
+        self._stopped = threading.Event()
+        # a real-time signal nobody else uses where there is one; SIGUSR2 elsewhere
+        rtmin = getattr(signal, "SIGRTMIN", None)
+        self.signum = int(rtmin) + 3 if rtmin is not None else int(signal.SIGUSR2)
+
+    def start(self) -> bool:
+        """Install it (main thread only); False where the platform cannot."""
+        main = threading.main_thread()
+        if threading.current_thread() is not main or not hasattr(signal, "pthread_kill"):
+            return False
+        r, w = socket.socketpair()
+        w.setblocking(False)  # set_wakeup_fd requires it; a full buffer just drops bytes
+        self._pair = (r, w)
+        self._saved_handler = signal.signal(self.signum, _no_op)
+        self._saved_fd = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+        ident = main.ident
+        assert ident is not None
+
+        def watch() -> None:
+            quiet_thread()
+            while not self._stopped.is_set():
+                try:
+                    got = r.recv(64)
+                except OSError:
+                    return
+                if not got:
+                    return
+                if not any(b in _SIGNALS for b in got):
+                    continue  # e.g. our own nudges come back through the wakeup fd
+                for delay in self.DELAYS:
+                    if self._stopped.wait(delay):
+                        return
+                    try:
+                        signal.pthread_kill(ident, self.signum)
+                    except (OSError, ValueError):
+                        return
+
+        self._thread = threading.Thread(target=watch, name="dockerrepl-nudge", daemon=True)
+        self._thread.start()
+        return True
+
+    def stop(self) -> None:
+        """Put back the wakeup fd and the signal handler; end the helper thread."""
+        if self._pair is None:
+            return
+        self._stopped.set()
+        signal.set_wakeup_fd(self._saved_fd)
+        r, w = self._pair
+        self._pair = None
+        w.close()  # the helper's recv() sees EOF
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+        r.close()
+        signal.signal(self.signum, self._saved_handler)
 
 
 def in_quiet_thread(fn: Callable[[], None]) -> None:
