@@ -64,6 +64,10 @@ MAX_LOCALS = 10000
 MAX_NAME = 1000
 FINAL_ANSWER_CAP = 16 << 20
 MAX_NOTES = 16 << 10
+# An internal operation's reply ({}, a name, a checkpoint's path and skipped names) is a
+# few hundred bytes. Cell code can replace the worker's operations or write to its
+# control socket, so a reply is cut down to its keys and refused over this size.
+MAX_REPLY = 1 << 20
 PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
 NONDUMPABLE = [False]  # the supervisor made itself non-dumpable (main)
 
@@ -131,6 +135,33 @@ def _clean_locals(raw, cap):
         if isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_NAME:
             out[k] = v if len(v) <= cap + 64 else v[:cap] + "... (%d chars)" % len(v)
     return out
+
+
+def _clean_reply(msg):
+    """A worker's reply to a host "call" as it may go to the host: its keys, bounded."""
+    rid = msg.get("id")
+    if msg.get("ok") is True:
+        reply = {"type": "reply", "id": rid, "ok": True, "value": msg.get("value")}
+    else:
+        exc = msg.get("exception")
+        reply = {
+            "type": "reply",
+            "id": rid,
+            "ok": False,
+            "error": _cut(str(msg.get("error")), MAX_NOTES, "the error"),
+            "exception": exc[:200] if isinstance(exc, str) else None,
+        }
+    size = len(encode(reply))
+    if size <= MAX_REPLY:
+        return reply
+    return {
+        "type": "reply",
+        "id": rid,
+        "ok": False,
+        "error": "the worker's reply was %d bytes, over the limit of %d (did cell code"
+        " replace a dockerrepl operation?)" % (size, MAX_REPLY),
+        "exception": "RuntimeError",
+    }
 
 
 def _cut(text, cap, what):
@@ -1489,10 +1520,9 @@ class Supervisor:
         if kind == "done" and self.current.get("type") == "exec":
             self.finish_cell(msg)
         elif kind == "reply" and self.current.get("type") == "call":
-            reply = dict(msg)
             self.current = None
             self.ack_at = None
-            self.send_host(reply)
+            self.send_host(_clean_reply(msg))
 
     def finish_cell(self, msg, status=None, note=None):
         req = self.current

@@ -19,7 +19,7 @@ import pytest
 
 from dockerrepl import DockerREPL
 from dockerrepl._container import Container, ContainerConfig, bridge_gateway
-from dockerrepl.errors import SecurityCheckError
+from dockerrepl.errors import DockerReplError, SecurityCheckError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -307,6 +307,35 @@ def test_forged_result_is_schema_checked_and_bounded(repl):
     nxt = repl.execute_code("print(kept)")
     assert nxt.status == "crashed"
     assert "busy" in nxt.stderr
+    assert run_ok(repl, "print(kept)") == "yes\n"
+
+
+def test_replies_the_cell_code_forges_are_bounded_by_the_supervisor(repl):
+    """Cell code can replace the worker's internal operations (the module is in its
+    memory). Their replies reach the host only cut to their keys and under 1 MiB; an
+    error message is cut to 16 Ki characters. Before this, the supervisor forwarded
+    a reply of any size (up to the host's 256 MiB frame cap) for the host to hold."""
+    run_ok(repl, "kept = 'yes'")
+    run_ok(
+        repl,
+        "import dockerrepl_bootstrap as b\n"
+        "real = b.OPS['checkpoint']\n"
+        "b.OPS['checkpoint'] = lambda args: {'skipped': [], 'blob': 'A' * (8 << 20)}\n",
+    )
+    with pytest.raises(DockerReplError, match=r"over the limit of 1048576"):
+        repl.checkpoint()
+
+    def fail(message: str) -> str:
+        return f"def boom(args):\n    raise ValueError({message})\nb.OPS['checkpoint'] = boom\n"
+
+    run_ok(repl, fail("'E' * (4 << 20)"))
+    with pytest.raises(ValueError) as info:
+        repl.checkpoint()
+    assert "characters of the error dropped" in str(info.value)
+    assert len(str(info.value)) < 20_000
+
+    run_ok(repl, "b.OPS['checkpoint'] = real\ndel b, real, boom")
+    assert repl.checkpoint() == []
     assert run_ok(repl, "print(kept)") == "yes\n"
 
 
