@@ -84,8 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
         "125 the sandbox could not be set up, 130 interrupted, 137 out of memory.",
     )
     r.add_argument("file", nargs="?", metavar="FILE", help="Python file ('-' or none: stdin)")
+    r.add_argument(
+        "args",
+        nargs=argparse.REMAINDER,
+        metavar="ARG",
+        help="arguments for the code: its sys.argv[1:] (everything after FILE, as python does)",
+    )
     r.add_argument("-c", dest="code", metavar="CODE", help="code to run")
+    r.add_argument(
+        "--stdin",
+        action="store_true",
+        help="read this process's stdin to its end and give it to the code as sys.stdin "
+        "(default: the code's stdin is empty)",
+    )
     add_sandbox_options(r)
+    # so that `run job.py --timeout 5` can say where its --timeout went
+    r.set_defaults(own_options=frozenset(o for a in r._actions for o in a.option_strings))
 
     i = sub.add_parser("repl", parents=[common], help="an interactive prompt in a sandbox")
     add_sandbox_options(i)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from ._cli_sandbox import (
@@ -15,6 +16,7 @@ from ._cli_sandbox import (
     Output,
     Sandbox,
 )
+from ._files import DEFAULT_MAX_FILE
 from .types import REPLResult
 
 __all__ = ["cmd_run", "exit_status"]
@@ -40,10 +42,70 @@ def exit_status(res: REPLResult) -> int:
     )
 
 
+#: Where ``--stdin`` puts this process's stdin, relative to the workspace.
+STDIN_FILE = ".dockerrepl-stdin"
+_CHUNK = 1 << 20
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The code's ``sys.argv``, as ``python`` would set it for the same command line."""
+    rest = [str(a) for a in (args.args or ())]
+    if args.code is not None:
+        # `python -c CODE a b`: FILE's slot is the first argument
+        return ["-c", *([args.file] if args.file is not None else []), *rest]
+    return [args.file or "-", *rest]
+
+
+def _copy_stdin(dest: str, limit: int) -> int:
+    """Copy all of stdin to ``dest`` (at most ``limit`` bytes); returns the size."""
+    src = sys.stdin.buffer
+    size = 0
+    with open(dest, "wb") as out:
+        while True:
+            chunk = src.read(_CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise CliError(
+                    f"--stdin: more than {limit} bytes on stdin",
+                    "pass large inputs as a file with --context FILE",
+                )
+            out.write(chunk)
+    os.chmod(dest, 0o644)  # the container's user may not be this one
+    return size
+
+
+def _prepare(box: Sandbox, argv: list[str], stdin: bool) -> None:
+    """Set the code's ``sys.argv`` (and ``sys.stdin``) in a cell of its own, binding no name."""
+    repl = box.repl
+    assert repl is not None
+    lines = [f"__import__('sys').argv = {argv!r}"]
+    if stdin:
+        _copy_stdin(os.path.join(repl.temp_dir, STDIN_FILE), DEFAULT_MAX_FILE)
+        path = f"/workspace/{STDIN_FILE}"
+        lines.append(
+            f"__import__('sys').stdin = open({path!r}, encoding='utf-8', errors='surrogateescape')"
+        )
+    res = repl.execute_code("\n".join(lines))
+    if res.status != "ok":
+        raise CliError(f"could not set up sys.argv/sys.stdin in the sandbox: {res.stderr.strip()}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """``dockerrepl run``: one sandbox, one cell, output streamed, exit status from the cell."""
-    if args.code is not None and args.file is not None:
-        raise CliError("give either FILE or -c CODE, not both")
+    from_stdin = args.code is None and args.file in (None, "-")
+    if args.stdin and from_stdin:
+        raise CliError("--stdin needs FILE or -c CODE: without them the code is read from stdin")
+    if args.stdin and sys.stdin.isatty():
+        raise CliError("--stdin: stdin is a terminal; pipe or redirect the input")
+    ours: frozenset[str] = getattr(args, "own_options", frozenset())
+    misplaced = [a for a in (args.args or ()) if a.split("=", 1)[0] in ours]
+    if misplaced:
+        sys.stderr.write(
+            f"dockerrepl: note: {' '.join(misplaced)} after FILE went to the code (sys.argv), "
+            "as with python; put dockerrepl's options before FILE\n"
+        )
     if args.code is not None:
         code = args.code
     elif args.file in (None, "-"):
@@ -60,6 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     box = Sandbox(args, sys.stderr)
     try:
         box.open()
+        _prepare(box, _argv(args), args.stdin)
         out = Output(sys.stdout, sys.stderr)
         res = box.run_cell(code, out)
         out.finish(res)

@@ -56,9 +56,14 @@ def test_doctor_daemon_down(docker_cli: str) -> None:
 
 
 def test_usage_errors() -> None:
-    both = cli("run", "x.py", "-c", "1")
+    # after FILE everything is the code's (as with python): here FILE is missing
+    both = cli("run", "/nonexistent/x.py", "-c", "1")
     assert both.rc == 2
-    assert "dockerrepl: error:" in both.err
+    assert "dockerrepl: error: cannot read /nonexistent/x.py" in both.err
+    # --stdin with the code itself coming from stdin
+    code_too = cli("run", "--stdin", stdin="print(1)")
+    assert code_too.rc == 2
+    assert "--stdin needs FILE or -c CODE" in code_too.err
     missing = cli("run", "/nonexistent/job.py")
     assert missing.rc == 2
     assert "/nonexistent/job.py" in missing.err

@@ -36,6 +36,55 @@ def test_file_and_stdin(env: dict[str, str], tmp_path: Any) -> None:
     assert cli("run", "--backend", "echo", env=env, stdin="print('bare')").out == "bare\n"
 
 
+def test_arguments_after_file_or_c_are_the_codes_sys_argv(
+    env: dict[str, str], tmp_path: Any
+) -> None:
+    script = tmp_path / "args.py"
+    script.write_text("import sys\nprint(__name__, sys.argv)\n")
+    # options after FILE belong to the code, as with python
+    done = cli("run", "--backend", "echo", str(script), "a b", "--timeout", "5", env=env)
+    assert done.rc == 0, done.err
+    assert done.out == f"__main__ {[str(script), 'a b', '--timeout', '5']}\n"
+    assert "note: --timeout after FILE went to the code" in done.err
+    code = "import sys; print(sys.argv)"
+    done = cli("run", "--backend", "echo", "-c", code, "x", "-q", env=env)
+    assert done.out == "['-c', 'x', '-q']\n", done.err
+    assert done.err == ""  # -q is not one of run's own options: no note
+    done = cli("run", "--backend", "echo", "-", "q", env=env, stdin=code)
+    assert done.out == "['-', 'q']\n", done.err
+
+
+def test_stdin_is_given_to_the_code_only_with_the_stdin_option(
+    env: dict[str, str], tmp_path: Any
+) -> None:
+    script = tmp_path / "cat.py"
+    script.write_text(
+        "import sys\nfirst = input()\nrest = sys.stdin.read()\nprint(repr(first), repr(rest))\n"
+    )
+    data = b"line one\nl\xc3\xa9 two \xff\n"
+    run = [sys.executable, "-m", "dockerrepl", "run", "--backend", "echo"]
+    done = subprocess.run(
+        [*run, "--stdin", str(script)], input=data, capture_output=True, env=env, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    # UTF-8 as text; a byte that is not UTF-8 kept as a surrogate escape, as python does
+    assert done.stdout == b"'line one' 'l\xc3\xa9 two \\udcff\\n'\n"
+    # without --stdin the code's stdin is empty, and a pipe nobody closes cannot hold it up
+    with subprocess.Popen(
+        [*run, "-c", "import sys; print(repr(sys.stdin.read()))"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    ) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        rc = proc.wait(timeout=60)  # stdin still open: the code must not wait for it
+        out = proc.stdout.read()
+        proc.stdin.close()
+        assert rc == 0, proc.stderr.read() if proc.stderr else ""
+        assert out == b"''\n"
+
+
 def test_context_text_and_json(env: dict[str, str], tmp_path: Any) -> None:
     text = tmp_path / "book.txt"
     text.write_text("hello world\n" * 100)
