@@ -174,6 +174,89 @@ class ContainerConfig:
         return argv
 
 
+# docker run options extra_args may not carry. The channel and lifecycle need -i without
+# a tty, attached, under our name and entrypoint, removed on exit; the host's
+# environment never goes in; limits and hardening have their own arguments.
+_CHANNEL_FLAGS = {
+    "-t": "a tty would corrupt the framed channel",
+    "--tty": "a tty would corrupt the framed channel",
+    "-d": "the container must stay attached to its owner",
+    "--detach": "the container must stay attached to its owner",
+    "-a": "the container must stay attached to its owner",
+    "--attach": "the container must stay attached to its owner",
+    "--name": "dockerrepl names its containers",
+    "--entrypoint": "the bootstrap is the entrypoint",
+    "--rm": "already given",
+    "-i": "already given",
+    "--interactive": "already given",
+    "--sig-proxy": "interrupts are sent as frames",
+    "--init": "an init process would share the supervisor's host channel",
+    "-e": "the host's environment never goes in; set variables with setup_code",
+    "--env": "the host's environment never goes in; set variables with setup_code",
+    "--env-file": "the host's environment never goes in; set variables with setup_code",
+}
+_OWN_OPTION = {
+    "--network": "network=",
+    "--net": "network=",
+    "-u": "user=",
+    "--user": "user=",
+    "--read-only": "read_only=",
+    "-m": "memory=",
+    "--memory": "memory=",
+    "--memory-swap": "memory= (swap is always off)",
+    "--cpus": "cpus=",
+    "--pids-limit": "pids_limit=",
+    "--runtime": "runtime=",
+}
+# they widen what cell code may do past the documented defaults (docs/security.md)
+_WIDENING = {
+    "--privileged",
+    "--cap-add",
+    "--security-opt",
+    "--pid",
+    "--ipc",
+    "--uts",
+    "--userns",
+    "--cgroupns",
+    "--device-cgroup-rule",
+}
+
+
+def check_extra_args(extra_args: Any, allow_widening: bool) -> tuple[str, ...]:
+    """Validate ``DockerREPL(extra_args=...)``: a sequence of str, no option we own.
+
+    Raises ``TypeError`` for anything but a list/tuple of str and ``ValueError``
+    for an option that would break the channel, pass the host's environment, or
+    duplicate one of DockerREPL's own arguments. Options that widen the sandbox
+    (``--privileged``, ``--cap-add``, ...) are refused unless ``allow_widening``
+    (``verify_security=False``).
+    """
+    if isinstance(extra_args, (str, bytes)) or not isinstance(extra_args, (list, tuple)):
+        raise TypeError(f"extra_args must be a list of str, not {type(extra_args).__name__}")
+    out = []
+    for arg in extra_args:
+        if not isinstance(arg, str):
+            raise TypeError(f"extra_args must be a list of str; got {arg!r}")
+        if arg.startswith("--"):
+            names = [arg.split("=", 1)[0]]
+        elif arg.startswith("-") and len(arg) > 1:
+            names = ["-" + c for c in arg[1:].split("=", 1)[0]]  # -it is -i and -t
+        else:
+            names = []
+        for name in names:
+            if name in _CHANNEL_FLAGS:
+                raise ValueError(f"extra_args may not contain {name}: {_CHANNEL_FLAGS[name]}")
+            if name in _OWN_OPTION:
+                raise ValueError(f"extra_args may not contain {name}: use {_OWN_OPTION[name]}")
+            if name in _WIDENING and not allow_widening:
+                raise ValueError(
+                    f"extra_args may not contain {name}: it widens the sandbox past its"
+                    " defaults (pass verify_security=False to take that on yourself)"
+                )
+        out.append(arg)
+    return tuple(out)
+
+
 class Container:
     """One running sandbox container and its framed channel.
 

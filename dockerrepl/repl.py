@@ -23,11 +23,17 @@ import textwrap
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
 from . import __version__
-from ._container import Container, ContainerConfig, bridge_gateway, owner_label
+from ._container import (
+    Container,
+    ContainerConfig,
+    bridge_gateway,
+    check_extra_args,
+    owner_label,
+)
 from ._files import DEFAULT_MAX_FILE, copy_in, copy_out
 from ._proxy import ProxyServer, ProxyState
 from .errors import (
@@ -297,6 +303,13 @@ class DockerREPL:
             its worker.
         start_timeout: seconds (> 0) a container may take to become ready; past
             it :class:`~dockerrepl.errors.BootstrapError`.
+        extra_args: more ``docker run`` options, e.g. ``["--device", "/dev/fuse"]``
+            or ``["--storage-opt", "size=2g"]`` where the engine supports it.
+            Options that break the channel (``-t``, ``--init``, ...), pass the
+            host's environment (``-e``, ``--env-file``) or have their own argument
+            here (``--memory``, ``--user``, ...) raise ``ValueError``; ones that
+            widen the sandbox (``--privileged``, ``--cap-add``, ``--security-opt``,
+            ``--pid``, ...) are refused too unless ``verify_security=False``.
 
     Wrong argument types raise ``TypeError`` and impossible values
     ``ValueError`` (a missing ``workspace_dir``: ``FileNotFoundError``), all
@@ -335,10 +348,13 @@ class DockerREPL:
         grace: float = 2.0,
         start_timeout: float = 120.0,
         verify_security: bool = True,
+        extra_args: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         if kwargs:
-            log.debug("DockerREPL ignores unknown arguments: %s", sorted(kwargs))
+            # rlm's contract: accepted and ignored; said aloud, since a misspelt
+            # option (memroy=...) would otherwise silently not apply
+            log.warning("DockerREPL ignores unknown arguments: %s", ", ".join(sorted(kwargs)))
         # every argument is checked before anything starts (typed errors, nothing to undo)
         if network not in ("bridge", "none"):
             raise ValueError(f"network must be 'bridge' or 'none', not {network!r}")
@@ -384,7 +400,9 @@ class DockerREPL:
             dict(custom_sub_tools) if custom_sub_tools is not None else dict(self.custom_tools)
         )
         self._tool_specs, host_tools = _tool_specs(self.custom_tools)
+        extra = check_extra_args(extra_args, allow_widening=not verify_security)
         self._options = {
+            "extra_args": extra,
             "memory": memory,
             "cpus": cpus,
             "pids_limit": pids_limit,
@@ -511,6 +529,7 @@ class DockerREPL:
             user=opts["user"],  # type: ignore[arg-type]
             read_only=bool(opts["read_only"]),
             runtime=opts["runtime"],  # type: ignore[arg-type]
+            extra_args=opts["extra_args"],  # type: ignore[arg-type]
             start_timeout=float(opts["start_timeout"]),  # type: ignore[arg-type]
             labels={
                 "dockerrepl.version": __version__,

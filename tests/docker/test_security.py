@@ -19,7 +19,7 @@ import pytest
 
 from dockerrepl import DockerREPL
 from dockerrepl._container import Container, ContainerConfig, bridge_gateway
-from dockerrepl.errors import DockerReplError, SecurityCheckError
+from dockerrepl.errors import DockerCommandError, DockerReplError, SecurityCheckError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -337,6 +337,39 @@ def test_replies_the_cell_code_forges_are_bounded_by_the_supervisor(repl):
     run_ok(repl, "b.OPS['checkpoint'] = real\ndel b, real, boom")
     assert repl.checkpoint() == []
     assert run_ok(repl, "print(kept)") == "yes\n"
+
+
+def test_extra_args_reach_docker_run_and_the_defaults_still_hold(image, handler):
+    """extra_args go on the command line; the hardening check still runs after start."""
+    with DockerREPL(
+        image=image,
+        lm_handler_address=handler.address,
+        extra_args=["--hostname", "sandbox-x", "--label=team=blue"],
+    ) as repl:
+        attrs = inspect(repl)
+        assert attrs["Config"]["Hostname"] == "sandbox-x"
+        assert attrs["Config"]["Labels"]["team"] == "blue"
+        assert attrs["HostConfig"]["CapDrop"] == ["ALL"]
+        assert run_ok(repl, "import socket\nprint(socket.gethostname())") == "sandbox-x\n"
+
+
+def test_extra_args_the_engine_refuses_are_a_typed_error_naming_the_cause(image, tmp_path):
+    """``--storage-opt size=`` caps the writable layer where the storage driver can
+    (overlay2 on xfs with pquota, btrfs, zfs, devicemapper); elsewhere the engine's
+    refusal comes back as DockerCommandError, quoted, and nothing is left behind."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    refused: DockerCommandError | None = None
+    try:
+        repl = DockerREPL(image=image, workspace_dir=str(ws), extra_args=["--storage-opt=size=1g"])
+    except DockerCommandError as exc:
+        refused = exc
+    if refused is not None:
+        assert "--storage-opt is not supported" in str(refused)
+        assert list(ws.iterdir()) == []
+        return
+    with repl:  # an engine that can: the option is applied
+        assert inspect(repl)["HostConfig"]["StorageOpt"] == {"size": "1g"}
 
 
 # --------------------------------------------------------------------------- no engine

@@ -51,6 +51,24 @@ pytestmark = pytest.mark.timeout(30)
         ({"lm_handler_address": ("127.0.0.1", 0)}, ValueError),
         ({"lm_handler_address": ("127.0.0.1", 70000)}, ValueError),
         ({"lm_handler_address": (None, 80)}, TypeError),
+        ({"extra_args": "--hostname x"}, TypeError),  # a str, not a list of them
+        ({"extra_args": ["--hostname", 5]}, TypeError),
+        ({"extra_args": None}, TypeError),
+        ({"extra_args": ["-t"]}, ValueError),  # a tty corrupts the framed channel
+        ({"extra_args": ["-it"]}, ValueError),
+        ({"extra_args": ["--init"]}, ValueError),
+        ({"extra_args": ["--detach"]}, ValueError),
+        ({"extra_args": ["--entrypoint=sh"]}, ValueError),
+        ({"extra_args": ["-e", "OPENAI_API_KEY"]}, ValueError),  # the host's value
+        ({"extra_args": ["--env=A=b"]}, ValueError),
+        ({"extra_args": ["--env-file", "/etc/environment"]}, ValueError),
+        ({"extra_args": ["--memory", "8g"]}, ValueError),  # memory= is the way
+        ({"extra_args": ["--network=host"]}, ValueError),
+        ({"extra_args": ["-u", "0"]}, ValueError),
+        ({"extra_args": ["--privileged"]}, ValueError),
+        ({"extra_args": ["--cap-add", "SYS_PTRACE"]}, ValueError),
+        ({"extra_args": ["--security-opt=seccomp=unconfined"]}, ValueError),
+        ({"extra_args": ["--pid=host"]}, ValueError),
     ],
 )
 def test_bad_arguments_are_refused_before_anything_starts(tmp_path, kwargs, exc):
@@ -91,6 +109,10 @@ def test_image_from_the_environment_is_checked_too(tmp_path, monkeypatch):
         # rlm's environment contract, and arguments it passes that we do not know
         {"persistent": True, "depth": 2, "max_concurrent_subcalls": 8, "compaction": False},
         {"some_future_rlm_option": object()},
+        {"extra_args": ["--hostname", "sandbox", "--label=team=a", "--device", "/dev/fuse"]},
+        {"extra_args": ("--storage-opt", "size=2g")},
+        # widening options are the caller's to take on, with the inspect check off
+        {"extra_args": ["--cap-add", "SYS_PTRACE"], "verify_security": False},
     ],
 )
 def test_good_arguments_get_as_far_as_the_start(tmp_path, kwargs):
@@ -107,3 +129,13 @@ def test_good_arguments_get_as_far_as_the_start(tmp_path, kwargs):
             **kwargs,
         )
     assert list(ws.iterdir()) == []
+
+
+def test_unknown_arguments_are_ignored_with_a_warning(tmp_path, caplog):
+    """rlm's contract says accept and ignore; a misspelt option is named, not silent."""
+    from dockerrepl.errors import DockerNotFound
+
+    with pytest.raises(DockerNotFound):
+        DockerREPL(image="img", docker=str(tmp_path / "no-docker"), memroy="1g")
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert [r.getMessage() for r in warned] == ["DockerREPL ignores unknown arguments: memroy"]
