@@ -73,6 +73,21 @@ def process_start_time(pid: int) -> str:
     return rest[19] if len(rest) > 19 else "0"
 
 
+def pid_namespace(pid: Optional[int] = None) -> str:
+    """The inode of the PID namespace of ``pid`` (default: this process); "" if unknown.
+
+    A pid means something only inside its namespace: ``gc`` run on the host must
+    not judge the owner of a container started from inside another container
+    (same hostname with ``--network host``, a docker socket mounted in).
+    """
+    try:
+        link = os.readlink(f"/proc/{'self' if pid is None else pid}/ns/pid")
+    except OSError:
+        return ""
+    inode = link.rsplit("[", 1)[-1].rstrip("]")
+    return inode if inode.isdigit() else ""
+
+
 def owner_label(pid: Optional[int] = None) -> str:
     """``<hostname>:<pid>:<start>`` for the owner process (default: this one)."""
     pid = os.getpid() if pid is None else pid

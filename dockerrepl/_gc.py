@@ -2,10 +2,12 @@
 
 Containers: every DockerREPL container carries ``dockerrepl.version`` and
 ``dockerrepl.owner=<hostname>:<pid>:<start>`` (``<start>`` is field 22 of
-``/proc/<pid>/stat``). One is an orphan when the owner is on this host and the
+``/proc/<pid>/stat``), and ``dockerrepl.pidns`` (the owner's PID namespace).
+One is an orphan when the owner is on this host, in this PID namespace, and the
 pid is gone, a zombie, or now belongs to a process with another start time.
-Owners on other hosts, owners that cannot be checked, and containers without an
-owner label are kept (``--all`` removes them, after asking).
+Owners on other hosts or in other PID namespaces, owners that cannot be checked,
+and containers without an owner label are kept (``--all`` removes them, after
+asking).
 
 Workspaces: DockerREPL's ``dockerrepl-*`` directories under the temp dir (or
 ``workspace_dir``). One is stale only when it has the workspace layout, belongs
@@ -30,6 +32,7 @@ from typing import Optional
 
 from . import _docker
 from ._cli_sandbox import CliError
+from ._container import pid_namespace
 from .errors import DockerReplError, NoSuchContainer
 
 __all__ = [
@@ -49,7 +52,8 @@ PREFIX = "dockerrepl-"
 CLAIMED = "a container still uses it"
 _FORMAT = (
     "[{{json .ID}},{{json .Names}},{{json .State}},{{json .RunningFor}},"
-    '{{json (.Label "dockerrepl.owner")}},{{json (.Label "dockerrepl.workspace")}}]'
+    '{{json (.Label "dockerrepl.owner")}},{{json (.Label "dockerrepl.workspace")}},'
+    '{{json (.Label "dockerrepl.pidns")}}]'
 )
 
 
@@ -63,6 +67,7 @@ class Found:
     running_for: str
     owner: str
     workspace: str
+    pidns: str = ""  # the owner's PID namespace (containers from before 0.1.0 have none)
 
 
 def list_containers(docker: str, labels: Sequence[str] = ()) -> list[Found]:
@@ -77,7 +82,7 @@ def list_containers(docker: str, labels: Sequence[str] = ()) -> list[Found]:
             row = json.loads(line)
         except ValueError:
             continue
-        if isinstance(row, list) and len(row) == 6:
+        if isinstance(row, list) and len(row) == 7:
             found.append(Found(*(str(x or "") for x in row)))
     return found
 
@@ -105,9 +110,16 @@ def _pid_alive(pid: int) -> bool:
     return not (fields and fields[0] in ("Z", "X"))
 
 
-def owner_status(owner: str, hostname: Optional[str] = None) -> tuple[str, str]:
-    """``(verdict, reason)``: verdict is ``live``, ``dead``, ``foreign`` or ``unknown``."""
+def owner_status(
+    owner: str, hostname: Optional[str] = None, pidns: str = "", my_pidns: Optional[str] = None
+) -> tuple[str, str]:
+    """``(verdict, reason)``: verdict is ``live``, ``dead``, ``foreign`` or ``unknown``.
+
+    ``pidns`` is the container's ``dockerrepl.pidns`` label; an owner in another PID
+    namespace than ours (``my_pidns``) is foreign: its pid cannot be checked here.
+    """
     hostname = socket.gethostname() if hostname is None else hostname
+    my_pidns = pid_namespace() if my_pidns is None else my_pidns
     if not owner:
         return "unknown", "no owner label (--all removes it)"
     parts = owner.rsplit(":", 2)
@@ -116,6 +128,8 @@ def owner_status(owner: str, hostname: Optional[str] = None) -> tuple[str, str]:
     host, pid_text, start = parts
     if host != hostname:
         return "foreign", f"owned by a process on host {host!r}"
+    if pidns and my_pidns and pidns != my_pidns:
+        return "foreign", f"owned by a process in another PID namespace (pid:[{pidns}])"
     pid = int(pid_text)
     if not _pid_alive(pid):
         return "dead", f"owner pid {pid} is gone"
@@ -256,6 +270,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     out = sys.stdout
     verb = "would remove" if args.dry_run else "removed"
     hostname = socket.gethostname()
+    my_pidns = pid_namespace()
     for label in args.label:
         if "=" not in label or label.startswith("="):
             raise CliError(f"--label wants KEY=VALUE, not {label!r}")
@@ -264,7 +279,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     plan: list[tuple[Found, str, str]] = []
     live = 0
     for c in considered:
-        verdict, reason = owner_status(c.owner, hostname)
+        verdict, reason = owner_status(c.owner, hostname, c.pidns, my_pidns)
         live += verdict == "live"
         if verdict == "dead" or args.all:
             plan.append((c, verdict, reason))

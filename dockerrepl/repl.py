@@ -33,6 +33,7 @@ from ._container import (
     bridge_gateway,
     check_extra_args,
     owner_label,
+    pid_namespace,
 )
 from ._files import DEFAULT_MAX_FILE, copy_in, copy_out
 from ._proxy import ProxyServer, ProxyState
@@ -534,6 +535,7 @@ class DockerREPL:
             labels={
                 "dockerrepl.version": __version__,
                 "dockerrepl.owner": owner_label(),
+                "dockerrepl.pidns": pid_namespace(),
                 "dockerrepl.workspace": self._root,
             },
         )

@@ -16,7 +16,7 @@ from dockerrepl import REPLResult
 from dockerrepl._cli_repl import is_complete, with_display
 from dockerrepl._cli_run import exit_status
 from dockerrepl._cli_sandbox import Output, _remainder, read_context
-from dockerrepl._container import owner_label
+from dockerrepl._container import owner_label, pid_namespace
 from dockerrepl._gc import looks_like_workspace, owner_status, stale_workspaces
 
 pytestmark = pytest.mark.timeout(30)
@@ -131,6 +131,16 @@ def test_owner_status() -> None:
     assert owner_status("", HOST)[0] == "unknown"
     assert owner_status("garbage", HOST)[0] == "unknown"
     assert owner_status(f"{HOST}:0:1", HOST)[0] == "dead"  # pid 0 is never an owner
+    # the owner's PID namespace: another one's pids cannot be judged here
+    dead = f"{HOST}:{p.pid}:1"
+    assert owner_status(dead, HOST, pidns="1", my_pidns="2") == (
+        "foreign",
+        "owned by a process in another PID namespace (pid:[1])",
+    )
+    assert owner_status(dead, HOST, pidns="2", my_pidns="2")[0] == "dead"
+    assert owner_status(dead, HOST, pidns="", my_pidns="2")[0] == "dead"  # an older container
+    assert pid_namespace().isdigit()
+    assert pid_namespace(os.getpid()) == pid_namespace()
 
 
 def _ws(parent: Path, name: str, age: float = 3600) -> Path:

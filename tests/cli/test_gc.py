@@ -20,10 +20,10 @@ from typing import Callable, Optional
 
 import pytest
 from cli_helpers import base_env, cli
-from docker_helpers import exists
+from docker_helpers import container_ids, exists, labels
 
 from dockerrepl import DockerREPL
-from dockerrepl._container import owner_label
+from dockerrepl._container import owner_label, pid_namespace
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -186,6 +186,59 @@ def test_live_repl_survives(image: str, handler: object, tmp_path: Path) -> None
         assert repl.execute_code("print(x + 1)").stdout == "2\n"
     finally:
         repl.cleanup()
+
+
+OWNER_IN_A_PID_NAMESPACE = """
+import sys
+from dockerrepl import DockerREPL
+repl = DockerREPL(image=sys.argv[1], network="none", timeout=30)
+try:
+    assert repl.execute_code("x = 1").status == "ok"
+    print(repl.container_name, flush=True)
+    sys.stdin.read()  # until the test closes it
+finally:
+    repl.cleanup()
+"""
+
+
+def test_an_owner_in_another_pid_namespace_is_kept(image: str) -> None:
+    """The owner runs in a PID namespace of its own (as inside a container with the docker
+    socket mounted): its label holds its pid there, e.g. 1, which on this side is
+    another, live, process. Judged by pid and start time alone it looked dead, and
+    gc removed a live REPL's container; the dockerrepl.pidns label keeps it."""
+    probe = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, timeout=30
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a PID namespace here: {probe.stderr.decode().strip()}")
+    owner = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+         OWNER_IN_A_PID_NAMESPACE, image],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=base_env(), text=True,
+    )  # fmt: skip
+    try:
+        assert owner.stdout is not None and owner.stdin is not None
+        name = owner.stdout.readline().strip()
+        assert name.startswith("dockerrepl-"), owner.stderr.read() if owner.stderr else ""
+        got = labels(name)
+        assert got["dockerrepl.pidns"] != pid_namespace()
+        assert got["dockerrepl.owner"].split(":")[1] in ("1", "2")  # its pid, over there
+        done = cli("gc", "--min-age", "0", "--label", f"dockerrepl.owner={got['dockerrepl.owner']}")
+        assert done.rc == 0, done.out + done.err
+        assert f"kept         container {name}" in done.out
+        assert "another PID namespace" in done.out
+        assert container_ids(f"name=^{name}$")
+    finally:
+        if owner.stdin is not None:
+            owner.stdin.close()  # the owner cleans up and exits
+        try:
+            owner.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            owner.kill()
+            owner.wait(timeout=30)
+    assert owner.returncode == 0
+    assert not container_ids(f"name=^{name}$")
 
 
 def test_bad_label_is_a_usage_error() -> None:
