@@ -1404,15 +1404,23 @@ class Supervisor:
     def kill_worker(self):
         if self.worker_pid is None:
             return None
-        try:
-            os.killpg(self.worker_pid, signal.SIGKILL)
-        except OSError:
-            try:
-                os.kill(self.worker_pid, signal.SIGKILL)  # no group: the worker itself
-            except OSError:
-                pass
+        self.sigkill_worker()
         status = self.reap_worker(block=True)
         return status
+
+    def sigkill_worker(self):
+        """SIGKILL the worker's process group and the worker itself.
+
+        Both: cell code can move the worker out of its group (``setpgid``) while a
+        child stays in it; killing only the group then succeeded without reaching
+        the worker, and the blocking wait for it never returned (the container
+        outlived its host, and timeouts waited for the host's margin).
+        """
+        for kill, target in ((os.killpg, self.worker_pid), (os.kill, self.worker_pid)):
+            try:
+                kill(target, signal.SIGKILL)
+            except OSError:
+                pass  # no such group (or worker) any more
 
     def reap_worker(self, block):
         if self.worker_pid is None:
@@ -1734,10 +1742,7 @@ class Supervisor:
             return
         if self.kill_at is not None and now >= self.kill_at:
             self.kill_at = now + 3600  # once
-            try:
-                os.killpg(self.worker_pid, signal.SIGKILL)
-            except OSError:
-                pass
+            self.sigkill_worker()
             return
         if self.deadline is not None and now >= self.deadline:
             self.deadline = None

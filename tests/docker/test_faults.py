@@ -92,13 +92,19 @@ def test_timeout_per_call_overrides_the_default(frepl):
         "while True:\n    try:\n        while True:\n            z = 1\n"
         "    except KeyboardInterrupt:\n        pass",
         "import signal, time\nsignal.signal(signal.SIGINT, lambda *a: None)\ntime.sleep(60)",
+        # the worker leaves its process group, a child stays in it: killing the group
+        # alone missed the worker, and the supervisor waited for it until the host's
+        # margin (24.5 s here, not timeout + grace) replaced the whole container
+        "import os, signal, time\nif os.fork() == 0:\n    time.sleep(600)\n    os._exit(0)\n"
+        "os.setpgid(0, 1)\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass",
     ],
-    ids=["sig-ign", "swallow-keyboardinterrupt", "handler-then-sleep"],
+    ids=["sig-ign", "swallow-keyboardinterrupt", "handler-then-sleep", "leaves-its-group"],
 )
 def test_code_ignoring_sigint_is_killed_and_state_restored(frepl, code):
     seed(frepl)
     r = frepl.execute_code(code)
     assert r.status == "timeout"
+    assert r.execution_time < 10  # timeout 2 + grace 0.5, not the host's 20 s margin
     assert "killed" in r.stderr and "restored" in r.stderr
     survived(frepl)
     assert frepl.restarts == 0  # the worker was replaced, not the container
@@ -364,14 +370,25 @@ sys.path.insert(0, {root!r})
 from dockerrepl import DockerREPL
 r = DockerREPL(image={image!r}, timeout=None)
 r.execute_code("import time")
+r.execute_code({before!r})
 print("READY", flush=True)
 r.execute_code("while True:\\n    time.sleep(1)")
 """
 
 
-def test_host_sigkill_removes_its_containers(image, tmp_path):
+@pytest.mark.parametrize(
+    "before",
+    [
+        "pass",
+        # the worker leaves its process group while a child stays in it; the supervisor
+        # used to kill only the group and then wait for ever on the worker
+        "import os\nif os.fork() == 0:\n    time.sleep(10**6)\nos.setpgid(0, 1)",
+    ],
+    ids=["plain", "worker-left-its-group"],
+)
+def test_host_sigkill_removes_its_containers(image, tmp_path, before):
     script = tmp_path / "child.py"
-    script.write_text(CHILD.format(root=ROOT, image=image))
+    script.write_text(CHILD.format(root=ROOT, image=image, before=before))
     child = subprocess.Popen(
         [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
     )
