@@ -21,7 +21,7 @@ from typing import IO, Any, Optional
 
 from . import __version__, _docker
 from ._cli_sandbox import BUILD_HINT, default_image, ensure_image
-from ._container import bridge_gateway, owner_label
+from ._container import CODE_MOUNT, bridge_gateway, owner_label
 from .clients import EchoClient
 from .errors import DockerError, DockerReplError, DockerTimeout, NoSuchImage
 from .lm_handler import LMHandler
@@ -290,7 +290,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                 "install dill on the host (`pip install dill`): it is copied into the mount",
             )
         version, _, path = res.stdout.strip().partition("\n")
-        source = "copied from the host" if "/workspace/.dockerrepl/" in path else "the image's"
+        source = "copied from the host" if path.startswith(CODE_MOUNT + "/") else "the image's"
         r.checkpoint()
         size = os.path.getsize(os.path.join(r.temp_dir, "state.dill"))
         return f"dill {version} ({source}); checkpoint written ({size} bytes)"

@@ -45,12 +45,16 @@ log = logging.getLogger(__name__)
 BOOTSTRAP_NAME = "dockerrepl_bootstrap.py"
 PROTOCOL_VERSION = 1
 MOUNT_POINT = "/workspace"
+# The bootstrap's code (and the host's dill, when the image has none), mounted
+# read-only from a host directory outside the workspace: cell code can write the
+# workspace, and code kept there would run as the next container's supervisor.
+CODE_MOUNT = "/opt/dockerrepl"
 # Imported as a module, not run as a script: run as a script, the file (no .pyc
 # with -B) is compiled twice, as __main__ and again when it imports itself by
 # name; that second compile is ~17 ms of every container start. sys.path[0]
 # becomes the bootstrap's directory, as it is for a script.
 BOOTSTRAP_LAUNCHER = (
-    f"import sys; sys.path[0] = '{MOUNT_POINT}/.dockerrepl'; "
+    f"import sys; sys.path[0] = '{CODE_MOUNT}'; "
     "import dockerrepl_bootstrap; dockerrepl_bootstrap.main()"
 )
 LABEL_PREFIX = "dockerrepl."
@@ -146,6 +150,8 @@ class ContainerConfig:
     runtime: Optional[str] = None
     labels: dict[str, str] = field(default_factory=dict)
     extra_args: Sequence[str] = ()
+    #: host directory with the bootstrap, mounted read-only at CODE_MOUNT
+    code_dir: str = ""
     start_timeout: float = 120.0
     tmpfs_size: str = "256m"
 
@@ -164,6 +170,8 @@ class ContainerConfig:
         for k, v in sorted(self.labels.items()):
             argv += ["--label", f"{k}={v}"]
         argv += ["-v", f"{self.workspace}:{MOUNT_POINT}", "-w", MOUNT_POINT]
+        if self.code_dir:
+            argv += ["-v", f"{self.code_dir}:{CODE_MOUNT}:ro"]
         if self.network == "none":
             argv += ["--network", "none"]
         elif self.network == "bridge":

@@ -28,6 +28,7 @@ from typing import Any, Optional, Union
 
 from . import __version__
 from ._container import (
+    CODE_MOUNT,
     Container,
     ContainerConfig,
     bridge_gateway,
@@ -443,6 +444,7 @@ class DockerREPL:
         self.proxy: Optional[ProxyServer] = None
         self.temp_dir = ""
         self._root = ""
+        self._code_dir = ""
         self.restarts = 0
         self._last_completed = 0  # the last cell that ended ok or error
         self._state = ProxyState(
@@ -479,17 +481,22 @@ class DockerREPL:
 
         self._root = tempfile.mkdtemp(prefix="dockerrepl-", dir=self._workspace_dir)
         self.temp_dir = os.path.join(self._root, "workspace")
-        boot_dir = os.path.join(self.temp_dir, ".dockerrepl")
+        boot_dir = os.path.join(self.temp_dir, ".dockerrepl")  # state, writable inside
         os.makedirs(boot_dir)
         # a non-root container user must be able to write state and checkpoints;
         # the 0700 parent keeps other host users out
         os.chmod(self.temp_dir, 0o777 if self._options["user"] else 0o755)
         os.chmod(boot_dir, 0o777 if self._options["user"] else 0o755)
-        shutil.copyfile(_BOOTSTRAP_SRC, os.path.join(boot_dir, "dockerrepl_bootstrap.py"))
-        _write_bootstrap_pyc(os.path.join(boot_dir, "dockerrepl_bootstrap.py"))
+        # the code, outside the workspace and mounted read-only: nothing a cell does
+        # can change what the next container runs as its supervisor
+        self._code_dir = os.path.join(self._root, "code")
+        os.makedirs(self._code_dir)
+        os.chmod(self._code_dir, 0o755)
+        shutil.copyfile(_BOOTSTRAP_SRC, os.path.join(self._code_dir, "dockerrepl_bootstrap.py"))
+        _write_bootstrap_pyc(os.path.join(self._code_dir, "dockerrepl_bootstrap.py"))
         docker = str(self._options["docker"])
         if not _IMAGE_HAS_DILL.get((docker, self.image)):
-            _copy_dill(os.path.join(boot_dir, "lib"))
+            _copy_dill(os.path.join(self._code_dir, "lib"))
         self._state.token = secrets.token_urlsafe(24)
         if self.network == "none":
             self.proxy = ProxyServer(self._state, unix_path=os.path.join(boot_dir, "proxy.sock"))
@@ -522,6 +529,7 @@ class DockerREPL:
         cfg = ContainerConfig(
             image=self.image,
             workspace=self.temp_dir,
+            code_dir=self._code_dir,
             docker=str(opts["docker"]),
             memory=opts["memory"],  # type: ignore[arg-type]
             cpus=opts["cpus"],  # type: ignore[arg-type]
@@ -1265,7 +1273,7 @@ def _write_bootstrap_pyc(path: str) -> None:
         py_compile.compile(
             path,
             cfile=target,
-            dfile="/workspace/.dockerrepl/dockerrepl_bootstrap.py",
+            dfile=f"{CODE_MOUNT}/dockerrepl_bootstrap.py",
             doraise=True,
             invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH,
         )

@@ -1,10 +1,12 @@
 """dockerrepl's in-container bootstrap: supervisor + worker.
 
-This file is copied into the workspace mount and started as the container's
-main process (``python3 -B /workspace/.dockerrepl/dockerrepl_bootstrap.py``).
+The host mounts this file read-only at ``/opt/dockerrepl`` and starts it as the
+container's main process. Its state (checkpoint metadata, locks, the tools and
+compaction list, the proxy's unix socket) lives in ``/workspace/.dockerrepl``,
+which cell code can write; the code it runs from cannot be changed from inside.
 It must run on any Python >= 3.8 with only the standard library (dill is
-optional and found on ``sys.path`` or in ``.dockerrepl/lib``), and it imports
-nothing from the host package.
+optional and found on ``sys.path`` or in ``lib`` beside this file), and it
+imports nothing from the host package.
 
 Processes:
 
@@ -42,12 +44,14 @@ BOOT_FILE = os.path.abspath(__file__)
 # Always /workspace in a container (the host passes no environment in); the
 # override exists so tests can run this file under the host Python.
 WORKSPACE = os.environ.get("DOCKERREPL_WORKSPACE") or "/workspace"
+# writable state, apart from the (read-only) code in HERE
+STATE_DIR = os.path.join(WORKSPACE, ".dockerrepl")
 STATE_FILE = os.path.join(WORKSPACE, "state.dill")
-META_FILE = os.path.join(HERE, "state.meta.json")
-LOCK_FILE = os.path.join(HERE, "checkpoint.lock")
+META_FILE = os.path.join(STATE_DIR, "state.meta.json")
+LOCK_FILE = os.path.join(STATE_DIR, "checkpoint.lock")
 # held (shared) by every snapshot child from before its fork until it exits, so a
 # restore can wait (exclusive) until no snapshot is still on its way
-PENDING_FILE = os.path.join(HERE, "checkpoint.pending")
+PENDING_FILE = os.path.join(STATE_DIR, "checkpoint.pending")
 HEADER = struct.Struct(">I")
 MAX_HOST_FRAME = 1 << 30
 SCAFFOLD_FUNCS = ("llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched", "SHOW_VARS")
@@ -568,7 +572,7 @@ _compaction = {"list": None, "given": None, "ids": None}
 _tools = {}  # name -> the callable custom tool, put back after every cell (as rlm does)
 # what the host sent for compaction and tools, kept in the mount so a respawned
 # worker (timeout kill, crash) gets them back: neither lives in the namespace
-SCAFFOLD_FILE = os.path.join(HERE, "scaffold.json")
+SCAFFOLD_FILE = os.path.join(STATE_DIR, "scaffold.json")
 _scaffold_sent = {}
 _known_bad = {}  # name -> id(obj) of values dill could not pickle
 

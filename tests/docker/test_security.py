@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from docker_helpers import docker
 
 from dockerrepl import DockerREPL
 from dockerrepl._container import Container, ContainerConfig, bridge_gateway
@@ -370,6 +371,48 @@ def test_extra_args_the_engine_refuses_are_a_typed_error_naming_the_cause(image,
         return
     with repl:  # an engine that can: the option is applied
         assert inspect(repl)["HostConfig"]["StorageOpt"] == {"size": "1g"}
+
+
+TAMPER = r"""
+import errno, glob, os
+tried = {}
+for path in ("/opt/dockerrepl/dockerrepl_bootstrap.py", "/opt/dockerrepl/evil.py"):
+    try:
+        open(path, "a").write("\nraise SystemExit('owned')\n")
+        tried[path] = "written"
+    except OSError as e:
+        tried[path] = errno.errorcode[e.errno]
+# what a later supervisor could pick up from the writable workspace, had its code been there
+forge = "import sys\nsys.stdout.write('FORGED')\n"
+for name in ("dockerrepl_bootstrap.py", "json.py", "struct.py", "socket.py", "select.py"):
+    open("/workspace/.dockerrepl/" + name, "w").write(forge)
+    open("/workspace/" + name, "w").write(forge)
+os.makedirs("/workspace/.dockerrepl/lib/dill", exist_ok=True)
+open("/workspace/.dockerrepl/lib/dill/__init__.py", "w").write(forge)
+print(sorted(tried.items()))
+"""
+
+
+def test_cell_code_cannot_change_what_the_next_container_runs(repl):
+    """The bootstrap's code is mounted read-only from outside the workspace. It used to
+    live in /workspace/.dockerrepl, which cells can write: after any restart (docker
+    kill, a daemon restart, a crash a cell can provoke) the next container ran the
+    cell's version as its supervisor, and every later result could be forged."""
+    run_ok(repl, "kept = 'yes'")
+    repl.checkpoint()
+    out = run_ok(repl, TAMPER)
+    assert out == (
+        "[('/opt/dockerrepl/dockerrepl_bootstrap.py', 'EROFS'),"
+        " ('/opt/dockerrepl/evil.py', 'EROFS')]\n"
+    )
+    first = repl.container_name
+    assert docker("kill", first).returncode == 0
+    r = repl.execute_code("print(kept)")
+    assert (r.status, r.stdout) == ("ok", "yes\n"), r.stderr
+    assert repl.container_name != first
+    assert "FORGED" not in r.stdout + r.stderr
+    code = "import dockerrepl_bootstrap as b\nprint(b.__file__)"
+    assert run_ok(repl, code) == "/opt/dockerrepl/dockerrepl_bootstrap.py\n"
 
 
 # --------------------------------------------------------------------------- no engine
