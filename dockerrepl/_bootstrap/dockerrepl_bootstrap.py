@@ -679,6 +679,10 @@ def _print_exception(exc):
 def run_cell(code, cell_id):
     global _cell_id
     _cell_id = cell_id
+    try:
+        CHECKPOINTER.report()
+    except Exception:
+        pass
     if not isinstance(NS.get("answer"), dict):
         NS["answer"] = {"content": "", "ready": False}
     status, exc_name = "ok", None
@@ -793,17 +797,97 @@ def _checkpoint_state():
     return state, file_backed
 
 
+# Limits a cell may have lowered for its own process (and so for the snapshot
+# children it forks): too small a file size or descriptor count would make every
+# checkpoint fail, silently, until a crash lost everything since the last good one.
+_WRITE_LIMITS = ("RLIMIT_FSIZE", "RLIMIT_NOFILE")
+
+
+class _WritingConditions:
+    """While writing state: umask 022, the cell's soft limits raised to their hard
+    limits, SIGXFSZ ignored (an oversize write fails with EFBIG instead of killing).
+
+    A cell's ``os.umask(0o777)`` made ``state.dill`` mode 000; with ``--cap-drop
+    ALL`` not even root could read it back, and the next restore lost everything.
+    """
+
+    def __enter__(self):
+        self.umask = os.umask(0o022)
+        self.limits = []
+        try:
+            import resource
+        except ImportError:
+            resource = None
+        for name in _WRITE_LIMITS if resource is not None else ():
+            which = getattr(resource, name, None)
+            if which is None:
+                continue
+            try:
+                soft, hard = resource.getrlimit(which)
+                if soft != hard:
+                    resource.setrlimit(which, (hard, hard))
+                    self.limits.append((resource, which, soft, hard))
+            except (OSError, ValueError):
+                pass
+        try:
+            self.xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        except (AttributeError, ValueError, OSError):
+            self.xfsz = None
+        return self
+
+    def __exit__(self, *exc):
+        os.umask(self.umask)
+        for resource, which, soft, hard in self.limits:
+            try:
+                resource.setrlimit(which, (soft, hard))
+            except (OSError, ValueError):
+                pass
+        if self.xfsz is not None:
+            try:
+                signal.signal(signal.SIGXFSZ, self.xfsz)
+            except (ValueError, OSError):
+                pass
+        return False
+
+
+def _open_lock(path):
+    """A lock file's descriptor; one it creates is made 0666 whatever the cell's umask
+    (created 000, nobody could open it again: --cap-drop ALL leaves no DAC override)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        os.fchmod(fd, 0o666)
+    except OSError:
+        pass  # not ours (another uid made it): it was made right then
+    return fd
+
+
+def _open_for_write(path, binary):
+    """A new file, mode 0644 whatever the umask (fchmod is not subject to it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.fchmod(fd, 0o644)
+        return os.fdopen(fd, "wb" if binary else "w")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def write_checkpoint(state, file_backed, cell_id):
     """Dump ``state`` to STATE_FILE atomically; returns the names that were skipped."""
+    with _WritingConditions():
+        return _write_checkpoint(state, file_backed, cell_id)
+
+
+def _write_checkpoint(state, file_backed, cell_id):
     dill = _dill()
     skipped = [k for k, i in _known_bad.items() if k in NS and id(NS[k]) == i]
-    lock = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    lock = _open_lock(LOCK_FILE)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         tmp = "%s.tmp.%d" % (STATE_FILE, os.getpid())
         try:
             try:
-                with open(tmp, "wb") as f:
+                with _open_for_write(tmp, True) as f:
                     dill.dump(state, f, recurse=True)
             except Exception:
                 bad = []
@@ -812,10 +896,12 @@ def write_checkpoint(state, file_backed, cell_id):
                         dill.dump(v, _Counter(), recurse=True)
                     except Exception:
                         bad.append(k)
+                if not bad:
+                    raise  # not a value dill cannot pickle: the write itself failed
                 for k in bad:
                     state.pop(k, None)
                 skipped.extend(bad)
-                with open(tmp, "wb") as f:
+                with _open_for_write(tmp, True) as f:
                     dill.dump(state, f, recurse=True)
             meta = {
                 "cell": cell_id,
@@ -824,7 +910,7 @@ def write_checkpoint(state, file_backed, cell_id):
                 "time": time.time(),
                 "bad_ids": {k: id(NS[k]) for k in skipped if k in NS},
             }
-            with open(META_FILE + ".tmp", "w") as f:
+            with _open_for_write(META_FILE + ".tmp", False) as f:
                 json.dump(meta, f)
             os.replace(tmp, STATE_FILE)
             os.replace(META_FILE + ".tmp", META_FILE)
@@ -849,6 +935,10 @@ class _Checkpointer:
         self.writing = None
         self.waiting = None
         self.last_fp = None
+        self.cells = {}  # snapshot child pid -> (the cell it snapshots, its error pipe)
+        # the newest snapshot that ended, as (cell, None) or (cell, why it failed)
+        self.outcome = None
+        self.told = False  # a failure was reported since the last good snapshot
 
     def reap(self, block=False):
         for attr in ("writing", "waiting"):
@@ -856,14 +946,46 @@ class _Checkpointer:
             if pid is None:
                 continue
             try:
-                done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
+                done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
             except ChildProcessError:
-                done = pid
+                done, status = pid, None
             if done:
                 setattr(self, attr, None)
                 self._learn_bad()
+                self._record(pid, status)
         if self.writing is None and self.waiting is not None:
             self.writing, self.waiting = self.waiting, None
+
+    def _record(self, pid, status):
+        cell, fd = self.cells.pop(pid, (None, None))
+        if cell is None:
+            return
+        why = _child_error(fd)
+        if status is not None and status != 0:
+            why = why or _describe_status(status)
+        elif status is not None:
+            why = None
+        newest = self.outcome[0] if self.outcome else -1
+        if cell >= newest:
+            self.outcome = (cell, why)
+            if why is None:
+                self.told = False
+        if why is not None:
+            self.last_fp = None  # try again after the next cell, changed or not
+
+    def report(self):
+        """Say in the cell's stderr that the newest snapshot failed: once per run of
+        failures (a limit the cell set fails every snapshot after it)."""
+        self.reap()
+        if not self.outcome or self.outcome[1] is None or self.told:
+            return
+        self.told = True
+        cell, why = self.outcome
+        good = _read_meta().get("cell")
+        sys.stderr.write(
+            "dockerrepl: the checkpoint after cell %s failed (%s); a crash now would restore"
+            " %s\n" % (cell, why, "the one after cell %s" % good if good is not None else "nothing")
+        )
 
     def _learn_bad(self):
         try:
@@ -889,22 +1011,30 @@ class _Checkpointer:
             self.waiting = None
         state, fb = _checkpoint_state()
         _flush_std()
-        pending = os.open(PENDING_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        pending = _open_lock(PENDING_FILE)
+        err_r = err_w = None
         try:
+            err_r, err_w = os.pipe()
             fcntl.flock(pending, fcntl.LOCK_SH)
             pid = os.fork()
         except OSError:
             # no process left under the pids limit (a flood the cell left behind), or
             # no memory: skip this snapshot, the next completed cell tries again. The
             # worker must not die for it: its namespace is newer than any checkpoint.
-            os.close(pending)
+            for fd in (pending, err_r, err_w):
+                if fd is not None:
+                    os.close(fd)
             self.last_fp = None
             return
         except BaseException:
-            os.close(pending)
+            for fd in (pending, err_r, err_w):
+                if fd is not None:
+                    os.close(fd)
             raise
         if pid != 0:
             os.close(pending)  # the child's copy of the descriptor keeps the lock
+            os.close(err_w)
+            os.set_inheritable(err_r, False)
             if "dill" not in sys.modules:
                 # once per worker, after the first snapshot is on its way: later
                 # snapshot children inherit dill and land in ~5 ms instead of ~50 ms
@@ -916,6 +1046,7 @@ class _Checkpointer:
                     pass
         if pid == 0:  # the child: a copy-on-write snapshot of the namespace
             code = 1
+            os.close(err_r)
             try:
                 if _CTRL[0] is not None:
                     _CTRL[0].close()  # so the supervisor sees EOF if the worker dies
@@ -928,10 +1059,12 @@ class _Checkpointer:
                     pass
                 write_checkpoint(state, fb, cell_id)
                 code = 0
-            except BaseException:
+            except BaseException as e:
                 code = 1
+                _note_child_error(err_w, e)
             finally:
                 os._exit(code)
+        self.cells[pid] = (cell_id, err_r)
         if self.writing is None:
             self.writing = pid
         else:
@@ -961,6 +1094,36 @@ class _Checkpointer:
         return skipped
 
 
+def _note_child_error(fd, exc):
+    """In a snapshot child that failed: the reason, through a pipe to the worker (a
+    pipe, not a file: the file size limit that failed the snapshot applies to files)."""
+    try:
+        text = ("%s: %s" % (type(exc).__name__, exc))[:500]
+        os.write(fd, text.encode("utf-8", "replace"))
+    except BaseException:
+        pass
+
+
+def _child_error(fd):
+    """What the snapshot child wrote to its pipe (it has exited: no wait)."""
+    try:
+        return os.read(fd, 2000).decode("utf-8", "replace") or None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _describe_status(status):
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return "its writer was killed by signal %d%s" % (
+            sig,
+            ", out of memory?" if sig == signal.SIGKILL else "",
+        )
+    return "its writer exited with status %d" % os.WEXITSTATUS(status)
+
+
 def _set_comm(name):
     """Name this process (``/proc/self/comm``, 15 bytes at most); best effort."""
     try:
@@ -986,7 +1149,7 @@ def restore_checkpoint(expect_cell=0, wait=60.0):
     """
     deadline = time.time() + wait
     late = False
-    pending = os.open(PENDING_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    pending = _open_lock(PENDING_FILE)
     try:
         while True:
             try:
@@ -1001,7 +1164,7 @@ def restore_checkpoint(expect_cell=0, wait=60.0):
         os.close(pending)
     if not os.path.exists(STATE_FILE):
         return None, "no checkpoint existed; the namespace starts empty"
-    lock = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    lock = _open_lock(LOCK_FILE)
     try:
         while True:
             try:
@@ -1025,6 +1188,9 @@ def restore_checkpoint(expect_cell=0, wait=60.0):
         os.close(lock)
     skipped = meta.get("skipped") or []
     note = "state restored from the checkpoint taken after cell %s" % meta.get("cell", "?")
+    have = meta.get("cell")
+    if isinstance(have, int) and isinstance(expect_cell, int) and have < expect_cell and not late:
+        note += "; changes made by cells %d-%d, if any, are not in it" % (have + 1, expect_cell)
     if late:
         note += " (a later snapshot was still being written after %ds;" % wait
         note += " changes up to cell %s may be lost)" % expect_cell

@@ -202,6 +202,43 @@ def test_protocol_garbage_from_cell_code_kills_only_the_worker(frepl):
     survived(frepl)
 
 
+def test_a_cell_umask_cannot_make_the_checkpoint_unreadable(frepl):
+    """os.umask(0o777) in a cell: state.dill used to be written mode 000, and with
+    --cap-drop ALL not even root could read it back; the restore then lost everything."""
+    seed(frepl)
+    ok(frepl, "import os\nos.umask(0o777)\ny = 2")
+    r = frepl.execute_code("import os\nos._exit(3)")
+    assert r.status == "crashed"
+    r = frepl.execute_code("print(f(x), y)")
+    assert (r.status, r.stdout) == ("ok", "42 2\n"), r.stderr
+
+
+def test_a_failing_snapshot_is_said_and_the_restore_names_what_it_lacks(frepl):
+    """A limit the cell set (a 10-byte file size) makes every snapshot after it fail:
+    the next cells say so once, and a crash's restore names the cells it lacks."""
+    seed(frepl)
+    ok(frepl, "import resource\nresource.setrlimit(resource.RLIMIT_FSIZE, (10, 10))\ny = 2")
+    said = ""
+    for _ in range(50):  # the snapshot is written in the background
+        r = frepl.execute_code("z = 3")
+        assert r.status == "ok", r.stderr
+        said += r.stderr
+        if said:
+            break
+        time.sleep(0.1)
+    assert "the checkpoint after cell" in said and "failed" in said, said
+    assert "File too large" in said or "EFBIG" in said or "Errno 27" in said, said
+    assert "a crash now would restore the one after cell" in said
+    again = frepl.execute_code("w = 4")
+    assert "checkpoint" not in again.stderr  # once per run of failures
+    r = frepl.execute_code("import os\nos._exit(3)")
+    assert r.status == "crashed"
+    assert "restored from the checkpoint taken after cell 1;" in r.stderr, r.stderr
+    assert "changes made by cells 2-" in r.stderr and "if any, are not in it" in r.stderr
+    r = frepl.execute_code("print(f(x), 'y' in globals())")
+    assert (r.status, r.stdout) == ("ok", "42 False\n"), r.stderr
+
+
 # --------------------------------------------------------------------------- floods
 def test_fork_bomb_is_stopped_and_the_repl_recovers(frepl):
     seed(frepl)
