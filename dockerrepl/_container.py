@@ -189,7 +189,8 @@ class ContainerConfig:
         if self.user:
             argv += ["--user", str(self.user)]
         if self.read_only:
-            argv += ["--read-only", "--tmpfs", f"/tmp:rw,nosuid,nodev,size={self.tmpfs_size}"]
+            size = tmpfs_size(self.tmpfs_size, self.memory)
+            argv += ["--read-only", "--tmpfs", f"/tmp:rw,nosuid,nodev,size={size}"]
         if self.runtime:
             argv += ["--runtime", self.runtime]
         argv += list(self.extra_args)
@@ -243,6 +244,37 @@ _WIDENING = {
     "--cgroupns",
     "--device-cgroup-rule",
 }
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def memory_bytes(value: Optional[str]) -> Optional[int]:
+    """Docker's size notation (``"256m"``, ``"2g"``, ``"1.5g"``, bytes) in bytes, or None."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text.endswith("b") and len(text) > 1 and text[-2] in "kmgt":
+        text = text[:-1]  # "256mb"
+    unit = text[-1:] if text[-1:] in _UNITS and not text[-1:].isdigit() else ""
+    number = text[: len(text) - len(unit)]
+    try:
+        n = float(number)
+    except ValueError:
+        return None
+    return int(n * _UNITS[unit]) if n > 0 else None
+
+
+def tmpfs_size(default: str, memory: Optional[str]) -> str:
+    """The read-only mode's ``/tmp`` size: ``default``, but at most a quarter of the
+    memory limit. tmpfs pages count against the container's memory: a /tmp as large as
+    the limit let a cell fill it until no worker could start again (3 minutes wedged
+    with memory="256m" before the host replaced the container)."""
+    limit = memory_bytes(memory)
+    want = memory_bytes(default) or 256 << 20
+    if limit is None:
+        return default
+    return f"{max(1, min(want, limit // 4) >> 20)}m"
 
 
 def check_extra_args(extra_args: Any, allow_widening: bool) -> tuple[str, ...]:

@@ -1814,9 +1814,15 @@ class Supervisor:
             # wait for the new worker to come up so the note can say what was restored
             note = self.wait_started()
             self.restart_note = None
-            text = "dockerrepl: %s; a new worker was started and %s" % (
+            # A worker that cannot even start here (the container's memory taken by its
+            # tmpfs, a process killing every new worker) will not start for the next
+            # cell either: answer this one, then exit, and the host starts a new
+            # container that restores the checkpoint at the next cell.
+            give_up = not self.worker_started
+            text = "dockerrepl: %s; a new worker was started and %s%s" % (
                 why,
                 note or "the namespace starts empty",
+                "; the container will be replaced" if give_up else "",
             )
             if req.get("type") == "exec":
                 self.current = req
@@ -1841,6 +1847,8 @@ class Supervisor:
                         "exception": "WorkerDied",
                     }
                 )
+            if give_up:
+                self.shutdown(False)
         else:
             self.restart_note = "the worker %s between cells; it was restarted" % how
 

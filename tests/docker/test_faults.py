@@ -239,6 +239,49 @@ def test_a_failing_snapshot_is_said_and_the_restore_names_what_it_lacks(frepl):
     assert (r.status, r.stdout) == ("ok", "42 False\n"), r.stderr
 
 
+# A process left behind in its own session kills every new worker the moment it shows
+# up: a child of pid 1 that was not there when it started (the running worker was).
+WORKER_KILLER = r"""
+import os, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        me = os.getpid()
+        old = {int(p) for p in os.listdir("/proc") if p.isdigit()}
+        while True:
+            for p in os.listdir("/proc"):
+                if not p.isdigit() or int(p) in old or int(p) == me:
+                    continue
+                try:
+                    with open("/proc/%s/stat" % p) as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                    with open("/proc/%s/comm" % p) as f:
+                        comm = f.read().strip()
+                    if fields[1] == "1" and comm != "drepl-snapshot":
+                        os.kill(int(p), 9)
+                except (OSError, IndexError):
+                    pass
+            time.sleep(0.002)
+    os._exit(0)
+"""
+
+
+def test_a_worker_that_cannot_start_again_gets_the_container_replaced(frepl):
+    """When even a replacement worker dies before it starts, the supervisor answers the
+    cell and exits; the next cell runs in a new container on the checkpoint. Before,
+    the next cell waited timeout + margin + start_timeout (2-3 minutes) first."""
+    seed(frepl)
+    first = frepl.container_name
+    ok(frepl, WORKER_KILLER + "time.sleep(0.2)")  # the killer is now waiting
+    r = frepl.execute_code("import os\nos._exit(3)")
+    assert r.status in ("crashed", "oom"), r.stderr
+    assert "the container will be replaced" in r.stderr, r.stderr
+    t0 = time.monotonic()
+    survived(frepl)
+    assert time.monotonic() - t0 < 30  # a new container's start, not timeout + margins
+    assert frepl.container_name != first
+
+
 # --------------------------------------------------------------------------- floods
 def test_fork_bomb_is_stopped_and_the_repl_recovers(frepl):
     seed(frepl)

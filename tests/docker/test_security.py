@@ -188,6 +188,33 @@ def test_read_only_tmpfs_is_size_capped(image, handler):
         assert r.stdout == "ENOSPC\n"
 
 
+def test_read_only_tmpfs_is_a_quarter_of_a_small_memory_limit(image, handler):
+    """tmpfs pages count against the memory limit: with memory="256m", a 256 MB /tmp
+    could take it all, and no worker could start again (the container was wedged for
+    about 3 minutes). /tmp is now capped at a quarter of the limit: ENOSPC at 64 MB."""
+    with DockerREPL(
+        image=image,
+        lm_handler_address=handler.address,
+        read_only=True,
+        memory="256m",
+        user="65534:65534",
+        timeout=20,
+    ) as repl:
+        assert "size=64m" in inspect(repl)["HostConfig"]["Tmpfs"]["/tmp"]
+        run_ok(repl, "kept = 1")
+        r = repl.execute_code(
+            "import errno\n"
+            "try:\n"
+            "    with open('/tmp/big', 'wb') as f:\n"
+            "        for _ in range(250):\n"
+            "            f.write(b'x' * (1 << 20))\n"
+            "except OSError as e:\n"
+            "    print(errno.errorcode[e.errno])\n"
+        )
+        assert (r.status, r.stdout) == ("ok", "ENOSPC\n"), r.stderr
+        assert run_ok(repl, "print(kept)") == "1\n"
+
+
 def test_proxy_on_the_bridge_gateway_and_token_required_from_the_container(repl):
     assert repl.proxy.host == bridge_gateway()
     assert repl.proxy.host not in ("0.0.0.0", "", "::")
