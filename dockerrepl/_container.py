@@ -564,12 +564,22 @@ class Container:
         cfg = self.config
         if cfg.pids_limit and (hc.get("PidsLimit") or 0) != int(cfg.pids_limit):
             problems.append(f"PidsLimit is {hc.get('PidsLimit')!r}, not {cfg.pids_limit}")
+        want_mem = memory_bytes(cfg.memory) if cfg.memory else None
         if cfg.memory and not hc.get("Memory"):
             problems.append("no memory limit was applied")
+        elif want_mem is not None and hc.get("Memory") != want_mem:
+            problems.append(f"Memory is {hc.get('Memory')!r}, not {want_mem}")
+        if cfg.cpus and hc.get("NanoCpus") != round(float(cfg.cpus) * 1e9):
+            problems.append(f"NanoCpus is {hc.get('NanoCpus')!r}, not {cfg.cpus} CPUs")
         if cfg.memory and hc.get("MemorySwap") not in (hc.get("Memory"),):
             problems.append("swap is not off (MemorySwap != Memory)")
         if cfg.read_only and not hc.get("ReadonlyRootfs"):
             problems.append("the root filesystem is not read-only")
+        if cfg.read_only:
+            tmp = str((hc.get("Tmpfs") or {}).get("/tmp", ""))
+            size = tmpfs_size(cfg.tmpfs_size, cfg.memory)
+            if f"size={size}" not in tmp.split(","):
+                problems.append(f"/tmp is not a tmpfs of {size} (Tmpfs: {hc.get('Tmpfs')!r})")
         if cfg.network == "none" and hc.get("NetworkMode") != "none":
             problems.append(f"NetworkMode is {hc.get('NetworkMode')!r}, not none")
         if cfg.user and (attrs.get("Config") or {}).get("User") != cfg.user:
