@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from ._serve import start_serving, stop_serving
+from ._wire import TooManyValues, parse_json
 from .errors import DockerReplError, ProxyError
 from .lm_handler import LMConnection
 
@@ -52,6 +53,16 @@ MAX_INFLIGHT_BODY = 256 * 1024 * 1024
 #: at a time, each checked against abandonment and the budget when dispatched.
 BATCH_CHUNK = 16
 BATCH_WINDOW = 4
+#: Prompts in one llm_query_batched / rlm_query_batched request; more get 413. rlm's
+#: batches are tens to thousands of prompts. The bound keeps the host's per-prompt
+#: work (chunks, futures, answers) small: 8,000,000 one-byte prompts took the host's
+#: peak RSS to 1.9 GB and 21 s of CPU, even with the call budget already spent.
+MAX_BATCH_PROMPTS = 10_000
+#: Completions held for the cell that has not been taken yet: past either bound they
+#: are counted (ProxyState.unrecorded) and not kept. rlm_calls of an honest cell stay
+#: far below them; a cell looping on a fast LM cannot grow the host without end.
+MAX_RECORDED = 50_000
+MAX_RECORDED_BYTES = 256 * 1024 * 1024
 ABANDONED = "the cell that asked was abandoned (it timed out or crashed)"
 
 Address = tuple[str, int]
@@ -69,6 +80,21 @@ def _completion_dict(obj: Any) -> dict[str, Any]:
     raise TypeError(f"subcall_fn returned {type(obj).__name__}, not a completion")
 
 
+def _approx_size(c: dict[str, Any]) -> int:
+    """About how many bytes a completion holds: its prompt and response, plus the rest."""
+    n = 512  # model name, usage, timing: small and bounded
+    for key in ("prompt", "response"):
+        v = c.get(key)
+        if isinstance(v, str):
+            n += len(v)
+        elif v is not None:  # a message list
+            try:
+                n += len(json.dumps(v, ensure_ascii=False))
+            except (TypeError, ValueError, RecursionError):
+                n += MAX_RECORDED_BYTES  # cannot tell: do not keep it
+    return n
+
+
 def _tokens(c: dict[str, Any]) -> int:
     total = 0
     usage = (c.get("usage_summary") or {}).get("model_usage_summaries") or {}
@@ -80,7 +106,14 @@ def _tokens(c: dict[str, Any]) -> int:
 
 @dataclass
 class ProxyState:
-    """What one REPL's proxy needs; mutable where rlm mutates it (handler address)."""
+    """What one REPL's proxy needs; mutable where rlm mutates it (handler address).
+
+    ``current_cell`` is the cell the host is running (set before the cell is sent).
+    The container names its cell in a header; with ``current_cell`` set, that claim
+    is checked against it (see :meth:`attribute`). ``None`` means the owner does not
+    number cells, and the header is taken as it is (tests; DockerREPL sets it before
+    its first cell, and no cell code runs before that).
+    """
 
     token: str
     depth: int = 1
@@ -94,11 +127,17 @@ class ProxyState:
     # runtime
     calls: int = 0
     tokens: int = 0
-    current_cell: int = 0
+    current_cell: Optional[int] = None
     abandoned_below: int = 0
+    taken_through: Optional[int] = None  # the latest cell whose completions were taken
     completions: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    unrecorded: int = 0  # completions not kept: past MAX_RECORDED or MAX_RECORDED_BYTES
     lock: threading.Lock = field(default_factory=threading.Lock)
     _subcall_sem: Optional[threading.BoundedSemaphore] = None
+    _sizes: dict[int, int] = field(default_factory=dict)  # approximate bytes kept, per cell
+    _kept: int = 0
+    _kept_bytes: int = 0
+    _warned_cell: Optional[int] = None
 
     def subcall_semaphore(self) -> threading.BoundedSemaphore:
         with self.lock:
@@ -108,18 +147,66 @@ class ProxyState:
                 )
             return self._subcall_sem
 
+    def attribute(self, claimed: int) -> Optional[int]:
+        """The cell a request whose header names cell ``claimed`` is attributed to.
+
+        ``None`` (refuse it) when ``claimed`` is after the current cell: the host
+        sets the current cell before it sends the cell, and the worker sends the
+        id of the cell it is running, so an honest header is never ahead of it.
+        An abandoned cell keeps its id, so that its calls are refused. Any other
+        older cell means the cell running now (its thread made the call; or the
+        worker has not started the new cell yet, and a thread that outlived its
+        cell makes a call in that moment): its calls count for the running cell.
+        """
+        with self.lock:
+            current = self.current_cell
+            if current is None or claimed < self.abandoned_below:
+                return claimed
+            if claimed > current:
+                return None
+            return current
+
     def record(self, cell: int, completion: dict[str, Any]) -> None:
+        """Count a completion's tokens and keep it for :meth:`take`, within bounds."""
+        size = _approx_size(completion)  # outside the lock: it may walk a message list
         with self.lock:
             self.tokens += _tokens(completion)
-            if cell >= self.abandoned_below:
-                self.completions.setdefault(cell, []).append(completion)
+            if cell < self.abandoned_below:
+                return  # never attributed: its cell timed out or crashed
+            if self.taken_through is not None and cell <= self.taken_through:
+                return  # its cell's result is gone; nothing will ever take it
+            if self._kept >= MAX_RECORDED or self._kept_bytes + size > MAX_RECORDED_BYTES:
+                self.unrecorded += 1
+                if self._warned_cell != cell:
+                    self._warned_cell = cell
+                    log.warning(
+                        "proxy: cell %d made more LM calls than are kept (%d or %d MiB); "
+                        "later ones are not in its rlm_calls",
+                        cell,
+                        MAX_RECORDED,
+                        MAX_RECORDED_BYTES >> 20,
+                    )
+                return
+            self.completions.setdefault(cell, []).append(completion)
+            self._sizes[cell] = self._sizes.get(cell, 0) + size
+            self._kept += 1
+            self._kept_bytes += size
+
+    def _drop(self, cell: int) -> list[dict[str, Any]]:
+        out = self.completions.pop(cell, [])
+        self._kept -= len(out)
+        self._kept_bytes -= self._sizes.pop(cell, 0)
+        return out
 
     def take(self, cell: int) -> list[dict[str, Any]]:
-        """The completions a cell made; older cells' leftovers are dropped."""
+        """The completions a cell made; older cells' leftovers are dropped. Later
+        completions for this cell or an older one are not kept: nothing takes them."""
         with self.lock:
-            out = self.completions.pop(cell, [])
+            out = self._drop(cell)
             for k in [k for k in self.completions if k <= cell]:
-                del self.completions[k]
+                self._drop(k)
+            if self.taken_through is None or cell > self.taken_through:
+                self.taken_through = cell
             return out
 
     def is_abandoned(self, cell: int) -> bool:
@@ -131,7 +218,14 @@ class ProxyState:
         with self.lock:
             self.abandoned_below = max(self.abandoned_below, cell + 1)
             for k in [k for k in self.completions if k <= cell]:
-                del self.completions[k]
+                self._drop(k)
+
+    def budget_spent(self) -> bool:
+        """True when no LM call is left in the budget (calls or tokens)."""
+        with self.lock:
+            return (self.max_llm_tokens is not None and self.tokens >= self.max_llm_tokens) or (
+                self.max_llm_calls is not None and self.calls >= self.max_llm_calls
+            )
 
     def reserve_calls(self, n: int) -> int:
         """How many of ``n`` LM calls the budget still allows (and count them)."""
@@ -156,6 +250,7 @@ _REASONS = {
     200: "OK",
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     411: "Length Required",
@@ -288,15 +383,23 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def _route(self, raw: bytes) -> tuple[int, dict[str, Any]]:
         try:
-            body = json.loads(raw.decode("utf-8"))
+            # bounded: too deep a nesting is a 400 like bad JSON, too many values a 413
+            body = parse_json(raw.decode("utf-8"))
+        except TooManyValues as exc:
+            return 413, {
+                "error": f"the request holds {exc}; a batched call takes at most "
+                f"{MAX_BATCH_PROMPTS} prompts"
+            }
         except (UnicodeDecodeError, ValueError) as exc:
             return 400, {"error": f"bad JSON: {exc}"}
+        except MemoryError:
+            return 400, {"error": f"bad JSON: out of memory decoding {len(raw)} bytes"}
         if not isinstance(body, dict):
             return 400, {"error": "body must be a JSON object"}
         try:
-            cell = int(self.headers.get("x-dockerrepl-cell", "0"))
+            claimed = int(self.headers.get("x-dockerrepl-cell", "0"))
         except ValueError:
-            cell = 0
+            claimed = 0
         route = {
             "/llm_query": self._llm_single,
             "/llm_query_batched": self._llm_batched,
@@ -306,8 +409,17 @@ class _Handler(socketserver.StreamRequestHandler):
         }.get(self.path)
         if route is None:
             return 404, {"error": f"no such endpoint {self.path[:200]!r}"}
+        # the header is the container's word: checked against the cell the host runs
+        cell = self.server.state.attribute(claimed)
+        if cell is None:
+            return 403, {
+                "error": f"X-DockerREPL-Cell names cell {claimed}, which the host has not "
+                f"started (it is running cell {self.server.state.current_cell})"
+            }
         try:
             return 200, route(body, cell)
+        except _BadRequest as exc:
+            return exc.status, {"error": str(exc)}
         except Exception as exc:  # never leave the container without an answer
             log.debug("proxy handler failed", exc_info=True)
             return 200, {"error": f"proxy error: {type(exc).__name__}: {exc}"}
@@ -365,12 +477,33 @@ class _Handler(socketserver.StreamRequestHandler):
         state.record(cell, comp)
         return {"response": str(comp.get("response") or "")}
 
-    def _llm_batched(self, body: dict[str, Any], cell: int) -> dict[str, Any]:
+    @staticmethod
+    def _batch_prompts(body: dict[str, Any]) -> Union[list[Any], dict[str, Any]]:
+        """The body's prompt list, or the answer refusing it (413 past MAX_BATCH_PROMPTS)."""
         prompts = body.get("prompts")
         if not isinstance(prompts, list):
             return {"error": "'prompts' must be a list"}
+        if len(prompts) > MAX_BATCH_PROMPTS:
+            raise _BadRequest(
+                413,
+                f"{len(prompts)} prompts in one batched call; at most {MAX_BATCH_PROMPTS} "
+                "are accepted (split the list)",
+            )
+        return prompts
+
+    def _llm_batched(self, body: dict[str, Any], cell: int) -> dict[str, Any]:
+        prompts = self._batch_prompts(body)
+        if isinstance(prompts, dict):
+            return prompts
         if not prompts:
             return {"responses": []}
+        state = self.server.state
+        # nothing to dispatch: one answer, no chunks or futures (each chunk would
+        # find the same and answer the same)
+        if state.is_abandoned(cell):
+            return {"responses": [f"Error: {ABANDONED}"] * len(prompts)}
+        if state.budget_spent():
+            return {"responses": [f"Error: {state.budget_message()}"] * len(prompts)}
         _, model = self._prompt_fields(body)
         # Bounded chunks, each checked against abandonment (its cell timed out) and
         # the budget when it is dispatched: a batch whose cell is gone stops costing.
@@ -440,9 +573,9 @@ class _Handler(socketserver.StreamRequestHandler):
         state = self.server.state
         if state.subcall_fn is None:
             return self._llm_batched(body, cell)
-        prompts = body.get("prompts")
-        if not isinstance(prompts, list):
-            return {"error": "'prompts' must be a list"}
+        prompts = self._batch_prompts(body)
+        if isinstance(prompts, dict):
+            return prompts
         _, model = self._prompt_fields(body)
 
         def one(p: Any) -> str:

@@ -18,8 +18,12 @@ from .errors import FrameTooLarge, ProtocolError
 __all__ = [
     "DEFAULT_MAX_FRAME",
     "HEADER",
+    "MAX_JSON_UNITS",
+    "TooManyValues",
     "decode_body",
     "encode_frame",
+    "json_units",
+    "parse_json",
     "recv_exact",
     "recv_frame",
     "send_frame",
@@ -31,6 +35,18 @@ HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 # bodies up to this size are allocated at once; larger ones grow as bytes arrive
 _EAGER = 1 << 20
+#: Most JSON "units" (``,`` ``:`` ``[`` ``{`` outside strings, see :func:`json_units`)
+#: one frame or request body may hold. ``json.loads`` builds an object of 30-90 bytes
+#: per unit, so a body of tiny values (``[],[],...``) costs about 24 times its size:
+#: 1.5 GB for 64 MiB. An honest message holds far fewer: a batch of 10,000 prompts of
+#: 10 chat messages each is about 510,000. At this bound, parsing costs at most about
+#: 90 MB besides the text itself.
+MAX_JSON_UNITS = 1_000_000
+_STRING_SCANNER = json.JSONDecoder()
+
+
+class TooManyValues(ValueError):
+    """JSON text with more than :data:`MAX_JSON_UNITS` units: refused before parsing."""
 
 
 def encode_frame(obj: Any) -> bytes:
@@ -43,12 +59,70 @@ def encode_frame(obj: Any) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def decode_body(body: bytes) -> Any:
-    """Decode a frame body, mapping bad UTF-8 / JSON to :class:`ProtocolError`."""
+def json_units(text: str, limit: int = MAX_JSON_UNITS) -> int:
+    """How many ``,`` ``:`` ``[`` and ``{`` JSON ``text`` holds, as far as ``limit`` matters.
+
+    Every value ``json.loads`` builds, past the first, follows one of them, so the
+    count bounds the objects a parse allocates, before anything is allocated. A
+    result of at most ``limit`` may include characters inside strings (an upper
+    bound is enough there); past it, only those outside strings count, and the
+    count stops once it is over ``limit``. Raises ``ValueError`` for a malformed
+    string met on the way (the text is not JSON).
+    """
+    n = text.count(",") + text.count(":") + text.count("[") + text.count("{")
+    if n <= limit:
+        return n
+    # The quick count includes commas and brackets inside strings: a prompt quoting
+    # CSV, code or JSON. Count again outside strings only, skipping each string with
+    # the C scanner. No more than `limit` strings are walked (under a second): text
+    # with more strings than that holds too many values anyway.
+    n = strings = pos = 0
+    find, count, scan = text.find, text.count, _STRING_SCANNER.raw_decode
+    while True:
+        quote = find('"', pos)
+        end = len(text) if quote < 0 else quote
+        n += count(",", pos, end) + count(":", pos, end) + count("[", pos, end)
+        n += count("{", pos, end)
+        if quote < 0 or n > limit:
+            return n
+        strings += 1
+        if strings > limit:
+            return limit + 1
+        pos = scan(text, quote)[1]
+
+
+def parse_json(text: str, max_units: int = MAX_JSON_UNITS) -> Any:
+    """``json.loads`` for untrusted text: ``ValueError`` for anything refused.
+
+    Beyond bad JSON that means text with more than ``max_units`` units (it would
+    cost the host far more memory than its size), nesting too deep for the parser
+    (``json.loads`` raises ``RecursionError``, which callers expecting ``ValueError``
+    let escape: a frame of 100,000 ``[`` broke the host's container channel that way),
+    and a parse that ran out of memory.
+    """
     try:
-        return json.loads(body.decode("utf-8", "surrogatepass"))
+        if json_units(text, max_units) <= max_units:
+            return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except MemoryError:
+        # what the failed parse allocated is freed as the exception unwinds
+        raise ValueError(f"out of memory parsing {len(text)} characters of JSON") from None
+    raise TooManyValues(f"more than {max_units} JSON values (commas, colons, brackets)")
+
+
+def decode_body(body: bytes) -> Any:
+    """Decode a frame body: bad UTF-8, bad JSON or JSON refused by :func:`parse_json`
+    (too many values, too deeply nested) raise :class:`ProtocolError`."""
+    try:
+        return parse_json(body.decode("utf-8", "surrogatepass"))
+    except TooManyValues as exc:
+        raise ProtocolError(f"frame refused: it holds {exc}") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"frame is not valid UTF-8 JSON: {exc}") from None
+    except MemoryError:
+        # decoding the text failed; whatever it allocated is freed by now
+        raise ProtocolError(f"out of memory decoding a frame of {len(body)} bytes") from None
 
 
 def recv_exact(sock: socket.socket, n: int) -> Optional[bytes]:

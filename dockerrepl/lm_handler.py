@@ -20,7 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 from ._serve import start_serving, stop_serving
-from ._wire import DEFAULT_MAX_FRAME, HEADER, decode_body, recv_exact, recv_frame, send_frame
+from ._wire import (
+    DEFAULT_MAX_FRAME,
+    HEADER,
+    decode_body,
+    encode_frame,
+    recv_exact,
+    recv_frame,
+    send_frame,
+)
 from .errors import LMHandlerError, ProtocolError
 from .types import ModelUsageSummary, RLMChatCompletion, UsageSummary
 
@@ -140,17 +148,32 @@ class _ConnHandler(socketserver.BaseRequestHandler):
                 return  # EOF mid-frame, reset or timeout
             if server.stopping.is_set():
                 return  # read while stop() ran: close without calling a client
+            # the request and its answer live in _answer_frame only: a kept-alive
+            # connection may sit idle for long, and must not hold a big prompt meanwhile
+            frame = self._answer_frame(owner, server, body)
+            del body
             try:
-                req = decode_body(body)
-            except ProtocolError as exc:
-                # the length was valid, so the stream is still aligned: answer and go on
-                resp = _error(f"Bad request: {exc}")
-            else:
-                resp = owner._answer(req, server)
-            try:
-                send_frame(sock, resp)
+                sock.sendall(frame)
             except OSError:
                 return
+            del frame
+
+    @staticmethod
+    def _answer_frame(owner: LMHandler, server: _Server, body: bytes) -> bytes:
+        """The frame answering one request body; an error frame for anything refused."""
+        try:
+            req = decode_body(body)
+        except ProtocolError as exc:
+            # the length was valid, so the stream is still aligned: answer and go on
+            resp = _error(f"Bad request: {exc}")
+        else:
+            resp = owner._answer(req, server)
+        try:
+            return encode_frame(resp)
+        except (TypeError, ValueError, RecursionError) as exc:
+            # an answer json cannot write (a client's odd value, or a prompt echoed back
+            # nested deeper than json.dumps goes here): say so, and keep the stream
+            return encode_frame(_error(f"the answer could not be encoded: {exc}"))
 
 
 class LMHandler:
@@ -352,7 +375,8 @@ class LMConnection:
 
     rlm's server closes the connection after each reply: before reusing the
     socket we peek for that EOF, and a request that fails on a reused socket
-    before any reply byte is retried once on a fresh one.
+    before any reply byte is retried once on a fresh one (never after a reply
+    byte: the handler had the request, and the LM call would be made twice).
     """
 
     def __init__(
@@ -403,7 +427,9 @@ class LMConnection:
                 resp = recv_frame(sock, self.max_frame)
             except (OSError, ProtocolError) as exc:
                 self.close()
-                if reused and attempt == 0 and not isinstance(exc, socket.timeout):
+                # a ProtocolError means reply bytes came: the handler took the request,
+                # and sending it again would make (and bill) the LM call twice
+                if reused and attempt == 0 and not isinstance(exc, (socket.timeout, ProtocolError)):
                     continue
                 raise LMHandlerError(
                     f"LM handler at {self.address[0]}:{self.address[1]} failed: {exc}"

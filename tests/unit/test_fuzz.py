@@ -70,6 +70,8 @@ frame_streams = st.lists(
         json_values.map(lambda v: frame(json.dumps(v).encode())),
         st.binary(max_size=64).map(frame),
         st.integers(0, 0xFFFFFFFF).map(HEADER.pack),
+        # nested past json's recursion limit (RecursionError, not ValueError)
+        st.integers(990, 5000).map(lambda d: frame(b"[" * d + b"]" * d)),
     ),
     max_size=6,
 ).map(b"".join)
@@ -133,6 +135,17 @@ def test_host_parser_of_container_frames(tmp_path, data, cut):
                 break
             assert isinstance(msg, dict)
             assert isinstance(msg["type"], str)
+
+
+def test_host_parser_refuses_a_deeply_nested_frame_and_reads_on(tmp_path):
+    """RecursionError used to escape Container._parse (and every later execute_code)."""
+    c = Container(ContainerConfig(image="x", workspace=str(tmp_path)), str(tmp_path / "log"))
+    c.kill = lambda: None  # type: ignore[method-assign]
+    deep = b'{"type":"result","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    c._buf += frame(deep) + frame(b'{"type":"ready"}')
+    with pytest.raises(ProtocolError, match="nested too deeply"):
+        c._parse()
+    assert c._parse() == {"type": "ready"}
 
 
 @FAST
@@ -225,7 +238,9 @@ header_lines = st.lists(
     | st.text(max_size=20),
     version=st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/2", ""]),
     headers=header_lines,
-    body=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()),
+    body=st.binary(max_size=200)
+    | json_values.map(lambda v: json.dumps(v).encode())
+    | st.integers(990, 5000).map(lambda d: b'{"prompt":' + b"[" * d + b"]" * d + b"}"),
 )
 def test_proxy_request_handling(fuzz_proxy, method, path, version, headers, body):
     line = f"{method} {path} {version}\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n"
@@ -233,7 +248,7 @@ def test_proxy_request_handling(fuzz_proxy, method, path, version, headers, body
     if reply:
         assert reply.startswith(b"HTTP/1.1 ")
         status = int(reply.split()[1])
-        assert status in (100, 200, 400, 401, 404, 405, 411, 413, 431, 503)
+        assert status in (100, 200, 400, 401, 403, 404, 405, 411, 413, 431, 503)
     proxy_alive(fuzz_proxy.port)
 
 

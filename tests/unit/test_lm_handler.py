@@ -141,6 +141,36 @@ def test_bad_json_body_gets_error_frame_and_connection_lives(echo):
         assert recv_frame(s)["chat_completion"]["response"] == "echo:after"
 
 
+def test_deeply_nested_request_gets_an_error_frame_and_the_connection_lives(echo):
+    # json.loads raises RecursionError on it; that used to close the connection unanswered
+    deep = b'{"prompt":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with socket.create_connection(echo.address, timeout=10) as s:
+        for _ in range(2):
+            s.sendall(HEADER.pack(len(deep)) + deep)
+            resp = recv_frame(s)
+            assert set(resp) == KEYS
+            assert "nested too deeply" in resp["error"]
+        send_frame(s, {"prompt": "after"})
+        assert recv_frame(s)["chat_completion"]["response"] == "echo:after"
+
+
+def test_an_answer_json_cannot_write_is_an_error_frame(echo, monkeypatch):
+    real = LMHandler._answer
+
+    def odd(self, req, server):
+        if req.get("prompt") == "odd":
+            return {"chat_completion": {"response": object()}, "error": None}
+        return real(self, req, server)
+
+    monkeypatch.setattr(LMHandler, "_answer", odd)
+    with socket.create_connection(echo.address, timeout=10) as s:
+        send_frame(s, {"prompt": "odd"})
+        resp = recv_frame(s)
+        assert set(resp) == KEYS and "could not be encoded" in resp["error"]
+        send_frame(s, {"prompt": "after"})
+        assert recv_frame(s)["chat_completion"]["response"] == "echo:after"
+
+
 # --------------------------------------------------------------------------- routing
 class Named(EchoClient):
     def completion(self, prompt):
@@ -353,6 +383,39 @@ def test_lm_connection_reuse_against_a_one_reply_server():
                 assert resp["chat_completion"]["response"] == f"one-shot:r{i}"
         assert [r["prompt"] for r in server.seen] == [f"r{i}" for i in range(5)]
         assert all(r["depth"] == 2 for r in server.seen)
+    finally:
+        stop_serving(server, thread)
+
+
+class _BadSecondReply(socketserver.BaseRequestHandler):
+    """Answers the first frame of a connection, then answers with a body that is not JSON."""
+
+    def handle(self):
+        n = 0
+        while True:
+            req = recv_frame(self.request)
+            if req is None:
+                return
+            self.server.seen.append(req)
+            n += 1
+            if n == 1:
+                send_frame(self.request, {"chat_completion": {"response": "ok"}, "error": None})
+            else:
+                self.request.sendall(HEADER.pack(5) + b"{oops")
+
+
+def test_lm_connection_never_sends_a_request_again_after_a_reply_came():
+    # the handler had the request (it answered, badly): a retry would run the LM twice
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _BadSecondReply)
+    server.daemon_threads = True
+    server.seen = []
+    thread = start_serving(server, "bad-second-reply")
+    try:
+        with LMConnection(server.server_address, timeout=10) as conn:
+            assert conn.request({"prompt": "one"})["chat_completion"]["response"] == "ok"
+            with pytest.raises(LMHandlerError, match="not valid UTF-8 JSON"):
+                conn.request({"prompt": "two"})
+        assert [r["prompt"] for r in server.seen] == ["one", "two"]
     finally:
         stop_serving(server, thread)
 

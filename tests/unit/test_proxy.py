@@ -15,7 +15,8 @@ import pytest
 from concurrency import run_threads
 
 from dockerrepl import LMHandler
-from dockerrepl._proxy import ProxyServer, ProxyState
+from dockerrepl import _proxy as proxy_mod
+from dockerrepl._proxy import ABANDONED, ProxyServer, ProxyState
 from dockerrepl._serve import start_serving, stop_serving
 from dockerrepl._wire import recv_frame, send_frame
 from dockerrepl.clients import EchoClient, ScriptedClient
@@ -343,6 +344,98 @@ def test_abandoned_cells_are_never_attributed(served):
     post(conn, "/llm_query", {"prompt": "next"}, cell=4)
     assert state.take(3) == []
     assert [c["prompt"] for c in state.take(4)] == ["next"]
+
+
+# ------------------------------------------------------- the cell header is checked by the host
+def post_status(conn, path, body, cell):
+    conn.request(
+        "POST",
+        path,
+        body=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {TOKEN}", "X-DockerREPL-Cell": str(cell)},
+    )
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read())
+
+
+@pytest.mark.parametrize("path", ["/llm_query", "/llm_query_batched", "/rlm_query", "/host_tool"])
+def test_a_header_naming_a_cell_not_started_is_refused(served, path):
+    # the container chose the header: a cell could book its calls to a later cell, or
+    # name one above the abandoned range to be served after its own cell timed out
+    state, _, conn = served
+    state.current_cell = 2
+    state.abandon_through(2)
+    body = {"prompt": "x", "prompts": ["x"], "tool": "t"}
+    for cell in (3, 5, 10**9):
+        status, data = post_status(conn, path, body, cell)
+        assert status == 403
+        assert data == {
+            "error": f"X-DockerREPL-Cell names cell {cell}, which the host has not started "
+            "(it is running cell 2)"
+        }
+    assert state.calls == 0 and state.completions == {}
+    state.current_cell = 3  # the host moves on: cell 3 is served now
+    assert post(conn, "/llm_query", {"prompt": "now"}, cell=3) == {"response": "echo:now"}
+    assert [c["prompt"] for c in state.take(3)] == ["now"]
+
+
+def test_a_call_naming_an_older_cell_counts_for_the_running_one(served):
+    # a thread that outlived cell 3 calls before the worker has started cell 4
+    state, _, conn = served
+    state.current_cell = 3
+    post(conn, "/llm_query", {"prompt": "in 3"}, cell=3)
+    assert [c["prompt"] for c in state.take(3)] == ["in 3"]
+    state.current_cell = 4
+    post(conn, "/llm_query", {"prompt": "late"}, cell=3)
+    post(conn, "/llm_query_batched", {"prompts": ["a", "b"]}, cell=1)
+    post(conn, "/llm_query", {"prompt": "own"}, cell=4)
+    assert [c["prompt"] for c in state.take(4)] == ["late", "a", "b", "own"]
+    assert state.completions == {}
+
+
+def test_an_abandoned_cell_stays_refused_when_the_host_runs_a_later_one(served):
+    state, _, conn = served
+    state.current_cell = 5
+    state.abandon_through(4)
+    assert post(conn, "/llm_query", {"prompt": "late"}, cell=4) == {"error": ABANDONED}
+    assert post(conn, "/llm_query_batched", {"prompts": ["x"]}, cell=2) == {
+        "responses": [f"Error: {ABANDONED}"]
+    }
+    assert state.calls == 0
+    assert state.take(5) == []
+
+
+def test_calls_after_the_cells_result_was_taken_are_served_not_kept(served):
+    # between cells nothing will take them (the next take dropped them, but only then)
+    state, _, conn = served
+    state.current_cell = 7
+    assert state.take(7) == []
+    for i in range(20):
+        assert post(conn, "/llm_query", {"prompt": f"idle {i}"}, cell=7) == {
+            "response": f"echo:idle {i}"
+        }
+    assert state.completions == {}
+    assert state.calls == 20
+
+
+def test_the_completions_kept_are_bounded(served, monkeypatch):
+    state, _, conn = served
+    state.current_cell = 1
+    monkeypatch.setattr(proxy_mod, "MAX_RECORDED", 3)
+    for i in range(5):
+        assert post(conn, "/llm_query", {"prompt": f"q{i}"}, cell=1) == {"response": f"echo:q{i}"}
+    assert [c["prompt"] for c in state.take(1)] == ["q0", "q1", "q2"]
+    assert state.unrecorded == 2
+    # by size too: prompt and answer of 2,000 characters each, 5,000 bytes kept at most
+    state.current_cell = 2
+    monkeypatch.setattr(proxy_mod, "MAX_RECORDED_BYTES", 5000)
+    for _ in range(3):
+        post(conn, "/llm_query", {"prompt": "x" * 1995}, cell=2)
+    assert len(state.take(2)) == 1
+    assert state.unrecorded == 4
+    state.current_cell = 3  # what take() dropped is free again
+    post(conn, "/llm_query", {"prompt": "small"}, cell=3)
+    assert [c["prompt"] for c in state.take(3)] == ["small"]
 
 
 # --------------------------------------------------------------------------- connections

@@ -6,6 +6,7 @@ keep serving. Budgets and abandoned cells are here too (they are the proxy's).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -14,12 +15,20 @@ import time
 import tracemalloc
 
 import pytest
+from bootstrap_process import BOOTSTRAP_FILE
 from concurrency import run_threads
 
 from dockerrepl import LMHandler
 from dockerrepl import _proxy as proxy_mod
-from dockerrepl._proxy import ABANDONED, BATCH_CHUNK, BATCH_WINDOW, ProxyServer, ProxyState
-from dockerrepl._wire import HEADER, encode_frame, recv_frame, send_frame
+from dockerrepl._proxy import (
+    ABANDONED,
+    BATCH_CHUNK,
+    BATCH_WINDOW,
+    MAX_BATCH_PROMPTS,
+    ProxyServer,
+    ProxyState,
+)
+from dockerrepl._wire import HEADER, MAX_JSON_UNITS, encode_frame, recv_frame, send_frame
 from dockerrepl.clients import EchoClient, ScriptedClient
 
 pytestmark = pytest.mark.timeout(60)
@@ -111,6 +120,7 @@ def proxy(request, tmp_path, echo_handler):
         (request("/llm_query", b"{not json"), 400),
         (request("/llm_query", b"\xff\xfe"), 400),
         (request("/llm_query", b"[1, 2]"), 400),
+        (request("/llm_query", b'{"prompt":' + b"[" * 2000 + b"]" * 2000 + b"}"), 400),
         (request("/nope", b"{}"), 404),
         (request("/llm_query/../host_tool", b"{}"), 404),
         (b"GARBAGE\r\n\r\n", 400),
@@ -131,6 +141,7 @@ def proxy(request, tmp_path, echo_handler):
         "bad-json",
         "bad-utf8",
         "not-an-object",
+        "deeply-nested",
         "unknown-path",
         "dotdot-path",
         "garbage-line",
@@ -148,6 +159,44 @@ def test_bad_requests_get_their_status_and_the_proxy_keeps_serving(proxy, data, 
     got, body = raw_http(where, data)
     assert got == status
     assert "error" in json.loads(body)
+    alive(where)
+
+
+def test_deeply_nested_json_is_a_400_on_a_connection_that_goes_on(proxy):
+    # json.loads raised RecursionError, which dropped the connection without an answer
+    _, where = proxy
+    if isinstance(where, str):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(where)
+    else:
+        s = socket.create_connection(where)
+    with s:
+        for depth in (1100, 2000):
+            body = b'{"prompt":' + b"[" * depth + b"]" * depth + b"}"
+            got, data = raw_http(s, request("/llm_query", body))
+            assert got == 400
+            assert json.loads(data) == {"error": "bad JSON: JSON nested too deeply"}
+        got, data = raw_http(s, request("/llm_query", b'{"prompt":"same connection"}'))
+        assert (got, json.loads(data)) == (200, {"response": "echo:same connection"})
+
+
+@pytest.fixture
+def big_proxy(echo_handler):
+    """A proxy with the default body cap (64 MiB)."""
+    state = ProxyState(token=TOKEN, lm_handler_address=echo_handler.address)
+    p = ProxyServer(state, host="127.0.0.1")
+    yield p, ("127.0.0.1", p.port)
+    p.close()
+
+
+def test_too_many_json_values_are_a_413_before_parsing(big_proxy):
+    # "[]," is 3 bytes and a 64-byte list once parsed: 64 MiB of it was 1.5 GB of host RSS
+    p, where = big_proxy
+    body = b'{"prompt":"x","junk":[' + b"[]," * MAX_JSON_UNITS + b"[]]}"
+    got, data = raw_http(where, request("/llm_query", body))
+    assert got == 413
+    assert f"more than {MAX_JSON_UNITS} JSON values" in json.loads(data)["error"]
+    assert p.state.calls == 0
     alive(where)
 
 
@@ -297,6 +346,100 @@ def test_token_budget(proxy):
     second = ask(where, "more")
     assert "max_llm_tokens" in second["error"]
     assert p.state.tokens >= 6
+
+
+# --------------------------------------------------------------------------- batch size
+def test_a_batch_over_the_prompt_limit_is_a_413(big_proxy):
+    p, where = big_proxy
+    body = json.dumps({"prompts": ["p"] * (MAX_BATCH_PROMPTS + 1)}).encode()
+    got, data = raw_http(where, request("/llm_query_batched", body))
+    assert got == 413
+    assert json.loads(data) == {
+        "error": f"{MAX_BATCH_PROMPTS + 1} prompts in one batched call; at most "
+        f"{MAX_BATCH_PROMPTS} are accepted (split the list)"
+    }
+    got, data = raw_http(where, request("/rlm_query_batched", body))
+    assert got == 413
+    assert p.state.calls == 0
+    alive(where)
+
+
+def test_a_batch_at_the_prompt_limit_is_served(big_proxy):
+    p, where = big_proxy
+    prompts = [f"p{i}" for i in range(MAX_BATCH_PROMPTS)]
+    got, data = raw_http(
+        where, request("/llm_query_batched", json.dumps({"prompts": prompts}).encode())
+    )
+    assert got == 200
+    assert json.loads(data)["responses"] == [f"echo:{q}" for q in prompts]
+
+
+def test_a_batch_with_the_budget_spent_dispatches_nothing(big_proxy, monkeypatch):
+    p, where = big_proxy
+    p.state.max_llm_calls = 1
+    p.state.calls = 1
+
+    def no_dispatch(*_a):
+        raise AssertionError("no chunk should be dispatched")
+
+    monkeypatch.setattr(p.server, "run_windowed", no_dispatch)
+    monkeypatch.setattr(p.server, "pooled_lm_request", no_dispatch)
+    body = json.dumps({"prompts": [0] * MAX_BATCH_PROMPTS}).encode()
+    got, data = raw_http(where, request("/llm_query_batched", body))
+    assert got == 200
+    assert (
+        json.loads(data)["responses"]
+        == ["Error: budget exceeded: max_llm_calls=1 used"] * MAX_BATCH_PROMPTS
+    )
+    assert p.state.calls == 1
+
+
+def test_a_million_prompt_batch_costs_the_host_little(big_proxy):
+    # before: a chunk list, a future and an answer per prompt, then json.dumps of them
+    # all (271 MB of host RSS and 2.6 s of CPU for 1,000,000 prompts, budget spent)
+    p, where = big_proxy
+    p.state.max_llm_calls = 0
+    body = b'{"prompts":[' + b"0," * 999_999 + b"0]}"
+    data = request("/llm_query_batched", body)
+    tracemalloc.start()
+    try:
+        got, _ = raw_http(where, data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == 413
+    assert peak < 3 * len(body) + (4 << 20)  # the body read and decoded, nothing per prompt
+
+
+@pytest.fixture
+def cell_client(big_proxy):
+    """The in-container client (llm_query_batched of the bootstrap), aimed at the proxy."""
+    spec = importlib.util.spec_from_file_location("dockerrepl_bootstrap_client", BOOTSTRAP_FILE)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    p, where = big_proxy
+    mod.CONFIG.update(proxy={"host": where[0], "port": where[1]}, token=TOKEN, depth=1)
+    return mod
+
+
+def test_what_the_cell_sees_for_a_batch_over_the_limits(cell_client):
+    n = MAX_BATCH_PROMPTS + 1
+    out = cell_client.llm_query_batched(["p"] * n)
+    assert (
+        out
+        == [
+            f"Error: {n} prompts in one batched call; at most {MAX_BATCH_PROMPTS} are accepted "
+            "(split the list)"
+        ]
+        * n
+    )
+    out = cell_client.llm_query_batched([0] * 2_000_000)
+    assert len(out) == 2_000_000
+    assert out[0] == out[-1]
+    assert out[0].startswith(f"Error: the request holds more than {MAX_JSON_UNITS} JSON values")
+    assert out[0].endswith(f"a batched call takes at most {MAX_BATCH_PROMPTS} prompts")
+    assert cell_client.llm_query_batched(["a", "b"]) == ["echo:a", "echo:b"]
 
 
 # --------------------------------------------------------------------------- abandoned cells

@@ -15,8 +15,12 @@ from dockerrepl import _wire
 from dockerrepl._wire import (
     DEFAULT_MAX_FRAME,
     HEADER,
+    MAX_JSON_UNITS,
+    TooManyValues,
     decode_body,
     encode_frame,
+    json_units,
+    parse_json,
     recv_exact,
     recv_frame,
     send_frame,
@@ -203,6 +207,78 @@ def test_recv_exact(pair):
     with pytest.raises(ProtocolError):
         recv_exact(b, 5)  # one byte left, then EOF
     assert recv_exact(b, 1) is None
+
+
+# --------------------------------------------------------------------------- hostile JSON
+DEEP = b'{"type":"result","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
+def test_deeply_nested_json_is_a_protocol_error_and_the_stream_stays_aligned(pair):
+    # json.loads raises RecursionError here; it escaped decode_body, and on the host's
+    # container channel it made every later execute_code raise RecursionError
+    with pytest.raises(ProtocolError, match="nested too deeply"):
+        decode_body(DEEP)
+    a, b = pair
+    a.sendall(HEADER.pack(len(DEEP)) + DEEP + encode_frame({"ok": 1}))
+    with pytest.raises(ProtocolError):
+        recv_frame(b)
+    assert recv_frame(b) == {"ok": 1}
+
+
+def test_memory_error_while_parsing_is_a_protocol_error(monkeypatch):
+    def no_memory(*_a, **_k):
+        raise MemoryError
+
+    monkeypatch.setattr(_wire.json, "loads", no_memory)
+    with pytest.raises(ProtocolError, match="out of memory"):
+        decode_body(b'{"type":"x"}')
+
+
+def test_too_many_values_are_refused_before_anything_is_parsed():
+    # 3 bytes per empty list: json.loads would build ~64 bytes for each
+    body = b"[" + b"[]," * MAX_JSON_UNITS + b"[]]"
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        with pytest.raises(ProtocolError, match="more than"):
+            decode_body(body)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * len(body) + (1 << 20)  # the text, not a list of a million lists
+    with pytest.raises(TooManyValues):
+        parse_json(body.decode())
+
+
+def test_json_units_counts_structure_outside_strings_only():
+    assert json_units("[]") == 1
+    assert json_units('{"a": [1, 2], "b": {}}') == 7
+    text = r'["a,b:c[d{e", "\\", "\"[,"]'
+    assert json_units(text) == 9  # under the limit: an upper bound, strings included
+    assert json_units(text, limit=3) == 3  # past it: "[" and two commas, outside strings
+    assert json_units(text, limit=2) > 2
+    # past the quick count, strings are skipped: CSV quoted in a prompt is one value
+    csv = "\n".join("1,2,3,4,5,6,7,8,9,10" for _ in range(200_000))  # 1.8 million commas
+    text = json.dumps({"prompt": csv})
+    assert json_units(text) == 2
+    assert parse_json(text)["prompt"].count(",") == 1_800_000
+    with pytest.raises(ValueError):
+        json_units('{"a": "unterminated, ' + "," * (MAX_JSON_UNITS + 1))
+
+
+def test_an_honest_big_batch_is_well_inside_the_bound():
+    # 10,000 prompts of 10 chat messages each (the proxy takes at most 10,000 prompts)
+    batch = {
+        "prompts": [
+            [{"role": "user", "content": f"say {i}"} for i in range(10)] for _ in range(10_000)
+        ],
+        "model": None,
+        "depth": 1,
+    }
+    units = json_units(json.dumps(batch))
+    assert units == 510_006  # 51 per prompt, 6 around them
+    assert units < 0.52 * MAX_JSON_UNITS
+    assert parse_json(json.dumps(batch)) == batch
 
 
 def test_public_names():
