@@ -16,6 +16,7 @@ from ._cli_sandbox import (
     Output,
     Sandbox,
 )
+from ._container import MOUNT_POINT
 from ._files import DEFAULT_MAX_FILE
 from .types import REPLResult
 
@@ -83,7 +84,7 @@ def _prepare(box: Sandbox, argv: list[str], stdin: bool) -> None:
     lines = [f"__import__('sys').argv = {argv!r}"]
     if stdin:
         _copy_stdin(os.path.join(repl.temp_dir, STDIN_FILE), DEFAULT_MAX_FILE)
-        path = f"/workspace/{STDIN_FILE}"
+        path = f"{MOUNT_POINT}/{STDIN_FILE}"
         lines.append(
             f"__import__('sys').stdin = open({path!r}, encoding='utf-8', errors='surrogateescape')"
         )

@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from docker_helpers import image_exists, our_containers, wait_gone
+from docker_helpers import image_exists, our_containers, server_version, wait_gone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TEST_IMAGE = "dockerrepl/python:3.11-bookworm"
@@ -41,12 +41,7 @@ def _require(config: pytest.Config) -> bool:
 def docker_engine(pytestconfig: pytest.Config) -> str:
     """Probe the engine once; skip (or fail in CI) without one."""
     try:
-        out = subprocess.run(
-            ["docker", "version", "--format", "{{.Server.Version}}"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
+        out = server_version(timeout=20)
         ok = out.returncode == 0 and out.stdout.strip()
         reason = out.stderr.strip()[-300:]
     except (OSError, subprocess.TimeoutExpired) as exc:

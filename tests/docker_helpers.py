@@ -14,6 +14,19 @@ def docker(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
 
 
+def server_version(
+    timeout: float, env: Optional[dict[str, str]] = None
+) -> subprocess.CompletedProcess[str]:
+    """``docker version --format {{.Server.Version}}`` (of the daemon ``env`` points at)."""
+    return subprocess.run(
+        ["docker", "version", "--format", "{{.Server.Version}}"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
 def container_ids(*filters: str) -> set[str]:
     """Full ids of the containers, in any state, that match every ``--filter``."""
     argv = ["ps", "-aq", "--no-trunc"]

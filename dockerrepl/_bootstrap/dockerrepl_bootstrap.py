@@ -142,7 +142,8 @@ def _clean_locals(raw, cap):
 
 
 def _clean_reply(msg):
-    """A worker's reply to a host "call" as it may go to the host: its keys, bounded."""
+    """A worker's reply to a host "call", encoded as it may go to the host: its keys,
+    bounded (the frame is encoded once, here, to measure it)."""
     rid = msg.get("id")
     if msg.get("ok") is True:
         reply = {"type": "reply", "id": rid, "ok": True, "value": msg.get("value")}
@@ -155,17 +156,19 @@ def _clean_reply(msg):
             "error": _cut(str(msg.get("error")), MAX_NOTES, "the error"),
             "exception": exc[:200] if isinstance(exc, str) else None,
         }
-    size = len(encode(reply))
-    if size <= MAX_REPLY:
-        return reply
-    return {
-        "type": "reply",
-        "id": rid,
-        "ok": False,
-        "error": "the worker's reply was %d bytes, over the limit of %d (did cell code"
-        " replace a dockerrepl operation?)" % (size, MAX_REPLY),
-        "exception": "RuntimeError",
-    }
+    frame = encode(reply)
+    if len(frame) - HEADER.size <= MAX_REPLY:
+        return frame
+    return encode(
+        {
+            "type": "reply",
+            "id": rid,
+            "ok": False,
+            "error": "the worker's reply was %d bytes, over the limit of %d (did cell code"
+            " replace a dockerrepl operation?)" % (len(frame) - HEADER.size, MAX_REPLY),
+            "exception": "RuntimeError",
+        }
+    )
 
 
 def _cut(text, cap, what):
@@ -1700,7 +1703,7 @@ class Supervisor:
         elif kind == "reply" and self.current.get("type") == "call":
             self.current = None
             self.ack_at = None
-            self.send_host(_clean_reply(msg))
+            write_all(1, _clean_reply(msg))
 
     def finish_cell(self, msg, status=None, note=None):
         req = self.current

@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from docker_helpers import docker
+from docker_helpers import docker, server_version
 
 from dockerrepl import DockerREPL
 from dockerrepl.errors import ContainerDied, DockerDaemonError, DockerReplError
@@ -96,13 +96,7 @@ class PrivateDaemon:
         end = time.monotonic() + START_WAIT
         while time.monotonic() < end and self.proc.poll() is None:
             try:
-                out = subprocess.run(
-                    ["docker", "version", "--format", "{{.Server.Version}}"],
-                    capture_output=True,
-                    text=True,
-                    timeout=10,
-                    env=self.env(),
-                )
+                out = server_version(timeout=10, env=self.env())
                 if out.returncode == 0 and out.stdout.strip():
                     return True
             except subprocess.TimeoutExpired:

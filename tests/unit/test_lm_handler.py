@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import socketserver
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from concurrency import run_threads
@@ -371,20 +374,27 @@ class _OneShot(socketserver.BaseRequestHandler):
         )
 
 
-def test_lm_connection_reuse_against_a_one_reply_server():
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _OneShot)
+@contextlib.contextmanager
+def _serving(handler: type[socketserver.BaseRequestHandler], name: str) -> Iterator[Any]:
+    """A threaded TCP server on loopback whose handler appends each request to ``seen``."""
+    server: Any = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     server.seen = []
-    thread = start_serving(server, "oneshot")
+    thread = start_serving(server, name)
     try:
+        yield server
+    finally:
+        stop_serving(server, thread)
+
+
+def test_lm_connection_reuse_against_a_one_reply_server():
+    with _serving(_OneShot, "oneshot") as server:
         with LMConnection(server.server_address, timeout=10) as conn:
             for i in range(5):
                 resp = conn.request({"prompt": f"r{i}", "depth": 2})
                 assert resp["chat_completion"]["response"] == f"one-shot:r{i}"
         assert [r["prompt"] for r in server.seen] == [f"r{i}" for i in range(5)]
         assert all(r["depth"] == 2 for r in server.seen)
-    finally:
-        stop_serving(server, thread)
 
 
 class _BadSecondReply(socketserver.BaseRequestHandler):
@@ -406,18 +416,12 @@ class _BadSecondReply(socketserver.BaseRequestHandler):
 
 def test_lm_connection_never_sends_a_request_again_after_a_reply_came():
     # the handler had the request (it answered, badly): a retry would run the LM twice
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _BadSecondReply)
-    server.daemon_threads = True
-    server.seen = []
-    thread = start_serving(server, "bad-second-reply")
-    try:
+    with _serving(_BadSecondReply, "bad-second-reply") as server:
         with LMConnection(server.server_address, timeout=10) as conn:
             assert conn.request({"prompt": "one"})["chat_completion"]["response"] == "ok"
             with pytest.raises(LMHandlerError, match="not valid UTF-8 JSON"):
                 conn.request({"prompt": "two"})
         assert [r["prompt"] for r in server.seen] == ["one", "two"]
-    finally:
-        stop_serving(server, thread)
 
 
 def test_lm_connection_keeps_one_socket_with_our_server(echo):
