@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # dockerrepl's main job, end to end, in one command:
 #
-#   1. start an LM Handler on 127.0.0.1: OpenAIClient when OPENAI_API_KEY is set
-#      (model: $OPENAI_MODEL, default gpt-4o-mini; endpoint: $OPENAI_BASE_URL), else
-#      EchoClient (answers "echo:<prompt>"); it says which;
+#   1. start an LM Handler on 127.0.0.1: OpenAIClient when OPENAI_API_KEY or
+#      OPENAI_BASE_URL is set (model: $DOCKERREPL_MODEL, default gpt-5-mini, as the
+#      CLI), else EchoClient (answers "echo:<prompt>"); it says which;
 #   2. open a DockerREPL on the default image (python:3.11-slim, or $DOCKERREPL_IMAGE);
 #      when that image cannot be found or pulled, fall back to the offline image
 #      dockerrepl/python:3.11-bookworm (built with scripts/build-image.sh if absent);
@@ -12,25 +12,25 @@
 #   4. print what came back, then clean up (also on errors and Ctrl-C).
 #
 # usage: scripts/demo.sh [--image IMAGE] [--context FILE]
-# Works from a fresh clone after `pip install -e .` (or with only dill installed:
-# the repository is put on PYTHONPATH here).
+# Works from a fresh clone on a machine with no Python packages: when $PYTHON
+# (default python3) lacks dill, the script makes <repo>/.venv and installs dill there
+# (once); the repository itself is put on PYTHONPATH.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PY="${PYTHON:-python3}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export DOCKERREPL_ROOT="$ROOT"
 
 case "${1:-}" in
-  -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
 esac
 
-if ! "$PY" -c 'import dill' >/dev/null 2>&1; then
-  echo "demo: the Python package 'dill' is missing: run \`pip install -e $ROOT\`" >&2
-  exit 1
-fi
+# shellcheck source=scripts/python-env.sh
+. "$ROOT/scripts/python-env.sh"
+dr_python dill -- dill
 
 exec "$PY" - "$@" <<'PYTHON'
 import argparse
+import io
 import os
 import signal
 import subprocess
@@ -39,7 +39,8 @@ import textwrap
 import time
 
 from dockerrepl import DockerREPL, LMHandler
-from dockerrepl.clients import EchoClient, OpenAIClient
+from dockerrepl._cli_sandbox import make_client as cli_client
+from dockerrepl.clients import OpenAIClient
 from dockerrepl.errors import DockerReplError, NoSuchImage
 from dockerrepl.repl import DEFAULT_IMAGE
 
@@ -70,15 +71,15 @@ def say(msg=""):
 
 
 def make_client():
-    key = os.environ.get("OPENAI_API_KEY")
-    if key:
-        model = os.environ.get("OPENAI_MODEL") or "gpt-4o-mini"
-        client = OpenAIClient(model_name=model)
-        say(f"LM client: OpenAIClient(model={model!r}, base_url={client.base_url!r})"
-            " (OPENAI_API_KEY is set)")
-        return client
-    say("LM client: EchoClient (answers 'echo:<prompt>'; set OPENAI_API_KEY to use a real model)")
-    return EchoClient()
+    # the same variables and default as `dockerrepl run/repl --backend auto`
+    client, what = cli_client("auto", None, io.StringIO())
+    if isinstance(client, OpenAIClient):
+        say(f"LM client: OpenAIClient(model={client.model_name!r}, base_url={client.base_url!r})"
+            " (OPENAI_API_KEY or OPENAI_BASE_URL is set)")
+    else:
+        say("LM client: EchoClient (answers 'echo:<prompt>'; set OPENAI_API_KEY to use a"
+            " real model)")
+    return client
 
 
 def have_image(image):

@@ -5,11 +5,22 @@
 #   scripts/test.sh -k NAME    extra arguments go to pytest
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
 export DOCKERREPL_REQUIRE_DOCKER=1
-PY="${PYTHON:-python3}"
 
 echo "== python deps"
-"$PY" -m pip install -q -e '.[test,dev]' rlms >/dev/null
+# $PYTHON when given (installed into as is), else the project's .venv: a system
+# python3 under PEP 668 refuses pip install, and an interpreter shared with other
+# checkouts could import another checkout's dockerrepl
+# shellcheck source=scripts/python-env.sh
+. scripts/python-env.sh
+if [ -n "${PYTHON:-}" ]; then
+  PY="$PYTHON"
+  "$PY" -m pip install -q -e '.[test,dev]' rlms >/dev/null
+else
+  dr_venv -e '.[test,dev]' rlms
+fi
+"$PY" -c 'import sys; print("python", sys.version.split()[0], sys.executable)'
 
 echo "== docker engine"
 if ! timeout 20 docker info >/dev/null 2>&1; then

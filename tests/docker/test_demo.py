@@ -80,7 +80,7 @@ def test_demo_with_the_openai_client(image, tmp_path):
         env = demo_env(
             OPENAI_API_KEY="sk-demo-secret",
             OPENAI_BASE_URL=fake.url,
-            OPENAI_MODEL="demo-model",
+            DOCKERREPL_MODEL="demo-model",
         )
         r = run_demo(env, "--image", image, cwd=tmp_path)
     out = r.stdout
