@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from docker_helpers import image_exists, our_containers, server_version, wait_gone
+from docker_helpers import image_exists, our_containers, server_version, skip_or_fail, wait_gone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TEST_IMAGE = "dockerrepl/python:3.11-bookworm"
@@ -30,11 +30,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.docker)
 
 
-def _require(config: pytest.Config) -> bool:
-    return (
-        bool(config.getoption("--require-docker"))
-        or os.environ.get("DOCKERREPL_REQUIRE_DOCKER") == "1"
-    )
+def pytest_configure(config: pytest.Config) -> None:
+    # one switch for every "missing here" in the suite: docker_helpers.skip_or_fail
+    if config.getoption("--require-docker"):
+        os.environ["DOCKERREPL_REQUIRE_DOCKER"] = "1"
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +46,7 @@ def docker_engine(pytestconfig: pytest.Config) -> str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         ok, reason = False, str(exc)
     if not ok:
-        if _require(pytestconfig):
-            pytest.fail(f"docker engine required but not reachable: {reason}")
-        pytest.skip(f"no docker engine: {reason}")
+        skip_or_fail(f"no docker engine reachable: {reason}")
     return str(out.stdout.strip())
 
 

@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterable
-from typing import Optional
+from types import ModuleType
+from typing import NoReturn, Optional
+
+import pytest
+
+
+def required() -> bool:
+    """True in CI (``DOCKERREPL_REQUIRE_DOCKER=1``, set by scripts/test.sh, or pytest's
+    ``--require-docker``): then nothing the tests need may be missing."""
+    return os.environ.get("DOCKERREPL_REQUIRE_DOCKER") == "1"
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """The one way a test leaves early for want of something in its environment: a
+    skip locally, a failure when the environment is required (so CI never skips)."""
+    if required():
+        pytest.fail(f"required here, but: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def import_or_skip(name: str, why: str) -> ModuleType:
+    """``importlib.import_module(name)``, or ``skip_or_fail(why)`` when it is missing."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        skip_or_fail(f"{why} ({exc})")
 
 
 def docker(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
 from cli_helpers import base_env
+from docker_helpers import skip_or_fail
 
 
 @pytest.fixture
@@ -16,14 +16,9 @@ def env(image: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def docker_cli(pytestconfig: pytest.Config) -> str:
+def docker_cli() -> str:
     """The docker executable (no engine needed); skips without one unless docker is required."""
     path = shutil.which("docker")
     if path is None:
-        if (
-            pytestconfig.getoption("--require-docker")
-            or os.environ.get("DOCKERREPL_REQUIRE_DOCKER") == "1"
-        ):
-            pytest.fail("the docker CLI is required but not on PATH")
-        pytest.skip("no docker CLI on PATH")
+        skip_or_fail("no docker CLI on PATH")
     return path

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import pytest
 from cli_helpers import base_env, cli
-from docker_helpers import container_ids, exists, labels
+from docker_helpers import container_ids, exists, labels, skip_or_fail
 
 from dockerrepl import DockerREPL
 from dockerrepl._container import owner_label, pid_namespace
@@ -210,7 +210,7 @@ def test_an_owner_in_another_pid_namespace_is_kept(image: str) -> None:
         ["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, timeout=30
     )
     if probe.returncode != 0:
-        pytest.skip(f"cannot make a PID namespace here: {probe.stderr.decode().strip()}")
+        skip_or_fail(f"cannot make a PID namespace here: {probe.stderr.decode().strip()}")
     owner = subprocess.Popen(
         ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
          OWNER_IN_A_PID_NAMESPACE, image],

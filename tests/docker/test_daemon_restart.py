@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from docker_helpers import docker, server_version
+from docker_helpers import docker, server_version, skip_or_fail
 
 from dockerrepl import DockerREPL
 from dockerrepl.errors import ContainerDied, DockerDaemonError, DockerReplError
@@ -150,18 +150,18 @@ def _main_driver() -> str:
 def private_daemon(image: str) -> Iterator[PrivateDaemon]:
     for tool in ("dockerd", "ip", "nsenter"):
         if shutil.which(tool) is None:
-            pytest.skip(f"no {tool} on PATH")
+            skip_or_fail(f"no {tool} on PATH")
     main_env = {k: v for k, v in os.environ.items() if k != "DOCKER_HOST"}
     links_before = _host_links()
     daemon = PrivateDaemon(_main_driver())
     try:
         if not daemon.make_netns():
-            pytest.skip(f"cannot make a network namespace ({daemon.netns})")
+            skip_or_fail(f"cannot make a network namespace ({daemon.netns})")
         if not daemon.start():
             daemon.stop()
             daemon.driver = "vfs"
             if not daemon.start():
-                pytest.skip(
+                skip_or_fail(
                     f"a private dockerd did not start in {START_WAIT:.0f}s: {daemon.log_tail()}"
                 )
         save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE, env=main_env)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from docker_helpers import exists
+from docker_helpers import exists, skip_or_fail
 from fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.timeout(900)
@@ -112,7 +112,7 @@ def test_demo_with_a_context_file(image, tmp_path):
 def test_demo_from_a_fresh_clone(image, tmp_path):
     """Only committed files, nothing on PYTHONPATH: the script finds its own package."""
     if shutil.which("git") is None or not (ROOT / ".git").exists():
-        pytest.skip("not a git checkout")
+        skip_or_fail("not a git checkout")
     clone = tmp_path / "clone"
     subprocess.run(
         ["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120, capture_output=True

@@ -16,7 +16,7 @@ import threading
 import time
 
 import pytest
-from docker_helpers import container_ids, docker, wait_gone
+from docker_helpers import container_ids, docker, skip_or_fail, wait_gone
 
 import dockerrepl.repl as repl_mod
 from dockerrepl import DockerREPL, LMHandler
@@ -131,7 +131,7 @@ def test_unresponsive_container_is_replaced_and_restored(frepl, how, monkeypatch
         # the supervisor is the container's pid 1, which ignores SIGSTOP sent from
         # inside the container (test_security.py); from the host it does stop
         if os.geteuid() != 0:
-            pytest.skip("stopping a root-owned container process needs root on the host")
+            skip_or_fail("stopping a root-owned container process needs root on the host")
         sup = int(docker("inspect", "--format", "{{.State.Pid}}", name).stdout)
         threading.Timer(0.3, lambda: os.kill(sup, signal.SIGSTOP)).start()
     r = frepl.execute_code("import time\ntime.sleep(1)", timeout=1)

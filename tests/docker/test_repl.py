@@ -8,7 +8,7 @@ import time
 
 import pytest
 from concurrency import run_threads
-from docker_helpers import derived_image, exists, image_exists, labels
+from docker_helpers import derived_image, exists, image_exists, labels, skip_or_fail
 
 from dockerrepl import DockerREPL, LMHandler
 from dockerrepl.clients import ScriptedClient
@@ -286,7 +286,7 @@ def test_python_only_image(image, handler, docker_engine):
 def test_image_with_dill_uses_its_own(handler, docker_engine):
     img = "dockerrepl/rlm-python:bookworm"
     if not image_exists(img):
-        pytest.skip("rlm image not built")
+        skip_or_fail("rlm image not built (scripts/test.sh builds it)")
     with DockerREPL(image=img, lm_handler_address=handler.address) as repl:
         r = repl.execute_code("import dill\nprint(dill.__file__)")
         assert r.stdout.startswith("/usr/lib/python3/dist-packages/dill")

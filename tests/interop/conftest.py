@@ -7,19 +7,16 @@ which installs rlms) a missing rlm is a failure, not a skip.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
+from docker_helpers import import_or_skip
 from fake_openai import FakeOpenAI
 
 
 @pytest.fixture(autouse=True)
 def _rlm_installed() -> None:
-    if os.environ.get("DOCKERREPL_REQUIRE_DOCKER") == "1":
-        import rlm  # noqa: F401  (CI installs rlms: a missing rlm must fail loudly)
-    else:
-        pytest.importorskip("rlm", reason="the interop tests need rlm: pip install rlms")
+    import_or_skip("rlm", "the interop tests need rlm: pip install rlms")
 
 
 @pytest.fixture

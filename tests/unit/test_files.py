@@ -13,6 +13,7 @@ import stat
 import threading
 
 import pytest
+from docker_helpers import skip_or_fail
 
 from dockerrepl import _files
 from dockerrepl._files import copy_in, copy_out, split_remote
@@ -82,7 +83,7 @@ def plant(path, kind, outside):
         try:
             os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 3))  # like /dev/null
         except PermissionError:
-            pytest.skip("mknod of a device needs CAP_MKNOD")
+            skip_or_fail("mknod of a device needs CAP_MKNOD")
     else:  # pragma: no cover
         raise AssertionError(kind)
 

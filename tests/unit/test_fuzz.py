@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 from bootstrap_process import BOOTSTRAP_FILE, Boot, hello
+from docker_helpers import import_or_skip
 
-hypothesis = pytest.importorskip("hypothesis")
+hypothesis = import_or_skip("hypothesis", "the fuzz tests need hypothesis (the [test] extra)")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 

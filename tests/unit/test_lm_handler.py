@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from concurrency import run_threads
+from docker_helpers import import_or_skip
 
 from dockerrepl import LMHandler
 from dockerrepl._serve import start_serving, stop_serving
@@ -434,7 +435,7 @@ def test_lm_connection_keeps_one_socket_with_our_server(echo):
 
 
 def test_rlm_client_helpers_against_our_handler(echo):
-    comms = pytest.importorskip("rlm.core.comms_utils")
+    comms = import_or_skip("rlm.core.comms_utils", "needs rlm: pip install rlms")
     resp = comms.send_lm_request(echo.address, comms.LMRequest(prompt="from rlm", depth=1))
     assert resp.success
     assert resp.chat_completion.response == "echo:from rlm"

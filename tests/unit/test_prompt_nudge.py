@@ -17,10 +17,6 @@ import select
 import sys
 import time
 
-import pytest
-
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs a pty")
-
 CHILD = r"""
 import os, signal, sys, threading, time
 import readline  # noqa: F401  (input() on a tty goes through it)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from docker_helpers import import_or_skip
 
 from dockerrepl import ModelUsageSummary, REPLResult, RLMChatCompletion, UsageSummary
 
@@ -204,7 +205,7 @@ def test_json_safe_survives_a_broken_repr():
 
 # --------------------------------------------------------------------------- rlm's own types
 def test_conversion_to_and_from_rlm():
-    rlm_types = pytest.importorskip("rlm.core.types")
+    rlm_types = import_or_skip("rlm.core.types", "needs rlm: pip install rlms")
     c = completion(metadata={"m": 1})
     theirs = c.to_rlm()
     assert isinstance(theirs, rlm_types.RLMChatCompletion)
@@ -223,6 +224,6 @@ def test_conversion_to_and_from_rlm():
 
 
 def test_rlm_parses_our_dicts():
-    rlm_types = pytest.importorskip("rlm.core.types")
+    rlm_types = import_or_skip("rlm.core.types", "needs rlm: pip install rlms")
     c = completion(error="x")
     assert rlm_types.RLMChatCompletion.from_dict(c.to_dict()).to_dict() == c.to_dict()
