@@ -905,7 +905,8 @@ def _order_of(meta):
     return [-1, -1]
 
 
-# the worker's order key: its epoch (0 until it claimed one) and its last snapshot's seq
+# the worker's order key: its epoch (0 until it claimed one) and its last snapshot's
+# seq (never reset within a worker, also when a restore gives it a new epoch)
 _ORDER = {"epoch": 0, "seq": 0}
 
 
@@ -916,7 +917,8 @@ def _claim_epoch():
     worker that restored the checkpoint of cell K writes cell K+1 over a "newer"
     file an earlier worker's late snapshot may have left."""
     epoch = max(_read_int(EPOCH_FILE), _order_of(_read_meta())[0], _ORDER["epoch"]) + 1
-    _ORDER["epoch"], _ORDER["seq"] = epoch, 0
+    # seq goes on counting: the snapshot children compare seqs alone (_Wanted)
+    _ORDER["epoch"] = epoch
     tmp = "%s.tmp.%d" % (EPOCH_FILE, os.getpid())
     try:
         with _WritingConditions(), _open_for_write(tmp, False) as f:
