@@ -296,11 +296,13 @@ class DockerREPL:
         max_llm_calls, max_llm_tokens: budgets; past them ``llm_query`` returns
             an ``"Error: budget exceeded ..."`` string.
         auto_checkpoint: ``True``: snapshot the namespace in the background after
-            each cell (a container killed within a few ms of a cell loses that
-            cell's changes, and says so); ``"sync"``: write the snapshot before
-            the result returns (nothing completed is ever lost; each cell that
-            changes the namespace pays the dump); ``False``: only
-            :meth:`checkpoint`.
+            each cell (a container killed before that cell's snapshot is on disk,
+            milliseconds for a small namespace and up to about a second for a
+            worker's first cell or 100 MB of state on a loaded machine, loses that
+            cell's changes, and says so; see docs/security.md); ``"sync"``: write
+            the snapshot before the result returns (nothing completed is ever
+            lost; each cell that changes the namespace pays the dump); ``False``:
+            only :meth:`checkpoint`.
         grace: seconds (>= 0) a cell gets between its interrupt and the kill of
             its worker.
         start_timeout: seconds (> 0) a container may take to become ready; past

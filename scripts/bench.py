@@ -895,9 +895,9 @@ def write_doc(path: str, plot_name: str, json_name: str, data: dict[str, Any]) -
     add(
         "- **A list (or dict, or any mutable object) in the namespace** makes that snapshot fork "
         "happen after every cell. The cell does not wait for the dump, but the next cell waits for "
-        "the fork itself (copying the worker's page tables, which grows with its heap), for "
-        "the replaced, still-waiting snapshot child to be reaped, and shares the two cores with the "
-        "child that is writing. That is the list series: not flat, and still far below rlm. Making it "
+        "the fork itself (copying the worker's page tables, which grows with its heap) and shares "
+        "the two cores with the child that is writing (a child still waiting for its turn exits "
+        "by itself once a newer one is on its way). That is the list series: not flat, and still far below rlm. Making it "
         "flat would mean snapshotting less often than every cell, which gives up restoring up to the "
         "last completed cell after a crash; dockerrepl keeps the guarantee. `auto_checkpoint=False` "
         "turns the background snapshots off (then only `checkpoint()` writes one)."

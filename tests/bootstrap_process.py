@@ -53,7 +53,7 @@ class Boot:
     ) -> None:
         self.ws = tmp / "ws"
         boot_dir = self.ws / ".dockerrepl"
-        boot_dir.mkdir(parents=True)
+        boot_dir.mkdir(parents=True, exist_ok=True)  # a reused workspace may hold state
         shutil.copyfile(BOOTSTRAP_FILE, boot_dir / "dockerrepl_bootstrap.py")
         poison = tmp / "poison" / "dockerrepl"
         poison.mkdir(parents=True)

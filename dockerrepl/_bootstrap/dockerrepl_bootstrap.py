@@ -52,6 +52,15 @@ LOCK_FILE = os.path.join(STATE_DIR, "checkpoint.lock")
 # held (shared) by every snapshot child from before its fork until it exits, so a
 # restore can wait (exclusive) until no snapshot is still on its way
 PENDING_FILE = os.path.join(STATE_DIR, "checkpoint.pending")
+# The newest worker's epoch. Every checkpoint carries an order key [epoch, seq]: a
+# worker takes a new epoch, above any on disk, when it starts (and when it restores),
+# and numbers its snapshots in the order its namespace went through them. A write
+# whose key is not above the one on disk, or whose epoch a newer worker has passed,
+# is dropped, so the state on disk only ever moves forward.
+EPOCH_FILE = os.path.join(STATE_DIR, "checkpoint.epoch")
+# the exit status of a snapshot child that wrote nothing because a newer snapshot
+# is on disk or on its way (not a failure)
+SNAPSHOT_DROPPED = 3
 HEADER = struct.Struct(">I")
 MAX_HOST_FRAME = 1 << 30
 SCAFFOLD_FUNCS = ("llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched", "SHOW_VARS")
@@ -875,19 +884,149 @@ def _open_for_write(path, binary):
         raise
 
 
-def write_checkpoint(state, file_backed, cell_id):
-    """Dump ``state`` to STATE_FILE atomically; returns the names that were skipped."""
+def _read_int(path):
+    try:
+        with open(path) as f:
+            return int(f.read(64).strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _order_of(meta):
+    """The order key [epoch, seq] of a checkpoint's metadata; [-1, -1] (older than any)
+    when it has none (an older bootstrap wrote it, or it is unreadable)."""
+    order = meta.get("order")
+    if (
+        isinstance(order, list)
+        and len(order) == 2
+        and all(type(i) is int for i in order)  # not isinstance: True is no key
+    ):
+        return order
+    return [-1, -1]
+
+
+# the worker's order key: its epoch (0 until it claimed one) and its last snapshot's
+# seq (never reset within a worker, also when a restore gives it a new epoch)
+_ORDER = {"epoch": 0, "seq": 0}
+
+
+def _claim_epoch():
+    """Take an epoch above every one on disk (the caller holds LOCK_FILE exclusively,
+    or gave up waiting for it). Snapshots of earlier workers, still on their way, then
+    drop themselves, and this worker's snapshots replace whatever the disk holds: a
+    worker that restored the checkpoint of cell K writes cell K+1 over a "newer"
+    file an earlier worker's late snapshot may have left."""
+    epoch = max(_read_int(EPOCH_FILE), _order_of(_read_meta())[0], _ORDER["epoch"]) + 1
+    # seq goes on counting: the snapshot children compare seqs alone (_Wanted)
+    _ORDER["epoch"] = epoch
+    tmp = "%s.tmp.%d" % (EPOCH_FILE, os.getpid())
+    try:
+        with _WritingConditions(), _open_for_write(tmp, False) as f:
+            f.write("%d\n" % epoch)
+        os.replace(tmp, EPOCH_FILE)
+    except OSError:
+        # not written: this worker's snapshots still win on disk (their epoch is the
+        # highest); only an earlier worker's late snapshot is no longer stopped
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def _start_epoch(wait=10.0):
+    """``_claim_epoch`` under the lock, for a worker that restores nothing (the first
+    one, or one whose restore failed): its first snapshot must replace whatever an
+    earlier session left in a reused workspace."""
+    try:
+        lock = _open_lock(LOCK_FILE)
+    except OSError:
+        lock = None  # the epoch is still taken, in memory: this worker's writes win
+    try:
+        if lock is not None:
+            _lock_exclusive(lock, deadline=time.time() + wait)
+        _claim_epoch()
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _next_order():
+    _ORDER["seq"] += 1
+    return [_ORDER["epoch"], _ORDER["seq"]]
+
+
+def _superseded(order):
+    """Whether a write with ``order`` would go backwards: a newer worker has taken an
+    epoch, or the checkpoint on disk is as new or newer. Asked under LOCK_FILE."""
+    if _read_int(EPOCH_FILE) > order[0]:
+        return True
+    return _order_of(_read_meta()) >= order
+
+
+def _lock_exclusive(fd, deadline=None, give_up=None):
+    """flock(LOCK_EX) on ``fd``: True once held; False at ``deadline`` or as soon as
+    ``give_up()`` says so (asked between tries, every 2 ms)."""
+    if deadline is None and give_up is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return True
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        if give_up is not None and give_up():
+            return False
+        if deadline is not None and time.time() > deadline:
+            return False
+        time.sleep(0.002)
+
+
+def _remove_dead_writers_files():
+    """Temporary state files exist only while their writer holds LOCK_FILE: one seen
+    under the lock is a killed writer's (out of memory, a kill of its pid)."""
+    prefix = os.path.basename(STATE_FILE) + ".tmp."
+    try:
+        names = os.listdir(WORKSPACE)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix):
+            try:
+                os.unlink(os.path.join(WORKSPACE, name))
+            except OSError:
+                pass
+
+
+def write_checkpoint(state, file_backed, cell_id, order, give_up=None):
+    """Dump ``state`` to STATE_FILE atomically unless a newer checkpoint is on disk.
+
+    Returns the names that were skipped, or None when nothing was written: the
+    disk already holds a newer checkpoint, a newer worker has started, or
+    ``give_up()`` said, while this waited for the lock, that a newer snapshot is
+    on its way.
+    """
     with _WritingConditions():
-        return _write_checkpoint(state, file_backed, cell_id)
+        return _write_checkpoint(state, file_backed, cell_id, order, give_up)
 
 
-def _write_checkpoint(state, file_backed, cell_id):
+def _write_checkpoint(state, file_backed, cell_id, order, give_up):
     dill = _dill()
     skipped = [k for k, i in _known_bad.items() if k in NS and id(NS[k]) == i]
     lock = _open_lock(LOCK_FILE)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _lock_exclusive(lock, give_up=give_up):
+            return None
+        if give_up is not None and give_up():
+            return None  # the newer snapshot will write; this one's dump would be wasted
+        # Writers take the lock in no particular order (the first snapshot child of
+        # a worker imports dill itself and comes late): the order key, checked
+        # under the lock, is what keeps an older state from replacing a newer one.
+        if _superseded(order):
+            return None
+        _remove_dead_writers_files()
         tmp = "%s.tmp.%d" % (STATE_FILE, os.getpid())
+        meta_tmp = META_FILE + ".tmp"
         try:
             try:
                 with _open_for_write(tmp, True) as f:
@@ -908,69 +1047,106 @@ def _write_checkpoint(state, file_backed, cell_id):
                     dill.dump(state, f, recurse=True)
             meta = {
                 "cell": cell_id,
+                "order": order,
                 "skipped": sorted(set(skipped)),
                 "file_backed": file_backed,
                 "time": time.time(),
                 "bad_ids": {k: id(NS[k]) for k in skipped if k in NS},
             }
-            with _open_for_write(META_FILE + ".tmp", False) as f:
+            with _open_for_write(meta_tmp, False) as f:
                 json.dump(meta, f)
+            # asked again right before the replace: a restore that gave up waiting
+            # for the lock may have taken a new epoch during the dump
+            if _superseded(order):
+                return None
             os.replace(tmp, STATE_FILE)
-            os.replace(META_FILE + ".tmp", META_FILE)
+            os.replace(meta_tmp, META_FILE)
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            for path in (tmp, meta_tmp):
+                if os.path.exists(path):
+                    os.unlink(path)
     finally:
         os.close(lock)
     return sorted(set(skipped))
 
 
-class _Checkpointer:
-    """Background snapshots: at most one child writing and one waiting behind it.
+class _Wanted:
+    """The seq of the worker's newest snapshot, in memory its snapshot children share
+    (an anonymous shared mapping made before the first fork).
 
-    Each completed cell forks a copy-on-write snapshot of the namespace at that
-    cell boundary. A newer request replaces the waiting child (coalescing), so
-    the file on disk converges on the last completed cell even while the worker
-    is busy with the next one; the cell itself never waits for a write.
+    A snapshot child waiting for the lock behind another writer gives up as soon as
+    a newer one is on its way: it would only write a state the newer one replaces.
     """
 
     def __init__(self):
-        self.writing = None
-        self.waiting = None
+        self.map = None
+
+    def set(self, seq):
+        if self.map is None:
+            try:
+                import mmap
+
+                self.map = mmap.mmap(-1, 8)
+            except (ImportError, OSError, ValueError):
+                return  # then no child gives up: each writes in turn, in order
+        self.map[0:8] = struct.pack("=q", seq)
+
+    def newer_than(self, seq):
+        """For a child: whether a newer snapshot than ``seq`` is on its way. Read until
+        two reads agree (the worker may be writing the value right now)."""
+        if self.map is None:
+            return False
+        last = None
+        while True:
+            value = struct.unpack("=q", self.map[0:8])[0]
+            if value == last:
+                return value > seq
+            last = value
+
+
+class _Checkpointer:
+    """Background snapshots, in order, converging on the last completed cell.
+
+    Each completed cell forks a copy-on-write snapshot of the namespace at that
+    cell boundary; the cell itself never waits for a write. Children write one
+    at a time (LOCK_FILE); one that waits for its turn and sees a newer snapshot
+    on its way exits (coalescing), and one whose state is older than the file on
+    disk writes nothing (see ``write_checkpoint``). The file on disk converges on
+    the last completed cell even while the worker is busy with the next one.
+    """
+
+    def __init__(self):
         self.last_fp = None
-        self.cells = {}  # snapshot child pid -> (the cell it snapshots, its error pipe)
-        # the newest snapshot that ended, as (cell, None) or (cell, why it failed)
+        # snapshot child pid -> (the cell it snapshots, its seq, its error pipe)
+        self.cells = {}
+        # the newest snapshot that ended, as (seq, cell, None) or (seq, cell, why it failed)
         self.outcome = None
         self.told = False  # a failure was reported since the last good snapshot
+        self.wanted = _Wanted()
 
     def reap(self, block=False):
-        for attr in ("writing", "waiting"):
-            pid = getattr(self, attr)
-            if pid is None:
-                continue
+        for pid in list(self.cells):
             try:
                 done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
             except ChildProcessError:
                 done, status = pid, None
             if done:
-                setattr(self, attr, None)
                 self._learn_bad()
                 self._record(pid, status)
-        if self.writing is None and self.waiting is not None:
-            self.writing, self.waiting = self.waiting, None
 
     def _record(self, pid, status):
-        cell, fd = self.cells.pop(pid, (None, None))
-        if cell is None:
-            return
+        cell, seq, fd = self.cells.pop(pid)
         why = _child_error(fd)
+        if status is not None and os.WIFEXITED(status):
+            if os.WEXITSTATUS(status) == SNAPSHOT_DROPPED:
+                return  # a newer snapshot is on disk or on its way: not an outcome
+            if os.WEXITSTATUS(status) == 0:
+                why = None
         if status is not None and status != 0:
             why = why or _describe_status(status)
-        elif status is not None:
-            why = None
         newest = self.outcome[0] if self.outcome else -1
-        if cell >= newest:
-            self.outcome = (cell, why)
+        if seq >= newest:
+            self.outcome = (seq, cell, why)
             if why is None:
                 self.told = False
         if why is not None:
@@ -980,10 +1156,10 @@ class _Checkpointer:
         """Say in the cell's stderr that the newest snapshot failed: once per run of
         failures (a limit the cell set fails every snapshot after it)."""
         self.reap()
-        if not self.outcome or self.outcome[1] is None or self.told:
+        if not self.outcome or self.outcome[2] is None or self.told:
             return
         self.told = True
-        cell, why = self.outcome
+        _, cell, why = self.outcome
         good = _read_meta().get("cell")
         sys.stderr.write(
             "dockerrepl: the checkpoint after cell %s failed (%s); a crash now would restore"
@@ -1005,18 +1181,14 @@ class _Checkpointer:
         if fp is not None and fp == self.last_fp:
             return  # nothing can have changed since the last snapshot: skip the fork
         self.last_fp = fp
-        if self.waiting is not None:
-            try:
-                os.kill(self.waiting, signal.SIGKILL)
-                os.waitpid(self.waiting, 0)
-            except OSError:
-                pass
-            self.waiting = None
+        order = _next_order()
         state, fb = _checkpoint_state()
         _flush_std()
         pending = _open_lock(PENDING_FILE)
         err_r = err_w = None
         try:
+            if self.wanted.map is None:
+                self.wanted.set(0)  # mapped before the fork, so the child shares it
             err_r, err_w = os.pipe()
             fcntl.flock(pending, fcntl.LOCK_SH)
             pid = os.fork()
@@ -1034,19 +1206,6 @@ class _Checkpointer:
                 if fd is not None:
                     os.close(fd)
             raise
-        if pid != 0:
-            os.close(pending)  # the child's copy of the descriptor keeps the lock
-            os.close(err_w)
-            os.set_inheritable(err_r, False)
-            if "dill" not in sys.modules:
-                # once per worker, after the first snapshot is on its way: later
-                # snapshot children inherit dill and land in ~5 ms instead of ~50 ms
-                # (importing it is most of a small snapshot's time), which shrinks the
-                # window in which a killed container loses the last completed cell
-                try:
-                    _dill()
-                except Exception:
-                    pass
         if pid == 0:  # the child: a copy-on-write snapshot of the namespace
             code = 1
             os.close(err_r)
@@ -1060,18 +1219,32 @@ class _Checkpointer:
                     os.nice(10)  # cells come first; the snapshot uses what is left
                 except Exception:
                     pass
-                write_checkpoint(state, fb, cell_id)
-                code = 0
+                wanted = self.wanted
+                done = write_checkpoint(
+                    state, fb, cell_id, order, give_up=lambda: wanted.newer_than(order[1])
+                )
+                code = SNAPSHOT_DROPPED if done is None else 0
             except BaseException as e:
                 code = 1
                 _note_child_error(err_w, e)
             finally:
                 os._exit(code)
-        self.cells[pid] = (cell_id, err_r)
-        if self.writing is None:
-            self.writing = pid
-        else:
-            self.waiting = pid
+        os.close(pending)  # the child's copy of the descriptor keeps the lock
+        os.close(err_w)
+        os.set_inheritable(err_r, False)
+        self.cells[pid] = (cell_id, order[1], err_r)
+        # only now that the child exists: an older child that gives up for it must
+        # be sure a newer snapshot is really on its way
+        self.wanted.set(order[1])
+        if "dill" not in sys.modules:
+            # once per worker, after the first snapshot is on its way: later
+            # snapshot children inherit dill and land in ~5 ms instead of ~50 ms
+            # (importing it is most of a small snapshot's time), which shrinks the
+            # window in which a killed container loses the last completed cell
+            try:
+                _dill()
+            except Exception:
+                pass
 
     def sync_changed(self, cell_id):
         """``sync`` unless nothing can have changed; a failure is reported in stderr."""
@@ -1086,11 +1259,21 @@ class _Checkpointer:
             _flush_std()
 
     def sync(self, cell_id):
-        self.reap(block=True)
-        self.reap(block=True)
+        """Write the namespace now, in this process. Snapshot children still waiting
+        give up (this one is newer); one that is writing is waited for (the lock)."""
+        self.reap()
+        order = _next_order()
+        self.wanted.set(order[1])
         self.last_fp = _fingerprint()
         state, fb = _checkpoint_state()
-        skipped = write_checkpoint(state, fb, cell_id)
+        skipped = write_checkpoint(state, fb, cell_id, order)
+        self.reap()
+        if skipped is None:
+            self.last_fp = None
+            raise RuntimeError(
+                "not written: a newer checkpoint is on disk (another worker wrote to %s)"
+                % STATE_FILE
+            )
         for k in skipped:
             if k in NS:
                 _known_bad[k] = id(NS[k])
@@ -1148,7 +1331,10 @@ def restore_checkpoint(expect_cell=0, wait=60.0):
     """Load the last checkpoint into NS; returns (cell_id or None, note).
 
     Snapshots of later cells may still be on their way in the old worker's
-    children: wait (bounded) until none is pending.
+    children: wait (bounded) until none is pending. Then, under the lock, this
+    worker takes a new epoch (see EPOCH_FILE): what it writes from now on
+    replaces what it restored, and a snapshot of an earlier worker that is
+    still late after the wait writes nothing.
     """
     deadline = time.time() + wait
     late = False
@@ -1165,18 +1351,12 @@ def restore_checkpoint(expect_cell=0, wait=60.0):
                 time.sleep(0.01)
     finally:
         os.close(pending)
-    if not os.path.exists(STATE_FILE):
-        return None, "no checkpoint existed; the namespace starts empty"
     lock = _open_lock(LOCK_FILE)
     try:
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    break
-                time.sleep(0.02)
+        _lock_exclusive(lock, deadline=deadline)
+        _claim_epoch()
+        if not os.path.exists(STATE_FILE):
+            return None, "no checkpoint existed; the namespace starts empty"
         meta = _read_meta()
         for name, (path, kind) in (meta.get("file_backed") or {}).items():
             try:
@@ -1353,6 +1533,8 @@ def worker_main(ctrl, config, restore, expect_cell=0):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     note = None
+    if not restore:
+        _start_epoch()
     if restore:
         # SIGINT stays ignored (inherited from the supervisor) until the namespace
         # is back: an interrupted restore would leave an empty namespace
@@ -1376,6 +1558,8 @@ def worker_main(ctrl, config, restore, expect_cell=0):
                 type(e).__name__,
                 e,
             )
+    if _ORDER["epoch"] == 0:
+        _start_epoch()  # the restore failed before it took one
     _install_scaffold()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     sock_send(ctrl, {"type": "started", "pid": os.getpid(), "note": note})

@@ -1,0 +1,192 @@
+"""Checkpoints on disk only ever move forward (issue #10, defect 1).
+
+The bootstrap runs under the host Python (tests/bootstrap_process.py). A snapshot
+child that is slow to reach its write must never replace the newer checkpoint a
+later child already wrote; a worker or container that restored from the disk must
+still be able to write after it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from bootstrap_process import BOOTSTRAP_FILE, Boot, hello
+
+pytestmark = pytest.mark.timeout(60)
+
+# A `dill` that is slow to import in snapshot children only (the worker imports it
+# at once): the first snapshot child of a worker imports dill itself, which is what
+# made it reach its write after the second child in the field. Here it is late by
+# seconds, so the order is the same on every run.
+SLOW_DILL = textwrap.dedent(
+    """
+    import importlib, os, sys, time
+
+    def _comm():
+        try:
+            with open("/proc/self/comm") as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+
+    if _comm() == "drepl-snapshot":
+        time.sleep({delay})
+    _here = os.path.dirname(os.path.abspath(__file__))
+    _path = list(sys.path)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    try:
+        del sys.modules["dill"]
+        sys.modules["dill"] = importlib.import_module("dill")
+    finally:
+        sys.path[:] = _path
+    """
+)
+
+
+def slow_dill(tmp: Path, delay: float) -> None:
+    shim = tmp / "poison"  # on the bootstrap's PYTHONPATH (see Boot)
+    shim.mkdir(parents=True, exist_ok=True)
+    (shim / "dill.py").write_text(SLOW_DILL.format(delay=delay))
+
+
+def meta(boot: Boot) -> dict:
+    return json.loads((boot.ws / ".dockerrepl" / "state.meta.json").read_text())
+
+
+def restored_after(crashed: dict) -> int:
+    """The cell whose checkpoint the replacement worker restored, from the crash's note
+    (the meta file may name a later cell by the time the next cell's result is read:
+    a namespace holding a list is snapshotted after every cell)."""
+    assert crashed["status"] == "crashed", crashed
+    m = re.search(r"checkpoint taken after cell (\d+)", crashed["stderr"])
+    assert m, crashed["stderr"]
+    return int(m.group(1))
+
+
+def test_a_late_older_snapshot_does_not_replace_a_newer_one(tmp_path):
+    slow_dill(tmp_path, 2.0)
+    with Boot(tmp_path, hello(auto_checkpoint=True)) as boot:
+        assert boot.exec("x = 1\ny = [1]", 1)["status"] == "ok"  # its snapshot is slow
+        assert boot.exec("x = 2\ny.append(2)", 2)["status"] == "ok"  # its snapshot is not
+        # the worker dies; its replacement restores once no snapshot is pending
+        assert restored_after(boot.exec("import os\nos._exit(5)", 3)) == 2
+        r = boot.exec("print(x, y)", 4)
+        assert r["stdout"] == "2 [1, 2]\n", r
+
+
+# The functions themselves, in a process of their own (the bootstrap reads its
+# workspace at import time): the order key decides, not who reaches the lock first.
+ORDER_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    import dockerrepl_bootstrap as b
+
+    def meta():
+        with open(b.META_FILE) as f:
+            return json.load(f)
+
+    def write(cell, order):
+        return b.write_checkpoint({"x": cell}, {}, cell, order)
+
+    out = {}
+    b._start_epoch()
+    e = b._ORDER["epoch"]
+    out["first"] = write(2, [e, 2])
+    out["older"] = write(1, [e, 1])  # the slow first child, late
+    out["same"] = write(3, [e, 2])
+    out["cell_after_older"] = meta()["cell"]
+    b._start_epoch()  # a new worker (a restart that restored nothing)
+    out["stale_worker"] = write(9, [e, 99])  # the old worker's late snapshot
+    out["new_worker"] = write(1, [e + 1, 1])  # a lower cell, but the newer worker
+    out["final"] = meta()["cell"]
+    out["epochs"] = [e, b._ORDER["epoch"]]
+    print(json.dumps(out))
+    """
+)
+
+
+def test_the_order_key_decides_under_the_lock(tmp_path):
+    boot_dir = tmp_path / "ws" / ".dockerrepl"
+    boot_dir.mkdir(parents=True)
+    (boot_dir / "dockerrepl_bootstrap.py").write_bytes(BOOTSTRAP_FILE.read_bytes())
+    out = subprocess.run(
+        [sys.executable, "-B", "-c", ORDER_SCRIPT, str(boot_dir)],
+        env={"PATH": "/usr/bin:/bin", "DOCKERREPL_WORKSPACE": str(tmp_path / "ws")},
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    r = json.loads(out.stdout)
+    assert r["first"] == []
+    assert r["older"] is None and r["same"] is None  # nothing written
+    assert r["cell_after_older"] == 2
+    assert r["stale_worker"] is None
+    assert r["new_worker"] == []
+    assert r["final"] == 1
+    assert r["epochs"][1] == r["epochs"][0] + 1
+    assert not list((tmp_path / "ws").glob("state.dill.tmp.*"))
+
+
+def test_a_restored_worker_writes_over_a_newer_state_it_did_not_restore(tmp_path):
+    ws = tmp_path / "ws"
+    (ws / ".dockerrepl").mkdir(parents=True)
+    # an earlier session's checkpoint in a reused workspace, with a high order key
+    (ws / ".dockerrepl" / "state.meta.json").write_text(
+        json.dumps({"cell": 50, "order": [40, 7], "skipped": [], "file_backed": {}})
+    )
+    with Boot(tmp_path, hello(auto_checkpoint="sync")) as boot:
+        assert boot.exec("x = 1", 1)["status"] == "ok"
+        assert meta(boot)["cell"] == 1
+        assert boot.exec("x = 2", 2)["status"] == "ok"
+        # the worker dies and its replacement restores cell 2; then cell 3 is written
+        assert boot.exec("import os\nos._exit(5)", 3)["status"] == "crashed"
+        assert boot.exec("x += 2\nprint(x)", 4)["stdout"] == "4\n"
+        m = meta(boot)
+        assert m["cell"] == 4 and m["order"][0] > 41
+
+
+def test_snapshots_behind_a_slow_writer_coalesce(tmp_path):
+    with Boot(tmp_path, hello(auto_checkpoint=True)) as boot:
+        # pickling `slow` takes a second and is counted: the snapshot of cell 1
+        # holds the lock while cells 2-7 end; of their snapshots only the newest
+        # needs to write
+        code = (
+            "import os, time\n"
+            "class Slow:\n"
+            "    def __reduce__(self):\n"
+            "        with open('dumps', 'a') as f:\n"
+            "            f.write('.')\n"
+            "        time.sleep(1.0)\n"
+            "        return (int, (0,))\n"
+            "slow = Slow()\n"
+            "x = 1\n"
+        )
+        assert boot.exec(code, 1)["status"] == "ok"
+        time.sleep(0.3)  # cell 1's snapshot is dumping
+        for cell in range(2, 8):
+            assert boot.exec(f"x = {cell}", cell)["status"] == "ok"
+        assert restored_after(boot.exec("import os\nos._exit(5)", 8)) == 7
+        assert boot.exec("print(x)", 9)["stdout"] == "7\n"
+        assert len((boot.ws / "dumps").read_text()) <= 3  # not one per cell
+
+
+def test_snapshots_after_a_restore_in_the_same_worker_still_write(tmp_path):
+    with Boot(tmp_path, hello(auto_checkpoint=True)) as boot:
+        for cell in (1, 2, 3):
+            assert boot.exec(f"x = [{cell}]", cell)["status"] == "ok"
+        # a restore in place gives the worker a new epoch; its snapshot children
+        # must still see themselves as the newest
+        boot.send({"type": "call", "id": 100, "op": "restore", "args": {}, "timeout": 30})
+        reply = boot.recv()
+        assert reply["type"] == "reply" and reply["ok"], reply
+        assert boot.exec("x.append(4)", 4)["status"] == "ok"
+        assert restored_after(boot.exec("import os\nos._exit(5)", 5)) == 4
+        assert boot.exec("print(x)", 6)["stdout"] == "[3, 4]\n"
