@@ -8,11 +8,16 @@ regression fails instead of hanging the suite.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import stat
+import subprocess
+import sys
+import tempfile
 import threading
 
 import pytest
+from bootstrap_process import BOOTSTRAP_FILE
 
 from dockerrepl import _files
 from dockerrepl._files import copy_in, copy_out, split_remote
@@ -256,10 +261,6 @@ def test_path_components():
 
 # ------------------------------------------------------------------ remove_tree
 def _bootstrap_remove_tree():
-    import importlib.util
-
-    from bootstrap_process import BOOTSTRAP_FILE
-
     spec = importlib.util.spec_from_file_location("dockerrepl_bootstrap_tree", BOOTSTRAP_FILE)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
@@ -318,13 +319,6 @@ def test_remove_tree_undoes_modes_a_cell_set_as_a_non_root_user(tmp_path, which)
     CAP_DAC_OVERRIDE): directories of mode 000 and 0500 are still removed."""
     if os.geteuid() != 0:
         pytest.skip("needs root to switch to another user")
-    import subprocess
-    import sys
-
-    from bootstrap_process import BOOTSTRAP_FILE
-
-    import tempfile
-
     base = tempfile.mkdtemp(prefix="remove-tree-")  # tmp_path's parents are 0700
     os.chown(base, 65534, 65534)
     if which == "host":
