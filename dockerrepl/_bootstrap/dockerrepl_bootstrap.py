@@ -1921,6 +1921,8 @@ class Supervisor:
         """Block until a freshly spawned worker sends 'started' (bounded)."""
         end = time.monotonic() + 120
         while time.monotonic() < end and self.ctrl is not None:
+            if self.spared_until is not None and time.monotonic() >= self.spared_until:
+                self.kill_spared()  # a restore slower than that does not extend their time
             r, _, _ = select.select([self.ctrl, self.out_r, self.err_r], [], [], 0.5)
             if self.out_r in r or self.err_r in r:
                 self.drain_output()
