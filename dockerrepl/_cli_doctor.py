@@ -21,7 +21,7 @@ from typing import IO, Any, Optional
 
 from . import __version__, _docker
 from ._cli_sandbox import BUILD_HINT, default_image, ensure_image
-from ._container import CODE_MOUNT, bridge_gateway, owner_label
+from ._container import CODE_MOUNT, PROXY_SOCKET, bridge_gateway, owner_label
 from .clients import EchoClient
 from .errors import DockerError, DockerReplError, DockerTimeout, NoSuchImage
 from .lm_handler import LMHandler
@@ -301,10 +301,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if answer != "echo:doctor":
             raise Fail(
                 f"llm_query() through the unix socket gave {answer[-300:]!r}",
-                "the workspace mount must support unix sockets (not on some network "
+                "the workspace directory must support unix sockets (not on some network "
                 "filesystems): pass workspace_dir= on a local disk",
             )
-        where = "/workspace/.dockerrepl/proxy.sock"
+        where = f"{CODE_MOUNT}/{PROXY_SOCKET}"
         return f"llm_query() answered through {where} in {took * 1000:.0f} ms"
 
     try:

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import BinaryIO
 
 from ._cli_sandbox import (
     EXIT_ERROR,
@@ -17,7 +18,7 @@ from ._cli_sandbox import (
     Sandbox,
 )
 from ._container import MOUNT_POINT
-from ._files import DEFAULT_MAX_FILE
+from ._files import DEFAULT_MAX_FILE, write_new
 from .types import REPLResult
 
 __all__ = ["cmd_run", "exit_status"]
@@ -57,11 +58,17 @@ def _argv(args: argparse.Namespace) -> list[str]:
     return [args.file or "-", *rest]
 
 
-def _copy_stdin(dest: str, limit: int) -> int:
-    """Copy all of stdin to ``dest`` (at most ``limit`` bytes); returns the size."""
+def _copy_stdin(root: str, limit: int) -> int:
+    """Copy all of stdin to ``STDIN_FILE`` in the workspace ``root`` (at most ``limit``
+    bytes; mode 0644, the container's user may not be this one); returns the size.
+
+    Written as a new file renamed over the name, never through what is there.
+    """
     src = sys.stdin.buffer
     size = 0
-    with open(dest, "wb") as out:
+
+    def copy(out: BinaryIO) -> None:
+        nonlocal size
         while True:
             chunk = src.read(_CHUNK)
             if not chunk:
@@ -73,7 +80,8 @@ def _copy_stdin(dest: str, limit: int) -> int:
                     "pass large inputs as a file with --context FILE",
                 )
             out.write(chunk)
-    os.chmod(dest, 0o644)  # the container's user may not be this one
+
+    write_new(root, STDIN_FILE, copy, os.path.dirname(root))
     return size
 
 
@@ -83,7 +91,7 @@ def _prepare(box: Sandbox, argv: list[str], stdin: bool) -> None:
     assert repl is not None
     lines = [f"__import__('sys').argv = {argv!r}"]
     if stdin:
-        _copy_stdin(os.path.join(repl.temp_dir, STDIN_FILE), DEFAULT_MAX_FILE)
+        _copy_stdin(repl.temp_dir, DEFAULT_MAX_FILE)
         path = f"{MOUNT_POINT}/{STDIN_FILE}"
         lines.append(
             f"__import__('sys').stdin = open({path!r}, encoding='utf-8', errors='surrogateescape')"

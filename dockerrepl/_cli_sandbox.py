@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -21,6 +20,7 @@ from collections.abc import Callable
 from typing import IO, Any, Optional, Protocol, Union
 
 from . import _docker
+from ._files import remove_tree
 from .clients import EchoClient, OpenAIClient
 from .errors import DockerReplError, DockerTimeout, NoSuchImage
 from .lm_handler import LMHandler
@@ -509,7 +509,7 @@ class Sandbox:
                 except DockerReplError:
                     pass
             if repl.temp_dir:
-                shutil.rmtree(os.path.dirname(repl.temp_dir), ignore_errors=True)
+                remove_tree(os.path.dirname(repl.temp_dir), ignore_errors=True)
         os._exit(code)
 
     def close(self) -> None:

@@ -49,6 +49,9 @@ MOUNT_POINT = "/workspace"
 # read-only from a host directory outside the workspace: cell code can write the
 # workspace, and code kept there would run as the next container's supervisor.
 CODE_MOUNT = "/opt/dockerrepl"
+# With network="none" the LM proxy's unix socket sits in that directory too: the
+# host binds and unlinks it in a directory no cell can swap for a symlink.
+PROXY_SOCKET = "proxy.sock"
 # Imported as a module, not run as a script: run as a script, the file (no .pyc
 # with -B) is compiled twice, as __main__ and again when it imports itself by
 # name; that second compile is ~17 ms of every container start. sys.path[0]

@@ -12,18 +12,33 @@ that is renamed over the name. A FIFO planted there can therefore not block
 the host, and a swap between a check and the write replaces only the swapped-in
 entry. A download opens the file ``O_NONBLOCK`` and reads it only when
 ``fstat`` says it is a regular file.
+
+Trees are removed by :func:`remove_tree`: iteratively (a cell makes 2,000 nested
+directories in a second, and a recursive walk dies of ``RecursionError``), never
+through a symlink, and with the permission bits a cell set (a directory of mode
+000) undone on the way.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import stat
-from typing import Optional
+from typing import BinaryIO, Callable, Optional
 
 from .errors import WorkspacePathError
 
-__all__ = ["DEFAULT_MAX_FILE", "copy_in", "copy_out", "split_remote"]
+__all__ = [
+    "DEFAULT_MAX_FILE",
+    "copy_in",
+    "copy_out",
+    "open_dir",
+    "remove_tree",
+    "split_remote",
+    "tree_size",
+    "write_new",
+]
 
 #: Largest file upload()/download() move unless told otherwise.
 DEFAULT_MAX_FILE = 1 << 30
@@ -211,3 +226,240 @@ def copy_out(
                 pass
             raise
         return copied
+
+
+# --------------------------------------------------------------------------- trees
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_dir(root: str, parts: Optional[list[str]] = None) -> int:
+    """A descriptor of ``root``/``parts...``, no component a symlink (the caller closes it)."""
+    return _open_dir_chain(root, list(parts or ()), create=False)
+
+
+def _ident(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _retry_writable(
+    op: Callable[..., None], name: str, dfd: int, chmod: bool, errors: list[OSError]
+) -> bool:
+    """``op(name, dir_fd=dfd)`` (``os.unlink`` or ``os.rmdir``); on EACCES/EPERM make
+    ``dfd`` writable (a cell may have set its mode to 0500; ``chmod``: it is not the
+    caller's) and try once more. True: the entry is gone."""
+    for attempt in (0, 1):
+        try:
+            op(name, dir_fd=dfd)
+            return True
+        except FileNotFoundError:
+            return True
+        except PermissionError as exc:
+            if attempt or not chmod:
+                errors.append(exc)
+                return False
+            try:
+                os.fchmod(dfd, 0o700)
+            except OSError:
+                errors.append(exc)
+                return False
+        except OSError as exc:
+            errors.append(exc)
+            return False
+    return False
+
+
+def _open_child(dfd: int, name: str, errors: list[OSError]) -> Optional[int]:
+    """Open the directory ``name`` in ``dfd`` (never a symlink); None if it cannot be."""
+    try:
+        return os.open(name, _DIR, dir_fd=dfd)
+    except PermissionError:
+        pass  # a mode the cell set (000): undone below
+    except OSError as exc:
+        # ELOOP, ENOTDIR: swapped for a symlink or a file since it was listed; the
+        # next listing sees what it is now
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            errors.append(exc)
+        return None
+    # chmod it through an O_PATH descriptor, which names that very directory
+    # (O_NOFOLLOW: never a link's target), then open it again
+    o_path = getattr(os, "O_PATH", 0)
+    try:
+        if not o_path:
+            raise PermissionError(errno.EACCES, "cannot open a directory", name)
+        pfd = os.open(name, o_path | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            os.chmod(f"/proc/self/fd/{pfd}", 0o700)
+        finally:
+            os.close(pfd)
+        return os.open(name, _DIR, dir_fd=dfd)
+    except OSError as exc:
+        errors.append(exc)
+        return None
+
+
+def _remove_in(pfd: int, name: str, errors: list[OSError]) -> None:
+    """Remove ``name`` in the (trusted) directory ``pfd``, whatever is under it.
+
+    Depth first without recursion, holding two descriptors at most: it goes down by
+    opening a child (``O_NOFOLLOW``) and back up through ``..``, checked against the
+    device and inode it came down from, so a directory moved meanwhile stops the
+    walk instead of leading it elsewhere. Entries are removed with ``unlinkat`` /
+    ``rmdir`` relative to their directory: a symlink is removed, never followed.
+    An entry that cannot be removed is skipped (and its error kept), never retried.
+    """
+    try:
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        errors.append(exc)
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        _retry_writable(os.unlink, name, pfd, False, errors)
+        return
+    fd = _open_child(pfd, name, errors)
+    if fd is None:
+        return
+    path = [(name, _ident(fd))]  # the directories from the top down to fd
+    skip: list[set[str]] = [set()]  # per level: names that could not be removed
+    try:
+        while True:
+            child = None
+            try:
+                with os.scandir(fd) as it:
+                    for entry in it:
+                        if entry.name in skip[-1]:
+                            continue
+                        try:
+                            is_dir = entry.is_dir(follow_symlinks=False)
+                        except OSError:
+                            is_dir = False
+                        if is_dir:
+                            child = entry.name
+                            break
+                        if not _retry_writable(os.unlink, entry.name, fd, True, errors):
+                            skip[-1].add(entry.name)
+            except OSError as exc:
+                errors.append(exc)  # cannot be listed: what is left in it stays
+            if child is not None:
+                cfd = _open_child(fd, child, errors)
+                if cfd is None:
+                    skip[-1].add(child)
+                    continue
+                os.close(fd)
+                fd = cfd
+                path.append((child, _ident(fd)))
+                skip.append(set())
+                continue
+            done, _ = path.pop()
+            skip.pop()
+            if not path:
+                os.close(fd)
+                fd = -1
+                _retry_writable(os.rmdir, done, pfd, False, errors)
+                return
+            up = os.open("..", _DIR, dir_fd=fd)
+            os.close(fd)
+            fd = up
+            if _ident(fd) != path[-1][1]:
+                errors.append(OSError(errno.ESTALE, "a directory was moved while it was removed"))
+                return
+            if not _retry_writable(os.rmdir, done, fd, True, errors):
+                skip[-1].add(done)
+    except OSError as exc:
+        errors.append(exc)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def remove_tree(path: str, *, ignore_errors: bool = False) -> None:
+    """Remove ``path`` (a directory tree, a file or a symlink) like ``rm -rf``.
+
+    Iterative, so depth is no limit; never follows a symlink, at the top or below;
+    undoes the permission bits a cell set on its directories. The parent of
+    ``path`` is the caller's and is trusted (it is never chmod'ed). Everything that
+    can be removed is; then the first error is raised unless ``ignore_errors``.
+    """
+    errors: list[OSError] = []
+    parent, name = os.path.split(os.path.abspath(path))
+    try:
+        pfd = os.open(parent or "/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError:
+        if ignore_errors:
+            return
+        raise
+    try:
+        _remove_in(pfd, name, errors)
+    finally:
+        os.close(pfd)
+    if errors and not ignore_errors:
+        raise errors[0]
+
+
+def tree_size(path: str) -> int:
+    """Bytes in the regular files under ``path`` (lstat; no recursion, no links followed)."""
+    total = 0
+    stack = [path]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                for entry in it:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        else:
+                            total += entry.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        pass
+        except OSError:
+            pass  # gone, unreadable, or a path too long to name: counted as far as it went
+    return total
+
+
+def write_new(root: str, name: str, write: Callable[[BinaryIO], None], aside_dir: str) -> None:
+    """Write the file ``root/name`` afresh (a context or history file, ``run --stdin``)
+    with ``write(f)``, ``f`` a binary file; mode 0644.
+
+    The container may have planted anything at ``name``: a symlink to a host
+    file, a FIFO, a directory tree of any depth. Nothing there is opened or
+    followed: the text goes to a new file (``O_EXCL | O_NOFOLLOW``) that is renamed
+    over the name. A directory at the name is first renamed out of the mount into
+    ``aside_dir`` (host-only, on the same filesystem: the container can no longer
+    reach it there) and removed.
+    """
+    rfd = open_dir(root)
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        tmp = f".{name[:200]}.{secrets.token_hex(8)}.new"
+        fd = os.open(tmp, flags, 0o644, dir_fd=rfd)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o644)  # whatever the umask: the container user reads it
+                write(f)
+            for _ in range(8):
+                try:
+                    os.replace(tmp, name, src_dir_fd=rfd, dst_dir_fd=rfd)
+                    return
+                except OSError as exc:
+                    if exc.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                aside = os.path.join(aside_dir, f"removed-{secrets.token_hex(8)}")
+                try:
+                    os.rename(name, aside, src_dir_fd=rfd)
+                except FileNotFoundError:
+                    continue
+                remove_tree(aside, ignore_errors=True)
+            raise WorkspacePathError(f"cannot write {name!r}: a directory keeps coming back there")
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=rfd)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(rfd)

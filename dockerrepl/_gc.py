@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from typing import Optional
 from . import _docker
 from ._cli_sandbox import CliError
 from ._container import pid_namespace
+from ._files import remove_tree, tree_size
 from .errors import DockerReplError, NoSuchContainer
 
 __all__ = [
@@ -197,14 +197,8 @@ def _newest_mtime(path: str) -> float:
 
 
 def _size(path: str) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total
+    # no os.walk: it recurses (RecursionError in a tree a cell nested 2,000 deep)
+    return tree_size(path)
 
 
 def stale_workspaces(
@@ -316,10 +310,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for path, reason in stale:
         size = _size(path)
         if not args.dry_run:
-            shutil.rmtree(path, ignore_errors=True)
-            if os.path.exists(path):
+            # one workspace that cannot be removed is reported, and the others still are
+            why = ""
+            try:
+                remove_tree(path)
+            except OSError as exc:
+                why = f": {exc}"
+            except Exception as exc:  # never let one workspace stop the sweep
+                why = f": {type(exc).__name__}: {exc}"
+            if why or os.path.lexists(path):
                 failures += 1
-                out.write(f"{'FAILED':<12} workspace {path}: could not remove everything in it\n")
+                out.write(
+                    f"{'FAILED':<12} workspace {path}: could not remove everything in it{why}\n"
+                )
                 out.write(
                     "          fix: the container's root user wrote files there: "
                     f"`sudo rm -rf {path}`\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import io
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from typing import Any, Optional, Union
 from . import __version__
 from ._container import (
     CODE_MOUNT,
+    PROXY_SOCKET,
     Container,
     ContainerConfig,
     bridge_gateway,
@@ -36,7 +38,7 @@ from ._container import (
     owner_label,
     pid_namespace,
 )
-from ._files import DEFAULT_MAX_FILE, copy_in, copy_out
+from ._files import DEFAULT_MAX_FILE, copy_in, copy_out, open_dir, remove_tree, write_new
 from ._proxy import ProxyServer, ProxyState
 from .errors import (
     BootstrapError,
@@ -501,8 +503,12 @@ class DockerREPL:
             _copy_dill(os.path.join(self._code_dir, "lib"))
         self._state.token = secrets.token_urlsafe(24)
         if self.network == "none":
-            self.proxy = ProxyServer(self._state, unix_path=os.path.join(boot_dir, "proxy.sock"))
-            target: dict[str, Any] = {"unix": "/workspace/.dockerrepl/proxy.sock"}
+            # beside the code, mounted read-only, not in the workspace: a cell that
+            # swapped /workspace/.dockerrepl for a symlink made the host bind, chmod
+            # and (at cleanup) unlink proxy.sock in a host directory of its choosing
+            sock = os.path.join(self._code_dir, PROXY_SOCKET)
+            self.proxy = ProxyServer(self._state, unix_path=sock)
+            target: dict[str, Any] = {"unix": f"{CODE_MOUNT}/{PROXY_SOCKET}"}
         else:
             self.proxy = ProxyServer(self._state, host=bridge_gateway(docker))
             target = {"host": "host.docker.internal", "port": self.proxy.port}
@@ -767,13 +773,25 @@ class DockerREPL:
         The file is the container's: opened without following links, never a
         FIFO, read bounded, and only one integer is taken from it.
         """
-        path = os.path.join(self.temp_dir, ".dockerrepl", "state.meta.json")
-        if not os.path.isfile(os.path.join(self.temp_dir, "state.dill")):
-            return None
+        # every component opened without following a link: a cell can replace
+        # .dockerrepl (or the files) with a symlink to anywhere on the host
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            wfd = open_dir(self.temp_dir)
         except OSError:
             return None
+        try:
+            if not stat.S_ISREG(os.stat("state.dill", dir_fd=wfd, follow_symlinks=False).st_mode):
+                return None
+            dfd = os.open(".dockerrepl", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=wfd)
+            try:
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                fd = os.open("state.meta.json", flags, dir_fd=dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            return None
+        finally:
+            os.close(wfd)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return None
@@ -1103,8 +1121,7 @@ class DockerREPL:
         what = stem.split("_", 1)[0]  # "context" or "history", for the messages
         if isinstance(payload, str):
             rel = f"{stem}.txt"
-            with self._open_new(rel) as f:
-                f.write(payload)
+            self._write_new(rel, payload)
             return rel, "text"
         if not isinstance(payload, (dict, list)):
             raise TypeError(f"{what} must be str, dict or list, not {type(payload).__name__}")
@@ -1113,26 +1130,24 @@ class DockerREPL:
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{what} payload is not JSON-serialisable: {exc}") from None
         rel = f"{stem}.json"
-        with self._open_new(rel) as f:
-            f.write(data)
+        self._write_new(rel, data)
         return rel, "json"
 
-    def _open_new(self, rel: str) -> Any:
-        """Open ``rel`` in the mount for writing as a new file.
+    def _write_new(self, rel: str, text: str) -> None:
+        """Write ``rel`` in the mount as a new file.
 
         The container can write the mount: whatever it left at that name (a
-        symlink to a host file, a FIFO) is removed, never followed or opened.
+        symlink to a host file, a FIFO, a deep directory tree) is replaced, never
+        followed or opened; a directory is moved out of the mount and removed.
         """
-        path = os.path.join(self.temp_dir, rel)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except IsADirectoryError:
-            shutil.rmtree(path)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(path, flags, 0o644)
-        return os.fdopen(fd, "w", encoding="utf-8", errors="surrogatepass")
+
+        def write(f: Any) -> None:
+            out = io.TextIOWrapper(f, encoding="utf-8", errors="surrogatepass")
+            out.write(text)
+            out.flush()
+            out.detach()
+
+        write_new(self.temp_dir, rel, write, self._root)
 
     # ----------------------------------------------------------- checkpoints
     def checkpoint(self) -> list[str]:
@@ -1228,7 +1243,7 @@ class DockerREPL:
                 if self.proxy is not None:
                     self.proxy.close()
                 if self._root:
-                    shutil.rmtree(self._root, ignore_errors=True)
+                    remove_tree(self._root, ignore_errors=True)
             finally:
                 self._lock.release()
 

@@ -66,8 +66,14 @@ MAX_HOST_FRAME = 1 << 30
 SCAFFOLD_FUNCS = ("llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched", "SHOW_VARS")
 RESERVED = SCAFFOLD_FUNCS + ("answer", "context", "history")
 HIDDEN_LOCALS = frozenset(SCAFFOLD_FUNCS) | {"__builtins__"}
-# the name snapshot writers give themselves, so the supervisor's sweep spares them
+# the name snapshot writers give themselves (for `docker top`; any process can take
+# it, so the sweep goes by what the supervisor was told at fork, not by this name)
 SNAPSHOT_COMM = "drepl-snapshot"
+# The sweep spares at most this many snapshot writers (one writing, one waiting: all
+# a worker ever has), the newest the worker reported, for at most SNAPSHOT_SPARE
+# seconds (the restore's own wait for them); then they are killed.
+MAX_SPARED = 2
+SNAPSHOT_SPARE = 60.0
 # seconds after which a still-running cell is acknowledged to the host (see start_request)
 ACK_DELAY = 0.02
 # Bounds on what a cell's result may carry (the host enforces the same ones, plus a
@@ -1214,7 +1220,7 @@ class _Checkpointer:
                     _CTRL[0].close()  # so the supervisor sees EOF if the worker dies
                 # its own process group: killing a runaway worker must not kill the snapshot
                 os.setpgid(0, 0)
-                _set_comm(SNAPSHOT_COMM)  # and the supervisor's sweep spares it by this name
+                _set_comm(SNAPSHOT_COMM)  # a name for `docker top`; it grants nothing
                 try:
                     os.nice(10)  # cells come first; the snapshot uses what is left
                 except Exception:
@@ -1233,6 +1239,7 @@ class _Checkpointer:
         os.close(err_w)
         os.set_inheritable(err_r, False)
         self.cells[pid] = (cell_id, order[1], err_r)
+        _report_snapshot(pid)
         # only now that the child exists: an older child that gives up for it must
         # be sure a newer snapshot is really on its way
         self.wanted.set(order[1])
@@ -1278,6 +1285,15 @@ class _Checkpointer:
             if k in NS:
                 _known_bad[k] = id(NS[k])
         return skipped
+
+
+def _report_snapshot(pid):
+    """Tell the supervisor a snapshot writer was forked, so its sweep spares it."""
+    try:
+        if _CTRL[0] is not None:
+            sock_send(_CTRL[0], {"type": "snapshot", "pid": pid})
+    except OSError:
+        pass
 
 
 def _note_child_error(fd, exc):
@@ -1692,6 +1708,9 @@ class Supervisor:
         self.kill_reason = None  # why the supervisor killed the worker, for the cell's note
         self.worker_status = None  # the worker's wait status, when reap_orphans collected it
         self.ack_at = None  # when to tell the host that a still-running cell did arrive
+        # snapshot writers the worker reported: [(pid, start time)], newest last
+        self.snapshots = []
+        self.spared_until = None  # when the writers a sweep spared are killed
 
     # -- host channel --
     def send_host(self, obj):
@@ -1714,7 +1733,7 @@ class Supervisor:
             # the pids limit is full of what earlier cells left behind: clear it and
             # try once more (if that fails too, this process exits, the container
             # with it, and the host starts a fresh one)
-            sweep_processes()
+            self.sweep()
             time.sleep(0.1)
             self.reap_orphans()  # as pid 1, the killed orphans' pids are ours to free
             pid = os.fork()
@@ -1757,6 +1776,40 @@ class Supervisor:
         self.ctrl.setblocking(False)
         self.ctrl_reader = FrameReader(1 << 30)
         self.worker_started = False
+
+    # -- the sweep --
+    def note_snapshot(self, pid):
+        """The worker forked a snapshot writer. Cell code can send this frame too,
+        naming its own children: so only a child of the worker counts, only the
+        newest MAX_SPARED are kept, and a sweep spares them for SNAPSHOT_SPARE s."""
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 1:
+            return
+        st = _proc_stat(pid)
+        if st is None or self.worker_pid is None or st[0] != self.worker_pid:
+            return
+        self.snapshots = (self.snapshots + [(pid, st[1])])[-MAX_SPARED:]
+
+    def sweep(self, spare=None):
+        """sweep_processes, sparing the reported snapshot writers for a bounded time."""
+        keep = [(pid, start) for pid, start in self.snapshots if _proc_start(pid) == start]
+        self.snapshots = keep
+        killed = sweep_processes(spare=spare, keep=keep)
+        if keep and self.spared_until is None:
+            self.spared_until = time.monotonic() + SNAPSHOT_SPARE
+        return killed
+
+    def kill_spared(self):
+        """Kill the snapshot writers a sweep spared (matched by pid and start time)."""
+        if self.spared_until is None:
+            return
+        for pid, start in self.snapshots:
+            if _proc_start(pid) == start:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        self.snapshots = []
+        self.spared_until = None
 
     def kill_worker(self):
         if self.worker_pid is None:
@@ -1868,6 +1921,9 @@ class Supervisor:
         # worker's memory, and children inherit it): a frame is taken only where
         # the worker itself would send it, and what it carries is bounded.
         kind = msg.get("type")
+        if kind == "snapshot":
+            self.note_snapshot(msg.get("pid"))
+            return
         if kind == "started":
             if self.worker_started:
                 return  # once per worker: a repeat would restart the clock and re-send
@@ -1915,7 +1971,7 @@ class Supervisor:
             notes.append(note)
         if st != "ok" and _in_container() and _pids_exhausted():
             # a flood left no process slots: nothing could fork, not even a snapshot
-            killed = sweep_processes(spare=self.worker_pid)
+            killed = self.sweep(spare=self.worker_pid)
             self.reap_orphans()
             mine = [pid for pid, ppid in killed if ppid == self.worker_pid]
             if mine and self.ctrl is not None:
@@ -1994,12 +2050,15 @@ class Supervisor:
             self.kill_reason = None
             if st in ("timeout", "interrupted"):
                 # a cell that had to be killed may have left processes outside its group
-                sweep_processes()
+                self.sweep()
                 self.reap_orphans()
             self.spawn_worker(restore=True)
             self.progress("restoring")
             # wait for the new worker to come up so the note can say what was restored
             note = self.wait_started()
+            # the restore has waited for the snapshot writers the sweep spared: they
+            # are done, or too late to be waited for
+            self.kill_spared()
             self.restart_note = None
             # A worker that cannot even start here (the container's memory taken by its
             # tmpfs, a process killing every new worker) will not start for the next
@@ -2046,6 +2105,8 @@ class Supervisor:
         """Block until a freshly spawned worker sends 'started' (bounded)."""
         end = time.monotonic() + 120
         while time.monotonic() < end and self.ctrl is not None:
+            if self.spared_until is not None and time.monotonic() >= self.spared_until:
+                self.kill_spared()  # a restore slower than that does not extend their time
             r, _, _ = select.select([self.ctrl, self.out_r, self.err_r], [], [], 0.5)
             if self.out_r in r or self.err_r in r:
                 self.drain_output()
@@ -2103,6 +2164,8 @@ class Supervisor:
         if self.ack_at is not None and now >= self.ack_at:
             self.ack_at = None
             self.progress("accepted")
+        if self.spared_until is not None and now >= self.spared_until:
+            self.kill_spared()
         if self.current is None or self.worker_pid is None:
             return
         if self.kill_at is not None and now >= self.kill_at:
@@ -2124,7 +2187,11 @@ class Supervisor:
         self.kill_at = time.monotonic() + float(self.config.get("grace", 2.0))
 
     def next_timeout(self):
-        t = [x for x in (self.deadline, self.kill_at, self.ack_at) if x is not None]
+        t = [
+            x
+            for x in (self.deadline, self.kill_at, self.ack_at, self.spared_until)
+            if x is not None
+        ]
         if not t:
             return None
         return max(0.0, min(t) - time.monotonic())
@@ -2319,16 +2386,20 @@ def _in_container():
     return os.path.basename(init) in (b"docker-init", b"tini", b"tini-static", b"dumb-init")
 
 
-def sweep_processes(spare=None):
+def sweep_processes(spare=None, keep=()):
     """Kill what a killed worker left behind: children that left its process group
     (``setsid``), fork floods that fill the pids limit. Spares init, the
-    supervisor and snapshot writers (they finish the last completed cell's
-    checkpoint, which the restore waits for). Returns ``[(pid, parent pid)]``
-    of the processes it killed (zombies included: they still hold a pid).
+    supervisor, ``spare`` and the ``keep`` list of ``(pid, start time)``: the
+    snapshot writers the supervisor was told of (they finish the last completed
+    cell's checkpoint, which the restore waits for). A process's name spares
+    nothing: any process can call itself ``drepl-snapshot``. Returns
+    ``[(pid, parent pid)]`` of the processes it killed (zombies included: they
+    still hold a pid).
     """
     if not _in_container():
         return []
     me, killed = os.getpid(), []
+    keep = set(keep)
     try:
         names = os.listdir("/proc")
     except OSError:
@@ -2336,17 +2407,31 @@ def sweep_processes(spare=None):
     for name in names:
         if not name.isdigit() or int(name) in (1, me, spare):
             continue
+        pid = int(name)
+        st = _proc_stat(pid)
+        if st is None or (pid, st[1]) in keep:
+            continue
         try:
-            with open("/proc/%s/comm" % name) as f:
-                if f.read().strip() == SNAPSHOT_COMM:
-                    continue
-            with open("/proc/%s/stat" % name, "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-            os.kill(int(name), signal.SIGKILL)
-            killed.append((int(name), ppid))
-        except (OSError, ValueError, IndexError):
+            os.kill(pid, signal.SIGKILL)
+            killed.append((pid, st[0]))
+        except OSError:
             pass
     return killed
+
+
+def _proc_stat(pid):
+    """(parent pid, start time in clock ticks) of a process, from /proc; None if gone."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[1]), int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _proc_start(pid):
+    st = _proc_stat(pid)
+    return None if st is None else st[1]
 
 
 def reap_children(pids, wait=2.0):
@@ -2419,17 +2504,142 @@ _OOM_SEEN = [0]
 
 
 def _purge_workspace():
-    for name in os.listdir(WORKSPACE):
-        path = os.path.join(WORKSPACE, name)
-        try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                import shutil
+    """Empty the workspace (the host asked: it may not delete what root made here)."""
+    try:
+        names = os.listdir(WORKSPACE)
+    except OSError:
+        return
+    for name in names:
+        remove_tree(os.path.join(WORKSPACE, name))
 
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.unlink(path)
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def _ident(fd):
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _gone(op, name, dfd, chmod):
+    """op(name, dir_fd=dfd) (os.unlink or os.rmdir); on EACCES/EPERM make dfd writable
+    (a cell may have set 0500; with --cap-drop ALL even root needs that), try again."""
+    for attempt in (0, 1):
+        try:
+            op(name, dir_fd=dfd)
+            return True
+        except FileNotFoundError:
+            return True
+        except PermissionError:
+            if attempt or not chmod:
+                return False
+            try:
+                os.fchmod(dfd, 0o700)
+            except OSError:
+                return False
         except OSError:
-            pass
+            return False
+    return False
+
+
+def _open_child(dfd, name):
+    """The directory name in dfd, opened without following a link (a mode 000 the
+    cell set is undone through an O_PATH descriptor); None if it cannot be."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dfd)
+    except PermissionError:
+        pass
+    except OSError:
+        return None
+    try:
+        pfd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+        try:
+            os.chmod("/proc/self/fd/%d" % pfd, 0o700)
+        finally:
+            os.close(pfd)
+        return os.open(name, _DIR_FLAGS, dir_fd=dfd)
+    except (OSError, AttributeError):
+        return None
+
+
+def remove_tree(path):
+    """rm -rf path, best effort: no recursion (a cell nests directories thousands
+    deep; shutil.rmtree dies of RecursionError there), no symlink followed, two
+    descriptors at most (down by name with O_NOFOLLOW, up through '..' checked
+    against the inode it came down from). The host's dockerrepl._files.remove_tree
+    is the same walk."""
+    parent, name = os.path.split(os.path.abspath(path))
+    try:
+        pfd = os.open(parent or "/", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    fd = -1
+    try:
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except OSError:
+            return
+        if not _is_dir_mode(st.st_mode):
+            _gone(os.unlink, name, pfd, False)
+            return
+        fd = _open_child(pfd, name)
+        if fd is None:
+            fd = -1
+            return
+        stack = [(name, _ident(fd))]
+        skip = [set()]
+        while True:
+            child = None
+            try:
+                with os.scandir(fd) as it:
+                    for entry in it:
+                        if entry.name in skip[-1]:
+                            continue
+                        try:
+                            is_dir = entry.is_dir(follow_symlinks=False)
+                        except OSError:
+                            is_dir = False
+                        if is_dir:
+                            child = entry.name
+                            break
+                        if not _gone(os.unlink, entry.name, fd, True):
+                            skip[-1].add(entry.name)
+            except OSError:
+                pass
+            if child is not None:
+                cfd = _open_child(fd, child)
+                if cfd is None:
+                    skip[-1].add(child)
+                    continue
+                os.close(fd)
+                fd = cfd
+                stack.append((child, _ident(fd)))
+                skip.append(set())
+                continue
+            done = stack.pop()[0]
+            skip.pop()
+            if not stack:
+                os.close(fd)
+                fd = -1
+                _gone(os.rmdir, done, pfd, False)
+                return
+            up = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = up
+            if _ident(fd) != stack[-1][1]:
+                return  # moved while it was removed: stop rather than follow it
+            if not _gone(os.rmdir, done, fd, True):
+                skip[-1].add(done)
+    except OSError:
+        pass
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        os.close(pfd)
+
+
+def _is_dir_mode(mode):
+    return (mode & 0o170000) == 0o040000
 
 
 def main():

@@ -245,3 +245,48 @@ def test_bad_label_is_a_usage_error() -> None:
     done = cli("gc", "--dry-run", "--label", "novalue", env=base_env())
     assert done.rc == 2
     assert "KEY=VALUE" in done.err
+
+
+def _nest(top: Path, depth: int) -> None:
+    """``depth`` nested directories under ``top`` (deeper than a path can name)."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    finally:
+        os.close(fd)
+
+
+def test_a_deep_or_stuck_workspace_is_reported_and_the_others_still_go(tmp_path: Path) -> None:
+    """A cell nests 2,000 directories in a second. shutil.rmtree died of RecursionError
+    on them: gc exited 70 on that workspace every time and never reached the others.
+    Now the deep one is removed, one that cannot be removed (an immutable file) is
+    reported, and the sweep goes on to the rest."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    deep = _workspace(tmp, "a-deep", age=3600)  # sorts first
+    _nest(deep / "workspace", 2000)
+    stuck = _workspace(tmp, "b-stuck", age=3600)
+    held = stuck / "workspace" / "immutable.txt"
+    held.write_text("x")
+    if subprocess.run(["chattr", "+i", str(held)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here (needs root and a filesystem for it)")
+    try:
+        for p in (deep / "workspace", stuck / "workspace", deep, stuck):
+            os.utime(p, (time.time() - 3600,) * 2)
+        plain = _workspace(tmp, "c-plain", age=3600)
+        done = cli(
+            "gc", "--label", f"dockerrepl.test={uuid.uuid4().hex}", env=base_env(TMPDIR=str(tmp))
+        )
+        assert "Traceback" not in done.out + done.err, done.err
+        assert done.rc == 1, done.out + done.err  # a partial failure
+        assert not deep.exists()
+        assert not plain.exists()
+        assert stuck.exists()
+        failed = [ln for ln in done.out.splitlines() if ln.startswith("FAILED")]
+        assert len(failed) == 1 and str(stuck) in failed[0], done.out
+    finally:
+        subprocess.run(["chattr", "-i", str(held)], capture_output=True)

@@ -293,7 +293,7 @@ def test_image_with_dill_uses_its_own(handler, docker_engine):
 
 
 def test_network_none_with_a_deep_workspace_dir(image, handler, tmp_path):
-    # the proxy's unix socket lives in the workspace; sun_path holds ~107 bytes
+    # the proxy's unix socket lives beside the workspace; sun_path holds ~107 bytes
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
     with DockerREPL(
@@ -302,7 +302,7 @@ def test_network_none_with_a_deep_workspace_dir(image, handler, tmp_path):
         network="none",
         workspace_dir=str(deep),
     ) as repl:
-        assert len(os.path.join(repl.temp_dir, ".dockerrepl", "proxy.sock")) > 110
+        assert len(os.path.join(repl._code_dir, "proxy.sock")) > 110
         r = repl.execute_code("print(llm_query('deep'))")
         assert r.stdout == "echo:deep\n", r.stderr
         assert [c.response for c in r.rlm_calls] == ["echo:deep"]

@@ -11,8 +11,10 @@ import copy
 import json
 import os
 import re
+import stat
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -159,16 +161,56 @@ kept = 41
         )
 
 
-def test_network_none_proxy_is_a_unix_socket_in_the_mount(image, handler):
+def test_network_none_proxy_is_a_unix_socket_outside_the_workspace(image, handler):
     with DockerREPL(
         image=image, lm_handler_address=handler.address, network="none", timeout=30
     ) as repl:
         assert repl.proxy_port == 0
-        sock = os.path.join(repl.temp_dir, ".dockerrepl", "proxy.sock")
-        assert os.path.exists(sock)
+        sock = os.path.join(repl._code_dir, "proxy.sock")
+        assert stat.S_ISSOCK(os.lstat(sock).st_mode)
+        assert not os.path.lexists(os.path.join(repl.temp_dir, ".dockerrepl", "proxy.sock"))
         r = repl.execute_code("print(llm_query_batched(['a', 'b']))")
         assert r.stdout == "['echo:a', 'echo:b']\n"
         assert len(r.rlm_calls) == 2
+        # read-only from inside: a cell can neither remove nor replace it
+        out = run_ok(
+            repl,
+            "import os\n"
+            "try:\n"
+            "    os.unlink('/opt/dockerrepl/proxy.sock')\n"
+            "except OSError as e:\n"
+            "    print(e.errno)",
+        )
+        assert out == "30\n"  # EROFS
+
+
+def test_cleanup_never_follows_a_state_dir_the_cell_swapped_for_a_symlink(image, handler, tmp_path):
+    """A cell replaced /workspace/.dockerrepl with a symlink to a host directory. With
+    network="none" the proxy's socket lived there, and cleanup() (as root) unlinked
+    <that host dir>/proxy.sock; the host also read that dir's state.meta.json."""
+    host_dir = tmp_path / "host-dir"
+    host_dir.mkdir()
+    (host_dir / "proxy.sock").write_text("a host file")
+    (host_dir / "state.meta.json").write_text('{"cell": 99}')
+    repl = DockerREPL(image=image, lm_handler_address=handler.address, network="none", timeout=30)
+    try:
+        run_ok(
+            repl,
+            "import os, shutil\n"
+            # the same path inside the container, so the REPL's own state still works
+            f"os.makedirs({str(host_dir)!r})\n"
+            "shutil.rmtree('/workspace/.dockerrepl')\n"
+            f"os.symlink({str(host_dir)!r}, '/workspace/.dockerrepl')\n"
+            "open('/workspace/state.dill', 'wb').close()",
+        )
+        assert os.path.islink(os.path.join(repl.temp_dir, ".dockerrepl"))
+        read = repl._checkpoint_cell()
+    finally:
+        repl.cleanup()
+    assert (host_dir / "proxy.sock").read_text() == "a host file"
+    assert sorted(os.listdir(host_dir)) == ["proxy.sock", "state.meta.json"]
+    assert read is None  # the host file's 99 was not read either
+    assert not os.path.exists(os.path.dirname(repl.temp_dir))
 
 
 def test_read_only_tmpfs_is_size_capped(image, handler):
@@ -249,6 +291,128 @@ def test_symlink_planted_in_the_mount_is_not_followed_by_the_host(repl, tmp_path
     repl.add_context("the payload", 1)
     assert sentinel.read_text() == "untouched"
     assert run_ok(repl, "print(context_1)") == "the payload\n"
+
+
+DEEP = (
+    "import os\n"
+    "def nest(top, depth):\n"
+    "    os.makedirs(top)\n"
+    "    os.chdir(top)\n"
+    "    for _ in range(depth):\n"
+    "        os.mkdir('d')\n"
+    "        os.chdir('d')\n"
+    "    os.mkdir('locked')\n"
+    "    os.chmod('locked', 0)\n"
+    "    os.chdir('/workspace')\n"
+    "nest('/workspace/deep', 2000)\n"
+    "nest('/workspace/context_0.txt', 2000)\n"
+)
+
+
+@pytest.mark.parametrize("user", [None, "65534:65534"], ids=["root", "nobody"])
+def test_a_deep_tree_the_cell_made_breaks_neither_load_context_nor_cleanup(image, handler, user):
+    """2,000 nested directories (about a second of cell time): shutil.rmtree raised
+    RecursionError, so cleanup() left the workspace behind and load_context() failed
+    on a planted context_0.txt tree."""
+    repl = DockerREPL(image=image, lm_handler_address=handler.address, timeout=60, user=user)
+    root = os.path.dirname(repl.temp_dir)
+    try:
+        run_ok(repl, DEEP)
+        repl.load_context("the new context")
+        assert run_ok(repl, "print(context, context_0 == context)") == "the new context True\n"
+        assert sorted(os.listdir(root)) == ["code", "docker-run.log", "workspace"]
+    finally:
+        repl.cleanup()
+    assert not os.path.lexists(root)
+
+
+# Four busy-looping daemons that call themselves what snapshot writers are called
+# (two by prctl(PR_SET_NAME), two through /proc/self/comm) and tell the supervisor,
+# as the worker does at a snapshot's fork, that they are snapshot writers. Then the
+# cell ignores the interrupt, so the worker is killed and the sweep runs.
+RENAMED_DAEMONS = r"""
+import ctypes, os, signal
+import dockerrepl_bootstrap as b
+for i in range(4):
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        if i % 2:
+            ctypes.CDLL(None).prctl(15, b"drepl-snapshot", 0, 0, 0)
+        else:
+            with open("/proc/self/comm", "w") as f:
+                f.write("drepl-snapshot")
+        while True:
+            pass
+    b.sock_send(b._CTRL[0], {"type": "snapshot", "pid": pid})  # as the worker does
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+while True:
+    pass
+"""
+
+COUNT_RENAMED = r"""
+import os, time
+def renamed():
+    found = []
+    for p in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/comm" % p) as f:
+                comm = f.read().strip()
+            with open("/proc/%s/stat" % p) as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if comm == "drepl-snapshot" and state != "Z":
+            found.append(p)
+    return found
+end = time.time() + 3
+while renamed() and time.time() < end:
+    time.sleep(0.1)
+print(len(renamed()), x + 1)
+"""
+
+
+def test_daemons_named_like_snapshot_writers_do_not_survive_a_timeout_kill(image, handler):
+    """The sweep spared every process whose comm was drepl-snapshot, a name any process
+    can take: four such busy loops outlived the timeout kill until cleanup(). Now it
+    spares only what the worker reported at fork, at most two, and kills those once
+    the restore has waited for them; the checkpoint still comes back."""
+    with DockerREPL(image=image, lm_handler_address=handler.address, timeout=2, grace=0.5) as repl:
+        run_ok(repl, "x = 41")
+        repl.checkpoint()
+        r = repl.execute_code(RENAMED_DAEMONS)
+        assert r.status == "timeout", r.stderr
+        assert "killed" in r.stderr
+        r = repl.execute_code(COUNT_RENAMED, timeout=20)
+        assert (r.status, r.stdout) == ("ok", "0 42\n"), r.stderr
+        # and snapshots are still taken and restored: a crash brings y back. The
+        # background snapshot runs at nice 10: on a busy host it can take seconds
+        run_ok(repl, "y = 7")
+        cell = repl._cell
+        end = time.monotonic() + 30
+        while (repl._checkpoint_cell() or 0) < cell and time.monotonic() < end:
+            time.sleep(0.1)
+        assert repl.execute_code("import os\nos._exit(1)").status == "crashed"
+        assert run_ok(repl, "print(x, y)") == "41 7\n"
+
+
+def test_a_snapshot_writer_still_writing_at_a_timeout_kill_is_waited_for(image, handler):
+    """The sweep after a timeout kill spares the real snapshot writer (reported at its
+    fork), and the restore waits for it: the cell before the runaway one comes back."""
+    with DockerREPL(image=image, lm_handler_address=handler.address, timeout=2, grace=0.5) as repl:
+        run_ok(
+            repl,
+            "import time\n"
+            "class Slow:\n"
+            "    def __reduce__(self):\n"
+            "        time.sleep(4)  # in the snapshot writer\n"
+            "        return (int, (5,))\n"
+            "slow, z = Slow(), 1",
+        )
+        r = repl.execute_code("import signal\nsignal.signal(2, signal.SIG_IGN)\nwhile True: pass")
+        assert r.status == "timeout", r.stderr
+        assert "checkpoint taken after cell 1" in r.stderr, r.stderr
+        assert run_ok(repl, "print(slow, z)") == "5 1\n"
 
 
 def inject_later(repl: DockerREPL, data: bytes, delay: float = 0.5) -> threading.Timer:

@@ -8,11 +8,16 @@ regression fails instead of hanging the suite.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import stat
+import subprocess
+import sys
+import tempfile
 import threading
 
 import pytest
+from bootstrap_process import BOOTSTRAP_FILE
 from docker_helpers import skip_or_fail
 
 from dockerrepl import _files
@@ -253,3 +258,145 @@ def test_paths_that_escape_or_name_no_file(path):
 def test_path_components():
     assert split_remote("/workspace/a/./b//c.txt") == ["a", "b", "c.txt"]
     assert split_remote("a/b") == ["a", "b"]
+
+
+# ------------------------------------------------------------------ remove_tree
+def _bootstrap_remove_tree():
+    spec = importlib.util.spec_from_file_location("dockerrepl_bootstrap_tree", BOOTSTRAP_FILE)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.remove_tree
+
+
+REMOVERS = {"host": lambda: _files.remove_tree, "bootstrap": _bootstrap_remove_tree}
+
+
+def _deep_tree(top, depth, outside):
+    """``depth`` nested directories under ``top``, each holding a symlink to ``outside``
+    (a directory with a file in it), a file at the bottom and a mode-000 directory."""
+    os.mkdir(top)
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            os.symlink(str(outside), "link", dir_fd=fd)
+            nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        with open(f"/proc/self/fd/{fd}/bottom.txt", "w") as f:
+            f.write("x")
+        os.mkdir("locked", dir_fd=fd)
+        os.mkdir(f"/proc/self/fd/{fd}/locked/inner")
+        os.chmod("locked", 0, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("which", sorted(REMOVERS))
+def test_remove_tree_removes_5000_levels_and_follows_no_symlink(tmp_path, which):
+    """shutil.rmtree raised RecursionError here (2,000 levels are one second of cell
+    time): cleanup(), load_context() and gc all failed on such a tree."""
+    remove = REMOVERS[which]()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep me")
+    top = tmp_path / "tree"
+    _deep_tree(str(top), 5000, outside)
+    os.symlink(str(outside), str(tmp_path / "toplink"))
+    remove(str(top))
+    assert not os.path.lexists(top)
+    assert (outside / "precious.txt").read_text() == "keep me"
+    # a symlink given as the tree itself: the link goes, its target stays
+    remove(str(tmp_path / "toplink"))
+    assert not os.path.lexists(tmp_path / "toplink")
+    assert (outside / "precious.txt").read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path)) == ["outside"]
+
+
+@pytest.mark.parametrize("which", sorted(REMOVERS))
+def test_remove_tree_undoes_modes_a_cell_set_as_a_non_root_user(tmp_path, which):
+    """As uid 65534 (like root in a container with no capabilities, the owner without
+    CAP_DAC_OVERRIDE): directories of mode 000 and 0500 are still removed."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to another user")
+    base = tempfile.mkdtemp(prefix="remove-tree-")  # tmp_path's parents are 0700
+    os.chown(base, 65534, 65534)
+    if which == "host":
+        root = os.path.dirname(os.path.dirname(os.path.abspath(_files.__file__)))
+        load = f"sys.path.insert(0, {root!r})\nfrom dockerrepl._files import remove_tree\n"
+    else:
+        boot = os.path.dirname(BOOTSTRAP_FILE)
+        load = f"sys.path.insert(0, {boot!r})\nfrom dockerrepl_bootstrap import remove_tree\n"
+    code = (
+        "import os, sys\n" + load + "os.setgid(65534); os.setuid(65534)\n"
+        "top = os.path.join(sys.argv[1], 't')\n"
+        "os.makedirs(top + '/a/b/c')\n"
+        "open(top + '/a/b/c/f', 'w').close()\n"
+        "os.chmod(top + '/a/b/c', 0o500)\n"
+        "os.chmod(top + '/a/b', 0)\n"
+        "os.chmod(top, 0o500)\n"
+        "remove_tree(top)\n"
+        "print(os.path.exists(top))\n"
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code, base], capture_output=True, text=True, timeout=30
+        )
+        assert out.stdout.strip() == "False", out.stderr
+    finally:
+        _files.remove_tree(base, ignore_errors=True)
+
+
+def test_remove_tree_reports_what_it_cannot_remove(tmp_path, monkeypatch):
+    top = tmp_path / "t"
+    (top / "a").mkdir(parents=True)
+    (top / "a" / "f").write_text("x")
+    (top / "g").write_text("y")
+    real = os.unlink
+
+    def refuse(name, *, dir_fd=None):
+        if name == "f":
+            raise OSError(16, "busy", name)
+        real(name, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", refuse)
+    with pytest.raises(OSError):
+        _files.remove_tree(str(top))
+    assert sorted(os.listdir(top)) == ["a"]  # everything else went
+    _files.remove_tree(str(top), ignore_errors=True)  # and it does not loop
+    monkeypatch.undo()
+    _files.remove_tree(str(top))
+    assert not top.exists()
+
+
+@pytest.mark.parametrize("planted", ["deep_dir", "symlink", "fifo", "dir_symlink"])
+def test_write_new_replaces_what_the_cell_planted(tmp_path, planted):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "host.txt").write_text("host file")
+    target = ws / "context_0.txt"
+    if planted == "deep_dir":
+        _deep_tree(str(target), 2000, outside)
+    elif planted == "symlink":
+        target.symlink_to(outside / "host.txt")
+    elif planted == "dir_symlink":
+        target.symlink_to(outside)
+    else:
+        os.mkfifo(target)
+
+    def write(f):
+        f.write(b"new context")
+
+    t, out = bounded(_files.write_new, str(ws), "context_0.txt", write, str(aside))
+    assert not t.is_alive() and "error" not in out, out
+    assert not target.is_symlink() and target.read_text() == "new context"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert (outside / "host.txt").read_text() == "host file"
+    assert sorted(os.listdir(outside)) == ["host.txt"]
+    assert os.listdir(aside) == []
+    assert sorted(os.listdir(ws)) == ["context_0.txt"]
