@@ -252,36 +252,71 @@ def test_slow_clients_do_not_starve_the_container(proxy, monkeypatch):
     alive(where)
 
 
-def test_connection_cap_refuses_extra_and_recovers(proxy, monkeypatch):
+def _connect(where) -> socket.socket:
+    if isinstance(where, str):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(where)
+        return s
+    return socket.create_connection(where)
+
+
+def test_a_full_proxy_closes_its_oldest_idle_connection_for_a_new_one(proxy, monkeypatch):
+    # before: past MAX_CONNECTIONS (256) a new connection was closed unanswered, while
+    # idle kept-alive ones held their slots (and host threads and fds) for 300 s
     p, where = proxy
     monkeypatch.setattr(proxy_mod, "MAX_CONNECTIONS", 6)
     held = []
     try:
-        for _ in range(6):  # authenticated keep-alive connections hold their slots
-            if isinstance(where, str):
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.connect(where)
-            else:
-                s = socket.create_connection(where)
+        for _ in range(6):  # authenticated keep-alive connections, idle after one answer
+            s = _connect(where)
             status, _ = raw_http(s, request("/llm_query", b'{"prompt":"k"}'))
             assert status == 200
             held.append(s)
-        try:
-            got, _ = raw_http(where, request("/llm_query", b'{"prompt":"x"}'), timeout=5)
-        except OSError:
-            got = 0
-        assert got == 0  # the seventh is closed without an answer
+        alive(where)  # the seventh is served: the oldest idle one made room
+        held[0].settimeout(5)
+        assert held[0].recv(1) == b""
+        status, _ = raw_http(held[-1], request("/llm_query", b'{"prompt":"k"}'))
+        assert status == 200  # the most recent ones are kept
     finally:
         for s in held:
             s.close()
-    deadline = time.monotonic() + 10
-    while True:  # slots come back once the held connections' threads end
+    alive(where)
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_a_full_proxy_makes_a_new_connection_wait_until_one_is_free(tmp_path, monkeypatch, kind):
+    gate = threading.Event()
+    monkeypatch.setattr(proxy_mod, "MAX_CONNECTIONS", 4)
+    with LMHandler(ScriptedClient(lambda p: gate.wait(20) and f"ok:{p}")) as h:
+        state = ProxyState(token=TOKEN, lm_handler_address=h.address)
+        if kind == "tcp":
+            p = ProxyServer(state, host="127.0.0.1")
+            where: object = ("127.0.0.1", p.port)
+        else:
+            p = ProxyServer(state, unix_path=str(tmp_path / "p.sock"))
+            where = str(tmp_path / "p.sock")
         try:
-            alive(where)
-            break
-        except (OSError, IndexError, AssertionError):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+            answers: dict[int, tuple[int, bytes]] = {}
+
+            def one(i: int) -> None:
+                body = json.dumps({"prompt": f"p{i}"}).encode()
+                answers[i] = raw_http(where, request("/llm_query", body), timeout=30)
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+            for t in threads:
+                t.start()
+            time.sleep(1.0)
+            assert answers == {}  # four busy, two waiting: none closed unanswered
+            assert len(p.server._conns) == 4
+            gate.set()
+            for t in threads:
+                t.join(30)
+            assert sorted(answers) == list(range(6))
+            for i, (status, data) in answers.items():
+                assert status == 200 and json.loads(data) == {"response": f"ok:p{i}"}
+        finally:
+            gate.set()
+            p.close()
 
 
 def test_many_connections_at_once(proxy):
