@@ -383,6 +383,94 @@ def test_token_budget(proxy):
     assert p.state.tokens >= 6
 
 
+def test_ledger_reserves_before_dispatch():
+    """The ledger alone (no sockets): acquire_calls waits for room, release_calls settles."""
+    state = ProxyState(token=TOKEN)
+    assert state.acquire_calls(100, 0) == proxy_mod.MAX_LM_INFLIGHT  # in flight, per session
+    state.release_calls(proxy_mod.MAX_LM_INFLIGHT, [])
+    state.max_llm_tokens = 100
+    state.calls = 0
+    assert state.acquire_calls(5, 0) == 1  # no answer yet: one call finds out what one costs
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(state.acquire_calls(5, 0)))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive() and got == []  # it waits: it is not refused, nor let through
+    state.tokens += 40  # what record() counts for the answer
+    state.release_calls(1, [40])
+    t.join(5)
+    assert got == [2]  # 40 used + 40 reserved per call in flight: two fit under 100
+    state.tokens += 70
+    state.release_calls(2, [30, 40])
+    assert state.acquire_calls(5, 0) == 0  # 110 >= 100: spent
+    assert state.budget_message() == "budget exceeded: max_llm_tokens=100 used (110 tokens)"
+    assert state.inflight == 0
+    # a call waiting for room gives up when its cell is abandoned
+    state.max_llm_tokens = None
+    state.max_lm_inflight = 1
+    assert state.acquire_calls(1, 3) == 1
+    t = threading.Thread(target=lambda: got.append(state.acquire_calls(1, 3)))
+    t.start()
+    t.join(0.2)
+    assert t.is_alive()
+    state.abandon_through(3)
+    t.join(5)
+    assert got[-1] == -1
+
+
+def test_concurrent_calls_cannot_overshoot_the_token_budget():
+    # before: the budget was checked when a call was sent and tokens counted when its
+    # answer came, so every call sent meanwhile passed: 100 threads with a 0.3 s LM,
+    # max_llm_tokens=100 and 101 tokens a call made 100 LM calls (and the batch more)
+    def slow(prompt):
+        time.sleep(0.3)
+        return " ".join(["word"] * 100)  # 1 token in + 100 out: one call's worth
+
+    client = ScriptedClient(slow)
+    with LMHandler(client) as h:
+        state = ProxyState(token=TOKEN, lm_handler_address=h.address, max_llm_tokens=100)
+        p = ProxyServer(state, host="127.0.0.1")
+        where = ("127.0.0.1", p.port)
+        try:
+            answers: list[str] = []
+            lock = threading.Lock()
+
+            def one(i: int) -> None:
+                if i == 0:
+                    body = json.dumps({"prompts": [f"b{j}" for j in range(200)]}).encode()
+                    status, data = raw_http(where, request("/llm_query_batched", body))
+                    got = json.loads(data)["responses"]
+                else:
+                    d = ask(where, f"q{i}")
+                    got = [d.get("response") or "Error: " + d["error"]]
+                with lock:
+                    answers.extend(got)
+
+            assert run_threads(one, 100, timeout=50) == []
+        finally:
+            p.close()
+    assert len(answers) == 299
+    made = len(client.prompts)
+    assert 1 <= made <= proxy_mod.MAX_LM_INFLIGHT  # the documented bound
+    assert sum(a.startswith("word") for a in answers) == made
+    refused = [a for a in answers if not a.startswith("word")]
+    assert refused and all(
+        a.startswith("Error: budget exceeded: max_llm_tokens=100 used (") for a in refused
+    )
+    assert state.inflight == 0
+
+
+def test_concurrent_calls_keep_to_the_call_budget(proxy):
+    p, where = proxy
+    p.state.max_llm_calls = 3
+    answers = []
+    assert run_threads(lambda i: answers.append(ask(where, f"q{i}")), 40, timeout=30) == []
+    assert sum("response" in a for a in answers) == 3
+    assert all(
+        a["error"] == "budget exceeded: max_llm_calls=3 used" for a in answers if "error" in a
+    )
+
+
 # --------------------------------------------------------------------------- batch size
 def test_a_batch_over_the_prompt_limit_is_a_413(big_proxy):
     p, where = big_proxy
