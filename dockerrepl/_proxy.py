@@ -51,9 +51,11 @@ DEFAULT_MAX_BODY = 64 * 1024 * 1024
 IDLE_TIMEOUT = 60.0
 #: How long a connection may take to send its first authenticated request.
 PREAUTH_TIMEOUT = 10.0
-#: Connections not yet authenticated, per proxy; past it the oldest is dropped, so a
-#: slow or silent client (anyone on the bridge can connect) cannot starve the container.
-MAX_PREAUTH = 16
+#: When the proxy is full, a connection that has not authenticated for this long may be
+#: dropped for a new one, so slow or silent clients (anyone on the bridge can connect)
+#: cannot starve the container. An honest client sends its request at once, and one
+#: whose request is still on its way must not lose it.
+PREAUTH_GRACE = 1.0
 #: Connections per proxy (a host thread and fd each). Past it a new connection is not
 #: served until one closes: the oldest idle kept-alive one is closed to make room, and
 #: if every one is busy the new one waits (the kernel's listen backlog holds the rest).
@@ -730,8 +732,9 @@ class _ServerMixin:
         """Wait for a connection slot (False when the server stops meanwhile).
 
         At MAX_CONNECTIONS, the oldest idle kept-alive connection is closed to make
-        room (its client sends its next request on a new one); when every one is busy,
-        this waits. Accepting stops meanwhile, and the kernel's backlog holds the rest.
+        room (its client sends its next request on a new one), else the oldest one
+        that has not authenticated within PREAUTH_GRACE; when every one is busy, this
+        waits. Accepting stops meanwhile, and the kernel's backlog holds the rest.
         """
         waited = False
         with self._conn_lock:
@@ -739,15 +742,26 @@ class _ServerMixin:
                 if self._stopping:
                     return False
                 if not any(c.closed for c in self._conns.values()):
-                    idle = [(c.since, id(k), k) for k, c in self._conns.items() if not c.busy]
-                    if idle:
-                        self._close_locked(min(idle)[2])
+                    victim = self._idle_locked(authed=True) or self._idle_locked(authed=False)
+                    if victim is not None:
+                        self._close_locked(victim)
                 if not waited:
                     waited = True
                     log.debug("proxy: %d connections open; a new one waits", MAX_CONNECTIONS)
                 self._conn_change.wait(1.0)
             self._conns[sock] = _Conn(since=time.monotonic())
             return True
+
+    def _idle_locked(self, authed: bool) -> Optional[socket.socket]:
+        """The oldest connection that may be closed: idle after an answer (``authed``),
+        or not authenticated for PREAUTH_GRACE (called with _conn_lock)."""
+        limit = time.monotonic() - (0.0 if authed else PREAUTH_GRACE)
+        old = [
+            (c.since, id(k), k)
+            for k, c in self._conns.items()
+            if c.authed == authed and not c.busy and not c.closed and c.since <= limit
+        ]
+        return min(old)[2] if old else None
 
     def _close_locked(self, sock: socket.socket) -> None:
         """Shut a connection that is not serving a request (called with _conn_lock)."""
@@ -778,14 +792,11 @@ class _ServerMixin:
             self._conn_change.notify_all()
 
     def preauth_add(self, sock: socket.socket) -> None:
-        """A new connection; past MAX_PREAUTH the oldest unauthenticated one is dropped."""
+        """A new connection's handler runs: until it authenticates, it may be closed."""
         with self._conn_lock:
             conn = self._conns.get(sock)
             if conn is not None:
-                conn.busy = False  # no request read yet: it may be closed
-            pre = [(c.since, id(k), k) for k, c in self._conns.items() if not c.authed]
-            if len(pre) > MAX_PREAUTH:
-                self._close_locked(min(pre)[2])
+                conn.busy = False
 
     def claim(self, sock: socket.socket) -> bool:
         """An authenticated request is about to be served: it is busy now, and the

@@ -229,11 +229,11 @@ def test_random_garbage_then_a_real_request(proxy, seed):
 
 
 def test_slow_clients_do_not_starve_the_container(proxy, monkeypatch):
-    """Slowloris: silent and dribbling connections past MAX_PREAUTH evict the oldest."""
+    """Slowloris: past MAX_CONNECTIONS, a new connection evicts the oldest silent one."""
     _, where = proxy
     socks = []
     try:
-        for i in range(proxy_mod.MAX_PREAUTH + 8):
+        for i in range(proxy_mod.MAX_CONNECTIONS + 8):
             if isinstance(where, str):
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.connect(where)
