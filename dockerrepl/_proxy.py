@@ -1,11 +1,17 @@
 """The HTTP proxy the container's ``llm_query()`` talks to.
 
-A ``socketserver`` HTTP/1.1 server (keep-alive: one long-lived connection and
-handler thread per container thread, no per-request thread churn) served on
-TCP at the docker bridge gateway address, or on a unix socket inside the
-workspace mount for ``network="none"``. Every request must carry the
-per-container token. Requests are forwarded to the LM Handler over a raw
-socket (rlm's framing) with the environment's depth, never the body's.
+A ``socketserver`` HTTP/1.1 server (keep-alive: a handler thread per open
+connection, no per-request thread churn) served on TCP at the docker bridge
+gateway address, or on a unix socket inside the workspace mount for
+``network="none"``. Every request must carry the per-container token. Requests
+are forwarded to the LM Handler over a small pool of raw sockets (rlm's
+framing) with the environment's depth, never the body's.
+
+What one proxy (one session) can hold on the host is bounded by constants:
+MAX_CONNECTIONS connections (a thread and an fd each; past it, new ones wait
+unaccepted while the oldest idle kept-alive one is closed), MAX_LM_INFLIGHT
+prompts at the LM Handler at once (one pooled connection per request), and the
+executor's threads. Idle connections are closed when a cell's result is taken.
 
 Endpoints (POST, JSON): ``/llm_query``, ``/llm_query_batched``, ``/rlm_query``,
 ``/rlm_query_batched`` as in rlm, and ``/host_tool`` for
@@ -39,18 +45,38 @@ log = logging.getLogger(__name__)
 #: Largest request body accepted (a batched prompt list is the biggest honest body).
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 #: How long a kept-alive connection may sit idle or a client may dawdle mid-request.
-IDLE_TIMEOUT = 300.0
+#: Idle ones are also closed when a cell's result is taken, and the oldest idle one
+#: when a new connection finds the proxy full; the container's client retries a
+#: request once when its kept-alive connection turns out closed.
+IDLE_TIMEOUT = 60.0
 #: How long a connection may take to send its first authenticated request.
 PREAUTH_TIMEOUT = 10.0
-#: Connections not yet authenticated, per proxy; past it the oldest is dropped, so a
-#: slow or silent client (anyone on the bridge can connect) cannot starve the container.
-MAX_PREAUTH = 32
-#: Connections per proxy; past it new ones are closed at once (bounds host threads).
-MAX_CONNECTIONS = 256
+#: When the proxy is full, a connection that has not authenticated for this long may be
+#: dropped for a new one, so slow or silent clients (anyone on the bridge can connect)
+#: cannot starve the container. An honest client sends its request at once, and one
+#: whose request is still on its way must not lose it.
+PREAUTH_GRACE = 1.0
+#: Connections per proxy (a host thread and fd each). Past it a new connection is not
+#: served until one closes: the oldest idle kept-alive one is closed to make room, and
+#: if every one is busy the new one waits (the kernel's listen backlog holds the rest).
+#: The container's client keeps at most this many (bootstrap PROXY_POOL).
+MAX_CONNECTIONS = 32
+#: LM calls (prompts) a proxy has at the LM Handler at once. It bounds the pooled
+#: connections to the handler (and an in-process handler's threads), and how far a
+#: token budget can be overshot: no call is dispatched once the budget is reached, so
+#: at most MAX_LM_INFLIGHT - 1 calls beyond the one that reached it are made.
+MAX_LM_INFLIGHT = 16
+#: Idle pooled connections to the LM Handler are closed after this long.
+LM_IDLE_TIMEOUT = 30.0
+#: When a cell's result is taken, idle kept-alive connections (and idle pooled LM
+#: connections) past this many are closed, the oldest first: a cell that ran many
+#: threads leaves a few behind, and a single-threaded one keeps its connection.
+KEEP_IDLE = 4
 #: Request-body bytes held in memory at once, per proxy; past it: 503.
 MAX_INFLIGHT_BODY = 256 * 1024 * 1024
 #: Prompts per request to the LM Handler; a larger batch goes in chunks, BATCH_WINDOW
-#: at a time, each checked against abandonment and the budget when dispatched.
+#: at a time, each checked against abandonment and the budget when dispatched (and
+#: each holding LM slots, so MAX_LM_INFLIGHT bounds the prompts actually in flight).
 BATCH_CHUNK = 16
 BATCH_WINDOW = 4
 #: Prompts in one llm_query_batched / rlm_query_batched request; more get 413. rlm's
@@ -124,9 +150,11 @@ class ProxyState:
     max_llm_tokens: Optional[int] = None
     host_tools: dict[str, Callable[..., Any]] = field(default_factory=dict)
     lm_timeout: float = 600.0
+    max_lm_inflight: int = MAX_LM_INFLIGHT
     # runtime
     calls: int = 0
     tokens: int = 0
+    inflight: int = 0  # LM calls (prompts) dispatched and not yet settled
     current_cell: Optional[int] = None
     abandoned_below: int = 0
     taken_through: Optional[int] = None  # the latest cell whose completions were taken
@@ -138,6 +166,12 @@ class ProxyState:
     _kept: int = 0
     _kept_bytes: int = 0
     _warned_cell: Optional[int] = None
+    _call_tokens_max: Optional[int] = None  # the most tokens one answered call used
+    on_cell_end: Optional[Callable[[], None]] = None  # the proxy's idle-connection reaper
+
+    def __post_init__(self) -> None:
+        # dispatchers wait on it for room (in-flight slots, budget); settling wakes them
+        self._room = threading.Condition(self.lock)
 
     def subcall_semaphore(self) -> threading.BoundedSemaphore:
         with self.lock:
@@ -207,7 +241,10 @@ class ProxyState:
                 self._drop(k)
             if self.taken_through is None or cell > self.taken_through:
                 self.taken_through = cell
-            return out
+        reap = self.on_cell_end
+        if reap is not None:
+            reap()  # the cell is over: close what its threads left idle
+        return out
 
     def is_abandoned(self, cell: int) -> bool:
         """True for a cell that timed out (or crashed): its calls get no new LM work."""
@@ -219,24 +256,68 @@ class ProxyState:
             self.abandoned_below = max(self.abandoned_below, cell + 1)
             for k in [k for k in self.completions if k <= cell]:
                 self._drop(k)
+            self._room.notify_all()  # its calls waiting for room give up
 
     def budget_spent(self) -> bool:
         """True when no LM call is left in the budget (calls or tokens)."""
         with self.lock:
-            return (self.max_llm_tokens is not None and self.tokens >= self.max_llm_tokens) or (
+            return self._tokens_spent() or (
                 self.max_llm_calls is not None and self.calls >= self.max_llm_calls
             )
 
-    def reserve_calls(self, n: int) -> int:
-        """How many of ``n`` LM calls the budget still allows (and count them)."""
-        with self.lock:
-            allowed = n
-            if self.max_llm_tokens is not None and self.tokens >= self.max_llm_tokens:
-                allowed = 0
-            if self.max_llm_calls is not None:
-                allowed = max(0, min(allowed, self.max_llm_calls - self.calls))
-            self.calls += allowed
-            return allowed
+    def acquire_calls(self, n: int, cell: int) -> int:
+        """Reserve up to ``n`` LM calls (prompts) before they are dispatched.
+
+        Returns how many may go now (>= 1, counted against ``max_llm_calls`` and held
+        in flight until :meth:`release_calls`), 0 when the budget is spent (answer
+        :meth:`budget_message`), or -1 when ``cell`` was abandoned. Waits while there
+        is no room: at most ``max_lm_inflight`` calls are in flight, and with
+        ``max_llm_tokens`` the calls in flight are each reserved the most tokens one
+        answered call has used (one call at a time until an answer shows the cost).
+        A call is dispatched only while the tokens used plus those reserved are
+        under the budget, so concurrent calls cannot all pass the check at once.
+        """
+        with self._room:
+            while True:
+                if cell < self.abandoned_below:
+                    return -1
+                if self._tokens_spent():
+                    return 0
+                k = min(n, max(0, self.max_lm_inflight - self.inflight))
+                if self.max_llm_calls is not None:
+                    left = self.max_llm_calls - self.calls
+                    if left <= 0:
+                        return 0
+                    k = min(k, left)
+                if self.max_llm_tokens is not None:
+                    est = self._call_tokens_max
+                    if est is None:  # no answer yet: nothing tells what a call costs
+                        k = min(k, 1 if self.inflight == 0 else 0)
+                    else:
+                        room = self.max_llm_tokens - self.tokens - self.inflight * max(1, est)
+                        k = min(k, max(0, -(-room // max(1, est))))
+                if k > 0:
+                    self.calls += k
+                    self.inflight += k
+                    return k
+                # room comes back when a call settles (or the cell is abandoned); with
+                # nothing in flight there is always room for one call until the budget
+                # is spent, so this wait ends
+                self._room.wait()
+
+    def release_calls(self, n: int, call_tokens: list[int]) -> None:
+        """Settle ``n`` calls from :meth:`acquire_calls`; ``call_tokens`` are the
+        tokens of those answered (already counted by :meth:`record`)."""
+        with self._room:
+            self.inflight -= n
+            if call_tokens:
+                top = max(call_tokens)
+                if self._call_tokens_max is None or top > self._call_tokens_max:
+                    self._call_tokens_max = top
+            self._room.notify_all()
+
+    def _tokens_spent(self) -> bool:
+        return self.max_llm_tokens is not None and self.tokens >= self.max_llm_tokens
 
     def budget_message(self) -> str:
         if self.max_llm_tokens is not None and self.tokens >= self.max_llm_tokens:
@@ -287,8 +368,6 @@ class _Handler(socketserver.StreamRequestHandler):
             # the container waits for each answer: Nagle would hold the tail of it back
             self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().setup()
-        self._lm: Optional[LMConnection] = None
-        self._lm_addr: Optional[Address] = None
         self.path = ""
         self.headers: dict[str, str] = {}
         self._authed = False
@@ -299,12 +378,12 @@ class _Handler(socketserver.StreamRequestHandler):
             super().finish()
         except OSError:
             pass
-        finally:
-            if self._lm is not None:
-                self._lm.close()
 
     def handle(self) -> None:
         while True:
+            if self._authed:
+                # between requests: the proxy may close it for a connection that waits
+                self.server.mark_idle(self.request)
             try:
                 keep = self._handle_one()
             except _BadRequest as exc:
@@ -362,9 +441,10 @@ class _Handler(socketserver.StreamRequestHandler):
         ):
             self._reply(401, {"error": "missing or wrong token"}, close=True)
             return False
+        if not self.server.claim(self.request):
+            return False  # closed as idle while this request came: never served
         if not self._authed:
             self._authed = True
-            self.server.preauth_done(self.request)
             self.connection.settimeout(IDLE_TIMEOUT)
         if length > self.server.max_body:
             raise _BadRequest(413, f"body over {self.server.max_body} bytes")
@@ -437,25 +517,6 @@ class _Handler(socketserver.StreamRequestHandler):
         except OSError:
             pass
 
-    # -- LM Handler ----------------------------------------------------------
-    def _lm_request(self, req: dict[str, Any]) -> dict[str, Any]:
-        state = self.server.state
-        addr = state.lm_handler_address
-        if not addr:
-            return {"error": "No LM handler configured"}
-        addr = (str(addr[0]), int(addr[1]))
-        if self._lm is None or self._lm_addr != addr:
-            if self._lm is not None:
-                self._lm.close()
-            self._lm = LMConnection(addr, timeout=state.lm_timeout)
-            self._lm_addr = addr
-        try:
-            return self._lm.request(req)
-        except (DockerReplError, OSError, ValueError) as exc:
-            self._lm.close()
-            self._lm = None
-            return {"error": f"LM handler at {addr[0]}:{addr[1]} failed: {exc}"}
-
     def _prompt_fields(self, body: dict[str, Any]) -> tuple[Any, Optional[str]]:
         model = body.get("model")
         return body.get("prompt"), (model if isinstance(model, str) else None)
@@ -463,19 +524,25 @@ class _Handler(socketserver.StreamRequestHandler):
     def _llm_single(self, body: dict[str, Any], cell: int) -> dict[str, Any]:
         state = self.server.state
         prompt, model = self._prompt_fields(body)
-        if state.is_abandoned(cell):
+        got = state.acquire_calls(1, cell)  # reserved before dispatch: see acquire_calls
+        if got < 0:
             return {"error": ABANDONED}
-        if state.reserve_calls(1) < 1:
+        if got == 0:
             return {"error": state.budget_message()}
-        req: dict[str, Any] = {"prompt": prompt, "depth": state.depth}
-        if model is not None:
-            req["model"] = model
-        resp = self._lm_request(req)
-        comp = resp.get("chat_completion")
-        if resp.get("error") or not isinstance(comp, dict):
-            return {"error": str(resp.get("error") or "LM handler sent no completion")}
-        state.record(cell, comp)
-        return {"response": str(comp.get("response") or "")}
+        used: list[int] = []
+        try:
+            req: dict[str, Any] = {"prompt": prompt, "depth": state.depth}
+            if model is not None:
+                req["model"] = model
+            resp = self.server.pooled_lm_request(req)
+            comp = resp.get("chat_completion")
+            if resp.get("error") or not isinstance(comp, dict):
+                return {"error": str(resp.get("error") or "LM handler sent no completion")}
+            state.record(cell, comp)
+            used.append(_tokens(comp))
+            return {"response": str(comp.get("response") or "")}
+        finally:
+            state.release_calls(1, used)
 
     @staticmethod
     def _batch_prompts(body: dict[str, Any]) -> Union[list[Any], dict[str, Any]]:
@@ -510,43 +577,57 @@ class _Handler(socketserver.StreamRequestHandler):
         # Each chunk is an ordinary batched request, so rlm's handler serves it too.
         chunks = [prompts[i : i + BATCH_CHUNK] for i in range(0, len(prompts), BATCH_CHUNK)]
         if len(chunks) == 1:
-            return {"responses": self._batch_chunk(chunks[0], model, cell, self._lm_request)}
-        server = self.server
-        results = server.run_windowed(
-            chunks, lambda ch: self._batch_chunk(ch, model, cell, server.pooled_lm_request)
-        )
+            return {"responses": self._batch_chunk(chunks[0], model, cell)}
+        results = self.server.run_windowed(chunks, lambda ch: self._batch_chunk(ch, model, cell))
         return {"responses": [r for chunk in results for r in chunk]}
 
-    def _batch_chunk(
-        self,
-        prompts: list[Any],
-        model: Optional[str],
-        cell: int,
-        send: Callable[[dict[str, Any]], dict[str, Any]],
+    def _batch_chunk(self, prompts: list[Any], model: Optional[str], cell: int) -> list[str]:
+        """One chunk's answers. Its prompts go as the ledger lets them (all at once
+        when there is room, else in smaller requests as room comes back); once the
+        budget is spent, or the cell abandoned, the rest are answered at once."""
+        state = self.server.state
+        out: list[str] = []
+        while len(out) < len(prompts):
+            rest = len(prompts) - len(out)
+            got = state.acquire_calls(rest, cell)
+            if got < 0:
+                out += [f"Error: {ABANDONED}"] * rest
+                break
+            if got == 0:
+                out += [f"Error: {state.budget_message()}"] * rest
+                break
+            part = prompts[len(out) : len(out) + got]
+            used: list[int] = []
+            try:
+                out += self._send_batch(part, model, cell, used)
+            finally:
+                state.release_calls(got, used)
+        return out
+
+    def _send_batch(
+        self, prompts: list[Any], model: Optional[str], cell: int, used: list[int]
     ) -> list[str]:
         state = self.server.state
-        if state.is_abandoned(cell):
-            return [f"Error: {ABANDONED}"] * len(prompts)
-        allowed = state.reserve_calls(len(prompts))
-        out: list[str] = [f"Error: {state.budget_message()}"] * len(prompts)
-        if allowed:
-            req: dict[str, Any] = {"prompts": prompts[:allowed], "depth": state.depth}
-            if model is not None:
-                req["model"] = model
-            resp = send(req)
-            comps = resp.get("chat_completions")
-            if resp.get("error") or not isinstance(comps, list):
-                msg = f"Error: {resp.get('error') or 'LM handler sent no completions'}"
-                out[:allowed] = [msg] * allowed
+        req: dict[str, Any] = {"prompts": prompts, "depth": state.depth}
+        if model is not None:
+            req["model"] = model
+        resp = self.server.pooled_lm_request(req)
+        comps = resp.get("chat_completions")
+        if resp.get("error") or not isinstance(comps, list):
+            return [f"Error: {resp.get('error') or 'LM handler sent no completions'}"] * len(
+                prompts
+            )
+        out: list[str] = []
+        for c in comps[: len(prompts)]:
+            if not isinstance(c, dict):
+                out.append("Error: malformed completion")
+            elif c.get("error"):
+                out.append(f"Error: {c['error']}")
             else:
-                for i, c in enumerate(comps[:allowed]):
-                    if not isinstance(c, dict):
-                        out[i] = "Error: malformed completion"
-                    elif c.get("error"):
-                        out[i] = f"Error: {c['error']}"
-                    else:
-                        state.record(cell, c)
-                        out[i] = str(c.get("response") or "")
+                state.record(cell, c)
+                used.append(_tokens(c))
+                out.append(str(c.get("response") or ""))
+        out += ["Error: LM handler sent too few completions"] * (len(prompts) - len(out))
         return out
 
     def _subcall(self, prompt: Any, model: Optional[str], cell: int) -> tuple[str, Optional[str]]:
@@ -611,6 +692,16 @@ class _Handler(socketserver.StreamRequestHandler):
         return {"result": result}
 
 
+@dataclass
+class _Conn:
+    """What the proxy knows of one open connection (its thread runs the handler)."""
+
+    since: float  # accepted, or last answered: the oldest idle one is closed first
+    authed: bool = False
+    busy: bool = True  # between a request's token check and its answer (never closed)
+    closed: bool = False  # shut by the proxy: a request read after it is not served
+
+
 class _ServerMixin:
     state: ProxyState
     max_body: int
@@ -619,19 +710,16 @@ class _ServerMixin:
 
     def init_limits(self) -> None:
         self._conn_lock = threading.Lock()
-        self._active = 0
-        self._preauth: dict[socket.socket, None] = {}  # insertion-ordered: oldest first
+        # notified when a connection closes or turns idle: an accept may be waiting
+        self._conn_change = threading.Condition(self._conn_lock)
+        self._conns: dict[socket.socket, _Conn] = {}  # every connection with a thread
+        self._stopping = False
         self._inflight = 0
-        self._idle_lm: list[LMConnection] = []
+        self._idle_lm: list[tuple[LMConnection, float]] = []
 
     # -- connection limits -----------------------------------------------------
     def process_request(self, request: Any, client_address: Any) -> None:
-        with self._conn_lock:
-            full = self._active >= MAX_CONNECTIONS
-            if not full:
-                self._active += 1
-        if full:
-            log.warning("proxy: %d connections open; refusing another", MAX_CONNECTIONS)
+        if not self._admit(request):
             self.shutdown_request(request)  # type: ignore[attr-defined]
             return
         try:
@@ -639,6 +727,58 @@ class _ServerMixin:
         except BaseException:
             self.connection_done(request)
             raise
+
+    def _admit(self, sock: socket.socket) -> bool:
+        """Wait for a connection slot (False when the server stops meanwhile).
+
+        At MAX_CONNECTIONS, the oldest idle kept-alive connection is closed to make
+        room (its client sends its next request on a new one), else the oldest one
+        that has not authenticated within PREAUTH_GRACE; when every one is busy, this
+        waits. Accepting stops meanwhile, and the kernel's backlog holds the rest.
+        """
+        waited = False
+        with self._conn_lock:
+            while len(self._conns) >= MAX_CONNECTIONS:
+                if self._stopping:
+                    return False
+                if not any(c.closed for c in self._conns.values()):
+                    victim = self._idle_locked(authed=True) or self._idle_locked(authed=False)
+                    if victim is not None:
+                        self._close_locked(victim)
+                if not waited:
+                    waited = True
+                    log.debug("proxy: %d connections open; a new one waits", MAX_CONNECTIONS)
+                self._conn_change.wait(1.0)
+            self._conns[sock] = _Conn(since=time.monotonic())
+            return True
+
+    def _idle_locked(self, authed: bool) -> Optional[socket.socket]:
+        """The oldest connection that may be closed: idle after an answer (``authed``),
+        or not authenticated for PREAUTH_GRACE (called with _conn_lock)."""
+        limit = time.monotonic() - (0.0 if authed else PREAUTH_GRACE)
+        old = [
+            (c.since, id(k), k)
+            for k, c in self._conns.items()
+            if c.authed == authed and not c.busy and not c.closed and c.since <= limit
+        ]
+        return min(old)[2] if old else None
+
+    def _close_locked(self, sock: socket.socket) -> None:
+        """Shut a connection that is not serving a request (called with _conn_lock)."""
+        conn = self._conns.get(sock)
+        if conn is None or conn.closed or conn.busy:
+            return
+        conn.closed = True
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # its handler reads EOF and ends
+        except OSError:
+            pass
+
+    def shutdown(self) -> None:
+        with self._conn_lock:
+            self._stopping = True  # an accept waiting for a slot gives up
+            self._conn_change.notify_all()
+        super().shutdown()  # type: ignore[misc]
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -648,25 +788,55 @@ class _ServerMixin:
 
     def connection_done(self, sock: socket.socket) -> None:
         with self._conn_lock:
-            self._active -= 1
-            self._preauth.pop(sock, None)
+            self._conns.pop(sock, None)
+            self._conn_change.notify_all()
 
     def preauth_add(self, sock: socket.socket) -> None:
-        """A new connection; past MAX_PREAUTH the oldest unauthenticated one is dropped."""
+        """A new connection's handler runs: until it authenticates, it may be closed."""
         with self._conn_lock:
-            self._preauth[sock] = None
-            evict = next(iter(self._preauth)) if len(self._preauth) > MAX_PREAUTH else None
-            if evict is not None:
-                del self._preauth[evict]
-        if evict is not None:
-            try:
-                evict.shutdown(socket.SHUT_RDWR)  # its handler reads EOF and ends
-            except OSError:
-                pass
+            conn = self._conns.get(sock)
+            if conn is not None:
+                conn.busy = False
 
-    def preauth_done(self, sock: socket.socket) -> None:
+    def claim(self, sock: socket.socket) -> bool:
+        """An authenticated request is about to be served: it is busy now, and the
+        proxy will not close it. False if the proxy closed it first (not served: the
+        client sees its connection closed without an answer and sends it again)."""
         with self._conn_lock:
-            self._preauth.pop(sock, None)
+            conn = self._conns.get(sock)
+            if conn is None or conn.closed:
+                return False
+            conn.busy = conn.authed = True
+            return True
+
+    def mark_idle(self, sock: socket.socket) -> None:
+        """An answered connection waits for its next request: it may be closed."""
+        with self._conn_lock:
+            conn = self._conns.get(sock)
+            if conn is not None:
+                conn.busy = False
+                conn.since = time.monotonic()
+                self._conn_change.notify_all()
+
+    def reap_idle(self, keep: int = KEEP_IDLE) -> None:
+        """Close idle kept-alive connections and idle pooled LM connections but the
+        ``keep`` most recently used of each (called when a cell's result is taken)."""
+        with self._conn_lock:
+            idle = sorted(
+                ((c.since, id(k), k) for k, c in self._conns.items() if c.authed and not c.busy),
+                reverse=True,
+            )
+            for _, _, sock in idle[keep:]:
+                self._close_locked(sock)
+            self._idle_lm.sort(key=lambda ct: ct[1], reverse=True)
+            drop = [c for c, _ in self._idle_lm[keep:]]
+            del self._idle_lm[keep:]
+        for c in drop:
+            c.close()
+
+    def service_actions(self) -> None:
+        """Called by serve_forever's loop (at least every poll interval)."""
+        self.close_pooled(older_than=LM_IDLE_TIMEOUT)
 
     def reserve_body(self, n: int) -> bool:
         with self._conn_lock:
@@ -694,15 +864,22 @@ class _ServerMixin:
         return [f.result() for f in futures]
 
     def pooled_lm_request(self, req: dict[str, Any]) -> dict[str, Any]:
-        """One request on a pooled connection to the LM Handler (for batch chunks)."""
+        """One request on a pooled connection to the LM Handler.
+
+        Every caller holds LM slots (ProxyState.acquire_calls), so at most
+        ``max_lm_inflight`` connections are in use, and as many kept idle.
+        """
         addr = self.state.lm_handler_address
         if not addr:
             return {"error": "No LM handler configured"}
         addr = (str(addr[0]), int(addr[1]))
+        conn: Optional[LMConnection] = None
         with self._conn_lock:
-            conn = next((c for c in self._idle_lm if c.address == addr), None)
-            if conn is not None:
-                self._idle_lm.remove(conn)
+            for i, (c, _) in enumerate(self._idle_lm):
+                if c.address == addr:
+                    conn = c
+                    del self._idle_lm[i]
+                    break
         if conn is None:
             conn = LMConnection(addr, timeout=self.state.lm_timeout)
         try:
@@ -711,25 +888,35 @@ class _ServerMixin:
             conn.close()
             return {"error": f"LM handler at {addr[0]}:{addr[1]} failed: {exc}"}
         with self._conn_lock:
-            if len(self._idle_lm) < BATCH_WINDOW:
-                self._idle_lm.append(conn)
+            if len(self._idle_lm) < max(1, self.state.max_lm_inflight) and not self._stopping:
+                self._idle_lm.append((conn, time.monotonic()))
                 conn = None
         if conn is not None:
             conn.close()
         return resp
 
-    def close_pooled(self) -> None:
+    def close_pooled(self, older_than: Optional[float] = None) -> None:
+        """Close the idle pooled LM connections (those idle for ``older_than`` s)."""
+        now = time.monotonic()
         with self._conn_lock:
-            idle, self._idle_lm = self._idle_lm, []
-        for c in idle:
+            idle = self._idle_lm
+            if older_than is None:
+                drop, self._idle_lm = [c for c, _ in idle], []
+            else:
+                drop = [c for c, t in idle if now - t >= older_than]
+                self._idle_lm = [(c, t) for c, t in idle if now - t < older_than]
+        for c in drop:
             c.close()
 
     def executor(self) -> ThreadPoolExecutor:
         with self._exec_lock:
             if self._executor is None:
-                # sub-calls are bounded by the state's semaphore; the pool only needs room
+                # batch chunks hold LM slots (MAX_LM_INFLIGHT); sub-calls are bounded by
+                # the state's semaphore: the pool needs room for both, and no more
+                subcalls = max(1, int(self.state.max_concurrent_subcalls))
                 self._executor = ThreadPoolExecutor(
-                    max_workers=64, thread_name_prefix="dockerrepl-subcall"
+                    max_workers=min(64, MAX_LM_INFLIGHT + subcalls),
+                    thread_name_prefix="dockerrepl-subcall",
                 )
             return self._executor
 
@@ -799,6 +986,7 @@ class ProxyServer:
         self._server.state = state
         self._server.max_body = max_body
         self._server.init_limits()
+        state.on_cell_end = self._server.reap_idle
         self._thread = start_serving(self._server, "dockerrepl-proxy")
 
     def _bindable(self, path: str) -> str:
@@ -839,7 +1027,7 @@ class ProxyServer:
         stop_serving(srv, self._thread)
         if srv._executor is not None:
             srv._executor.shutdown(wait=False)
-        srv.close_pooled()
+        srv.reap_idle(keep=0)  # idle kept-alive connections and pooled LM connections
         if self.unix_path:
             try:
                 os.unlink(self.unix_path)

@@ -282,11 +282,14 @@ def _recv_n(sock, n):
 CONFIG = {}  # set once per worker from the host's hello frame
 _cell_id = 0
 _budget_noted = False
-_tls = None
+_pool = None
+#: Kept-alive connections to the proxy per process, shared by its threads (the host's
+#: MAX_CONNECTIONS): a cell's 256 threads wait here for one, not in the host's backlog.
+PROXY_POOL = 32
 
 
 class _ProxyConnection:
-    """A minimal kept-alive HTTP/1.1 client for the host proxy (one per thread).
+    """A minimal kept-alive HTTP/1.1 client for the host proxy (pooled: _ProxyPool).
 
     http.client parses every response's headers with the email package; the
     proxy's answers are tiny and regular, so this reads status, Content-Length
@@ -356,16 +359,46 @@ class _ProxyConnection:
         return status, data
 
 
-def _proxy_conn():
-    import threading
+class _ProxyPool:
+    """At most PROXY_POOL connections to the proxy, lent to one thread at a time.
 
-    global _tls
-    if _tls is None:
-        _tls = threading.local()
-    conn = getattr(_tls, "conn", None)
-    if conn is None:
-        conn = _tls.conn = _ProxyConnection(CONFIG.get("proxy") or {})
-    return conn
+    The host holds a thread and a descriptor for each open connection, so a cell's
+    threads share a few instead of keeping one each. Idle ones are reused most
+    recent first; the host may close idle ones (after a cell, or to make room), and
+    a request that finds its connection closed is sent once more on a new one.
+    """
+
+    def __init__(self, target, size):
+        import threading
+
+        self.target = target
+        self.pid = os.getpid()
+        self.slots = threading.BoundedSemaphore(size)
+        self.lock = threading.Lock()
+        self.idle = []
+
+    def get(self, timeout):
+        if not self.slots.acquire(timeout=timeout):
+            raise TimeoutError("no connection to the host proxy came free in %ss" % (timeout,))
+        with self.lock:
+            if self.idle:
+                return self.idle.pop()
+        return _ProxyConnection(self.target)
+
+    def put(self, conn):
+        if conn.sock is not None:
+            with self.lock:
+                self.idle.append(conn)
+        self.slots.release()
+
+
+def _proxy_pool():
+    global _pool
+    pool = _pool
+    # a forked child must not share its parent's connections (or its lock states)
+    if pool is None or pool.pid != os.getpid():
+        pool = _pool = _ProxyPool(CONFIG.get("proxy") or {}, PROXY_POOL)
+    return pool
 
 
 def _post(path, payload, timeout):
@@ -375,24 +408,30 @@ def _post(path, payload, timeout):
         "Authorization": "Bearer " + CONFIG.get("token", ""),
         "X-DockerREPL-Cell": str(_cell_id),
     }
-    conn = _proxy_conn()
-    for attempt in (0, 1):
-        reused = conn.sock is not None
-        try:
-            status, data = conn.request(path, body, headers, timeout)
-        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
-            conn.close()
-            if reused and attempt == 0:
-                continue  # the server closed an idle kept-alive connection: retry once
-            raise
-        except BaseException:
-            conn.close()  # a half-read answer would poison the next request
-            raise
-        try:
-            return json.loads(data.decode("utf-8", "replace"))
-        except ValueError:
-            return {"error": "proxy answered HTTP %d with a non-JSON body" % status}
-    return {"error": "unreachable"}
+    pool = _proxy_pool()
+    start = time.monotonic()
+    conn = pool.get(timeout)
+    try:
+        timeout = max(0.001, timeout - (time.monotonic() - start))
+        for attempt in (0, 1):
+            reused = conn.sock is not None
+            try:
+                status, data = conn.request(path, body, headers, timeout)
+            except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
+                conn.close()
+                if reused and attempt == 0:
+                    continue  # the server closed an idle kept-alive connection: retry once
+                raise
+            except BaseException:
+                conn.close()  # a half-read answer would poison the next request
+                raise
+            try:
+                return json.loads(data.decode("utf-8", "replace"))
+            except ValueError:
+                return {"error": "proxy answered HTTP %d with a non-JSON body" % status}
+        return {"error": "unreachable"}
+    finally:
+        pool.put(conn)
 
 
 def _note_budget(msg):

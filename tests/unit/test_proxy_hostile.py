@@ -229,11 +229,11 @@ def test_random_garbage_then_a_real_request(proxy, seed):
 
 
 def test_slow_clients_do_not_starve_the_container(proxy, monkeypatch):
-    """Slowloris: silent and dribbling connections past MAX_PREAUTH evict the oldest."""
+    """Slowloris: past MAX_CONNECTIONS, a new connection evicts the oldest silent one."""
     _, where = proxy
     socks = []
     try:
-        for i in range(proxy_mod.MAX_PREAUTH + 8):
+        for i in range(proxy_mod.MAX_CONNECTIONS + 8):
             if isinstance(where, str):
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.connect(where)
@@ -252,36 +252,71 @@ def test_slow_clients_do_not_starve_the_container(proxy, monkeypatch):
     alive(where)
 
 
-def test_connection_cap_refuses_extra_and_recovers(proxy, monkeypatch):
+def _connect(where) -> socket.socket:
+    if isinstance(where, str):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(where)
+        return s
+    return socket.create_connection(where)
+
+
+def test_a_full_proxy_closes_its_oldest_idle_connection_for_a_new_one(proxy, monkeypatch):
+    # before: past MAX_CONNECTIONS (256) a new connection was closed unanswered, while
+    # idle kept-alive ones held their slots (and host threads and fds) for 300 s
     p, where = proxy
     monkeypatch.setattr(proxy_mod, "MAX_CONNECTIONS", 6)
     held = []
     try:
-        for _ in range(6):  # authenticated keep-alive connections hold their slots
-            if isinstance(where, str):
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.connect(where)
-            else:
-                s = socket.create_connection(where)
+        for _ in range(6):  # authenticated keep-alive connections, idle after one answer
+            s = _connect(where)
             status, _ = raw_http(s, request("/llm_query", b'{"prompt":"k"}'))
             assert status == 200
             held.append(s)
-        try:
-            got, _ = raw_http(where, request("/llm_query", b'{"prompt":"x"}'), timeout=5)
-        except OSError:
-            got = 0
-        assert got == 0  # the seventh is closed without an answer
+        alive(where)  # the seventh is served: the oldest idle one made room
+        held[0].settimeout(5)
+        assert held[0].recv(1) == b""
+        status, _ = raw_http(held[-1], request("/llm_query", b'{"prompt":"k"}'))
+        assert status == 200  # the most recent ones are kept
     finally:
         for s in held:
             s.close()
-    deadline = time.monotonic() + 10
-    while True:  # slots come back once the held connections' threads end
+    alive(where)
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_a_full_proxy_makes_a_new_connection_wait_until_one_is_free(tmp_path, monkeypatch, kind):
+    gate = threading.Event()
+    monkeypatch.setattr(proxy_mod, "MAX_CONNECTIONS", 4)
+    with LMHandler(ScriptedClient(lambda p: gate.wait(20) and f"ok:{p}")) as h:
+        state = ProxyState(token=TOKEN, lm_handler_address=h.address)
+        if kind == "tcp":
+            p = ProxyServer(state, host="127.0.0.1")
+            where: object = ("127.0.0.1", p.port)
+        else:
+            p = ProxyServer(state, unix_path=str(tmp_path / "p.sock"))
+            where = str(tmp_path / "p.sock")
         try:
-            alive(where)
-            break
-        except (OSError, IndexError, AssertionError):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+            answers: dict[int, tuple[int, bytes]] = {}
+
+            def one(i: int) -> None:
+                body = json.dumps({"prompt": f"p{i}"}).encode()
+                answers[i] = raw_http(where, request("/llm_query", body), timeout=30)
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+            for t in threads:
+                t.start()
+            time.sleep(1.0)
+            assert answers == {}  # four busy, two waiting: none closed unanswered
+            assert len(p.server._conns) == 4
+            gate.set()
+            for t in threads:
+                t.join(30)
+            assert sorted(answers) == list(range(6))
+            for i, (status, data) in answers.items():
+                assert status == 200 and json.loads(data) == {"response": f"ok:p{i}"}
+        finally:
+            gate.set()
+            p.close()
 
 
 def test_many_connections_at_once(proxy):
@@ -346,6 +381,94 @@ def test_token_budget(proxy):
     second = ask(where, "more")
     assert "max_llm_tokens" in second["error"]
     assert p.state.tokens >= 6
+
+
+def test_ledger_reserves_before_dispatch():
+    """The ledger alone (no sockets): acquire_calls waits for room, release_calls settles."""
+    state = ProxyState(token=TOKEN)
+    assert state.acquire_calls(100, 0) == proxy_mod.MAX_LM_INFLIGHT  # in flight, per session
+    state.release_calls(proxy_mod.MAX_LM_INFLIGHT, [])
+    state.max_llm_tokens = 100
+    state.calls = 0
+    assert state.acquire_calls(5, 0) == 1  # no answer yet: one call finds out what one costs
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(state.acquire_calls(5, 0)))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive() and got == []  # it waits: it is not refused, nor let through
+    state.tokens += 40  # what record() counts for the answer
+    state.release_calls(1, [40])
+    t.join(5)
+    assert got == [2]  # 40 used + 40 reserved per call in flight: two fit under 100
+    state.tokens += 70
+    state.release_calls(2, [30, 40])
+    assert state.acquire_calls(5, 0) == 0  # 110 >= 100: spent
+    assert state.budget_message() == "budget exceeded: max_llm_tokens=100 used (110 tokens)"
+    assert state.inflight == 0
+    # a call waiting for room gives up when its cell is abandoned
+    state.max_llm_tokens = None
+    state.max_lm_inflight = 1
+    assert state.acquire_calls(1, 3) == 1
+    t = threading.Thread(target=lambda: got.append(state.acquire_calls(1, 3)))
+    t.start()
+    t.join(0.2)
+    assert t.is_alive()
+    state.abandon_through(3)
+    t.join(5)
+    assert got[-1] == -1
+
+
+def test_concurrent_calls_cannot_overshoot_the_token_budget():
+    # before: the budget was checked when a call was sent and tokens counted when its
+    # answer came, so every call sent meanwhile passed: 100 threads with a 0.3 s LM,
+    # max_llm_tokens=100 and 101 tokens a call made 100 LM calls (and the batch more)
+    def slow(prompt):
+        time.sleep(0.3)
+        return " ".join(["word"] * 100)  # 1 token in + 100 out: one call's worth
+
+    client = ScriptedClient(slow)
+    with LMHandler(client) as h:
+        state = ProxyState(token=TOKEN, lm_handler_address=h.address, max_llm_tokens=100)
+        p = ProxyServer(state, host="127.0.0.1")
+        where = ("127.0.0.1", p.port)
+        try:
+            answers: list[str] = []
+            lock = threading.Lock()
+
+            def one(i: int) -> None:
+                if i == 0:
+                    body = json.dumps({"prompts": [f"b{j}" for j in range(200)]}).encode()
+                    status, data = raw_http(where, request("/llm_query_batched", body))
+                    got = json.loads(data)["responses"]
+                else:
+                    d = ask(where, f"q{i}")
+                    got = [d.get("response") or "Error: " + d["error"]]
+                with lock:
+                    answers.extend(got)
+
+            assert run_threads(one, 100, timeout=50) == []
+        finally:
+            p.close()
+    assert len(answers) == 299
+    made = len(client.prompts)
+    assert 1 <= made <= proxy_mod.MAX_LM_INFLIGHT  # the documented bound
+    assert sum(a.startswith("word") for a in answers) == made
+    refused = [a for a in answers if not a.startswith("word")]
+    assert refused and all(
+        a.startswith("Error: budget exceeded: max_llm_tokens=100 used (") for a in refused
+    )
+    assert state.inflight == 0
+
+
+def test_concurrent_calls_keep_to_the_call_budget(proxy):
+    p, where = proxy
+    p.state.max_llm_calls = 3
+    answers = []
+    assert run_threads(lambda i: answers.append(ask(where, f"q{i}")), 40, timeout=30) == []
+    assert sum("response" in a for a in answers) == 3
+    assert all(
+        a["error"] == "budget exceeded: max_llm_calls=3 used" for a in answers if "error" in a
+    )
 
 
 # --------------------------------------------------------------------------- batch size
