@@ -607,6 +607,24 @@ class Container:
         finally:
             self._release()
 
+    def detach(self, purge: bool = False) -> None:
+        """Close the channel now, waiting for nothing and starting no process.
+
+        For the interpreter's teardown: the shutdown frame goes only if the pipe
+        takes it at once; either way the supervisor sees EOF and exits, ``--rm``
+        removes the container, and the CLI process exits by itself.
+        """
+        proc = self.proc
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None:
+                self.send({"type": "shutdown", "purge": purge}, time.monotonic())
+        except (DockerReplError, TimeoutError, OSError):
+            pass
+        finally:
+            self._release()
+
     def abort(self, timeout: float = 30.0) -> None:
         """Stop the container now, from any thread, without waiting for its owner.
 

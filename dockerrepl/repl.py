@@ -18,6 +18,7 @@ import numbers
 import os
 import shutil
 import stat
+import sys
 import tempfile
 import textwrap
 import threading
@@ -26,7 +27,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
-from . import __version__
+from . import __version__, _exit
 from ._container import (
     CODE_MOUNT,
     Container,
@@ -83,6 +84,8 @@ _FINAL_ANSWER_CAP = 16 << 20
 _TEXT_SLACK = 64 << 10
 #: The longest :meth:`DockerREPL.interrupt` waits to hand its frame to the container.
 INTERRUPT_WAIT = 1.0
+#: At exit, the longest one REPL's constructor or another thread's call is waited for.
+EXIT_WAIT = 10.0
 _BOOTSTRAP_SRC = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "_bootstrap", "dockerrepl_bootstrap.py"
 )
@@ -435,6 +438,9 @@ class DockerREPL:
         # is dropped (one note per restore). The worker's line the host expects:
         self._restore_echo: Optional[str] = None
         self._closed = False
+        self._done = threading.Event()  # set once _close has finished
+        self._built = threading.Event()  # set once __init__ has returned or raised
+        self._pid = os.getpid()  # a forked child never closes its parent's container
         self._cell = 0
         self._req = 0
         self._context_count = 0
@@ -473,12 +479,16 @@ class DockerREPL:
         except BaseException:
             self.cleanup()
             raise
+        finally:
+            self._built.set()
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         """Create the workspace, start the proxy and the container (called by ``__init__``)."""
         import secrets
 
+        # closed at exit if still open (registers the atexit hook on the first start)
+        _exit.track(self, 1)
         self._root = tempfile.mkdtemp(prefix="dockerrepl-", dir=self._workspace_dir)
         self.temp_dir = os.path.join(self._root, "workspace")
         boot_dir = os.path.join(self.temp_dir, ".dockerrepl")  # state, writable inside
@@ -549,6 +559,10 @@ class DockerREPL:
         )
         container = Container(cfg, os.path.join(self._root, "docker-run.log"))
         self._container = container  # before it starts: cleanup() can abort it
+        if _exit.exiting():
+            # the atexit hook has begun (a pool member starting in its thread):
+            # a container started now would outlive its cleanup
+            raise ReplClosed("the interpreter is exiting: no container is started")
         ready = container.start(self._hello(restore))
         if self._closed:
             raise ReplClosed("this DockerREPL was cleaned up while its container started")
@@ -1204,18 +1218,19 @@ class DockerREPL:
         """
         self._close(wait=10.0, kill_timeout=30.0)
 
-    def _close(self, wait: float, kill_timeout: float) -> None:
+    def _close(self, wait: float, kill_timeout: float, lock_timeout: float = -1) -> None:
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
-        if not self._lock.acquire(blocking=False):
+        locked = self._lock.acquire(blocking=False)
+        if not locked:
             # a call holds the REPL (a cell running in another thread): stop its
             # container now, so that call ends at once (it sees _closed: ReplClosed)
             busy = self._container
             if busy is not None:
                 busy.abort(kill_timeout)
-            self._lock.acquire()
+            locked = self._lock.acquire(timeout=lock_timeout)
         try:
             container, self._container = self._container, None
             if container is not None:
@@ -1228,7 +1243,60 @@ class DockerREPL:
                 if self._root:
                     shutil.rmtree(self._root, ignore_errors=True)
             finally:
-                self._lock.release()
+                if locked:
+                    self._lock.release()
+                self._done.set()
+
+    def _close_at_exit(self, deadline: float) -> None:
+        """Close from the atexit hook (see :mod:`dockerrepl._exit`), by ``deadline``.
+
+        Starts no thread (Python 3.12 refuses them there). A constructor still
+        running in another thread (a pool member starting) has its container
+        stopped, and is waited for: it removes its own workspace as it fails.
+        """
+
+        def left(most: float) -> float:
+            return max(0.1, min(most, deadline - time.monotonic()))
+
+        if not self._built.is_set():
+            starting = self._container
+            if starting is not None:
+                starting.abort(left(5.0))
+            self._built.wait(left(EXIT_WAIT))
+        self._close(wait=left(2.0), kill_timeout=left(5.0), lock_timeout=left(EXIT_WAIT))
+        self._done.wait(left(EXIT_WAIT))
+
+    def _close_now(self) -> None:
+        """Close during the interpreter's teardown: no thread, no process, no wait.
+
+        Here ``Thread.start()`` waits for ever (3.9-3.11) or raises (3.12+), and
+        any other thread may be frozen holding a lock. So: close the channel
+        (the supervisor sees EOF and exits; ``--rm`` removes the container, as
+        when the host is killed), stop listening, remove the workspace.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        container, self._container = self._container, None
+        try:
+            if container is not None:
+                container.detach(purge=os.geteuid() != 0)
+            if self.proxy is not None:
+                self.proxy.close()
+        finally:
+            if self._root:
+                shutil.rmtree(self._root, ignore_errors=True)
+
+    def _discard(self) -> None:
+        """Close from a finaliser: at once during teardown, else with short bounds
+        (~0.1 s normally; with a hung daemon at most ~11 s: 1 s for the
+        supervisor, 5 s for docker rm -f, 5 s for the CLI to exit)."""
+        if getattr(self, "_closed", True) or getattr(self, "_pid", None) != os.getpid():
+            return
+        if sys.is_finalizing():
+            self._close_now()
+        else:
+            self._close(wait=1.0, kill_timeout=5.0)
 
     def __enter__(self) -> DockerREPL:
         return self
@@ -1237,11 +1305,8 @@ class DockerREPL:
         self.cleanup()
 
     def __del__(self) -> None:
-        # short bounds: ~0.1 s normally; with a hung daemon at most ~11 s
-        # (1 s for the supervisor, 5 s for docker rm -f, 5 s for the CLI to exit)
         try:
-            if not getattr(self, "_closed", True):
-                self._close(wait=1.0, kill_timeout=5.0)
+            self._discard()
         except Exception:
             pass
 
