@@ -30,6 +30,7 @@ from typing import Any, Optional, Union
 from . import __version__, _exit
 from ._container import (
     CODE_MOUNT,
+    DEFAULT_CPUS,
     Container,
     ContainerConfig,
     bridge_gateway,
@@ -38,6 +39,18 @@ from ._container import (
     pid_namespace,
 )
 from ._files import DEFAULT_MAX_FILE, copy_in, copy_out
+from ._options import (
+    check_cpus,
+    check_docker,
+    check_flag,
+    check_image,
+    check_mapping,
+    check_memory,
+    check_runtime,
+    check_user,
+    check_workspace_dir,
+    encode_payload,
+)
 from ._proxy import ProxyServer, ProxyState
 from .errors import (
     BootstrapError,
@@ -45,6 +58,7 @@ from .errors import (
     DockerReplError,
     ProtocolError,
     ReplClosed,
+    SetupCodeError,
 )
 from .types import REPLResult, RLMChatCompletion
 
@@ -337,7 +351,7 @@ class DockerREPL:
         *,
         timeout: Optional[float] = DEFAULT_CELL_TIMEOUT,
         memory: Optional[str] = "2g",
-        cpus: Optional[float] = None,
+        cpus: Optional[float] = DEFAULT_CPUS,
         pids_limit: Optional[int] = 512,
         network: str = "bridge",
         user: Optional[str] = None,
@@ -360,22 +374,29 @@ class DockerREPL:
             # rlm's contract: accepted and ignored; said aloud, since a misspelt
             # option (memroy=...) would otherwise silently not apply
             log.warning("DockerREPL ignores unknown arguments: %s", ", ".join(sorted(kwargs)))
-        # every argument is checked before anything starts (typed errors, nothing to undo)
+        # Every argument is checked before anything starts: typed errors naming the
+        # option, no docker command run, nothing to undo (tests/unit/test_repl_args.py).
+        if not isinstance(network, str):
+            raise TypeError(f"network must be a str, not {type(network).__name__}")
         if network not in ("bridge", "none"):
             raise ValueError(f"network must be 'bridge' or 'none', not {network!r}")
         timeout = _limit("timeout", timeout)
         if setup_code is not None and not isinstance(setup_code, str):
-            raise TypeError("setup_code must be a str")
-        if image is not None and not isinstance(image, str):
-            raise TypeError(f"image must be a str, not {type(image).__name__}")
-        image = image or os.environ.get("DOCKERREPL_IMAGE") or DEFAULT_IMAGE
-        if image.startswith("-"):
-            # it goes on docker run's command line, where it would be read as an option
-            raise ValueError(f"image must not start with '-': {image!r}")
+            raise TypeError(f"setup_code must be a str, not {type(setup_code).__name__}")
+        if image is not None:
+            check_image("image", image)
+        image = image or check_image(
+            "$DOCKERREPL_IMAGE", os.environ.get("DOCKERREPL_IMAGE") or DEFAULT_IMAGE
+        )
+        memory = check_memory("memory", memory)
+        cpus = check_cpus("cpus", cpus)
         if pids_limit is not None:
             pids_limit = _count("pids_limit", pids_limit, hint=" (None: no limit)")
-        if cpus is not None and _number("cpus", cpus) <= 0:
-            raise ValueError(f"cpus must be > 0 or None, not {cpus!r}")
+        user = check_user("user", user)
+        read_only = check_flag("read_only", read_only)
+        runtime = check_runtime("runtime", runtime)
+        docker = check_docker("docker", docker)
+        verify_security = check_flag("verify_security", verify_security)
         max_output_bytes = _count("max_output_bytes", max_output_bytes)
         repr_cap = _count("repr_cap", repr_cap)
         grace = _number("grace", grace)
@@ -384,14 +405,37 @@ class DockerREPL:
         start_limit = _limit("start_timeout", start_timeout)
         if start_limit is None:
             raise ValueError("start_timeout must be a finite number of seconds")
-        if workspace_dir is not None:
-            workspace_dir = os.fspath(workspace_dir)
-            if not os.path.isdir(workspace_dir):
-                raise FileNotFoundError(
-                    f"workspace_dir {workspace_dir!r} does not exist or is not a directory"
-                )
+        workspace_dir = check_workspace_dir("workspace_dir", workspace_dir)
         if lm_handler_address is not None:
             lm_handler_address = _address("lm_handler_address", lm_handler_address)
+        for name, budget in (("max_llm_calls", max_llm_calls), ("max_llm_tokens", max_llm_tokens)):
+            if budget is not None:
+                _count(name, budget, minimum=0, hint=" (None: no budget)")
+        if (
+            auto_checkpoint is not True
+            and auto_checkpoint is not False
+            and (not isinstance(auto_checkpoint, str) or auto_checkpoint != "sync")
+        ):
+            raise ValueError(
+                f"auto_checkpoint must be True, False or 'sync', not {auto_checkpoint!r}"
+            )
+        # rlm's environment contract
+        persistent = check_flag("persistent", persistent)
+        compaction = check_flag("compaction", compaction)
+        depth = _count("depth", depth, minimum=0)
+        max_concurrent_subcalls = _count("max_concurrent_subcalls", max_concurrent_subcalls)
+        if subcall_fn is not None and not callable(subcall_fn):
+            raise TypeError(f"subcall_fn must be callable or None, not {type(subcall_fn).__name__}")
+        tools = check_mapping("custom_tools", custom_tools)
+        sub_tools = (
+            None
+            if custom_sub_tools is None
+            else check_mapping("custom_sub_tools", custom_sub_tools)
+        )
+        # encoded now, so that a context JSON cannot hold fails before anything starts
+        context = (
+            None if context_payload is None else encode_payload("context_payload", context_payload)
+        )
         self.image = image
         self.persistent = persistent
         self.depth = depth
@@ -400,10 +444,8 @@ class DockerREPL:
         self.max_concurrent_subcalls = max_concurrent_subcalls
         self.timeout = timeout
         self.network = network
-        self.custom_tools: dict[str, Any] = dict(custom_tools or {})
-        self.custom_sub_tools: dict[str, Any] = (
-            dict(custom_sub_tools) if custom_sub_tools is not None else dict(self.custom_tools)
-        )
+        self.custom_tools: dict[str, Any] = tools
+        self.custom_sub_tools: dict[str, Any] = dict(tools) if sub_tools is None else sub_tools
         self._tool_specs, host_tools = _tool_specs(self.custom_tools)
         extra = check_extra_args(extra_args, allow_widening=not verify_security)
         self._options = {
@@ -419,8 +461,6 @@ class DockerREPL:
         }
         self._max_output = max_output_bytes
         self._repr_cap = repr_cap
-        if auto_checkpoint not in (True, False, "sync"):
-            raise ValueError("auto_checkpoint must be True, False or 'sync'")
         self._auto_checkpoint = auto_checkpoint
         self._grace = grace
         self._verify = verify_security
@@ -469,13 +509,18 @@ class DockerREPL:
                 self._call("compaction", {"history": self._compaction_history})
             if self._tool_specs:
                 self._call("define_tools", {"tools": self._tool_specs})
-            if context_payload is not None:
-                self.load_context(context_payload)
+            if context is not None:
+                self._add_context(context, 0)
+                context = None  # the encoded text is in the mount now
             if setup_code:
                 # not self.execute_code: a subclass may return another result type
                 res = DockerREPL.execute_code(self, setup_code)
-                if res.stderr and res.status != "ok":
-                    log.warning("setup_code failed: %s", res.stderr.strip()[-500:])
+                if res.status != "ok":
+                    # the caller's own code, not the model's: say so now, not in a log
+                    what = res.exception or res.status
+                    raise SetupCodeError(
+                        f"setup_code failed ({what}); the REPL was removed", res.stderr, res.status
+                    )
         except BaseException:
             self.cleanup()
             raise
@@ -1055,7 +1100,10 @@ class DockerREPL:
         at most :meth:`get_context_count` (replace a context, or add the next).
         """
         index = _index("context_index", context_index, self._context_count)
-        path, kind = self._write_payload(f"context_{index}", context_payload)
+        return self._add_context(encode_payload("context", context_payload), index)
+
+    def _add_context(self, encoded: tuple[str, str], index: int) -> int:
+        path, kind = self._write_payload(f"context_{index}", encoded)
         self._call(
             "load_file",
             {
@@ -1081,7 +1129,8 @@ class DockerREPL:
         if not isinstance(message_history, list):
             raise TypeError("message_history must be a list")
         index = _index("history_index", history_index, self._history_count)
-        path, kind = self._write_payload(f"history_{index}", message_history)
+        encoded = encode_payload("history", message_history)
+        path, kind = self._write_payload(f"history_{index}", encoded)
         aliases = ["history"] if index == 0 and not self.compaction else []
         self._call(
             "load_file",
@@ -1110,24 +1159,14 @@ class DockerREPL:
         self._state.lm_handler_address = _address("address", address)
         self._call("reset_answer", {})
 
-    def _write_payload(self, stem: str, payload: Any) -> tuple[str, str]:
+    def _write_payload(self, stem: str, encoded: tuple[str, str]) -> tuple[str, str]:
+        """Write an :func:`~dockerrepl._options.encode_payload` result into the mount."""
         self._check_open()
-        what = stem.split("_", 1)[0]  # "context" or "history", for the messages
-        if isinstance(payload, str):
-            rel = f"{stem}.txt"
-            with self._open_new(rel) as f:
-                f.write(payload)
-            return rel, "text"
-        if not isinstance(payload, (dict, list)):
-            raise TypeError(f"{what} must be str, dict or list, not {type(payload).__name__}")
-        try:
-            data = json.dumps(payload, ensure_ascii=False)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"{what} payload is not JSON-serialisable: {exc}") from None
-        rel = f"{stem}.json"
+        data, kind = encoded
+        rel = f"{stem}.txt" if kind == "text" else f"{stem}.json"
         with self._open_new(rel) as f:
             f.write(data)
-        return rel, "json"
+        return rel, kind
 
     def _open_new(self, rel: str) -> Any:
         """Open ``rel`` in the mount for writing as a new file.
