@@ -291,18 +291,25 @@ class DockerREPL:
             Any image with Python 3.8+ as ``python3`` or ``python`` works.
         lm_handler_address: ``(host, port)`` of an LM Handler (ours or rlm's).
         context_payload: ``str``, ``dict`` or ``list`` loaded as ``context``.
-        setup_code: code run once after start (e.g. imports).
+        setup_code: code run once after start (e.g. imports). If it does not
+            run to its end (an exception, a timeout), the container is removed
+            and :class:`~dockerrepl.errors.SetupCodeError` raised, with the
+            cell's stderr as its ``traceback``.
         persistent, depth, subcall_fn, custom_tools, custom_sub_tools,
             compaction, max_concurrent_subcalls: rlm's environment contract.
         timeout: per-cell wall-clock limit in seconds, > 0 and at most
             ``MAX_TIMEOUT``; ``None`` or ``float("inf")``: no limit. A bool or
             NaN is refused.
-        memory, cpus: container limits (swap is always off); ``None``: none.
+        memory: memory limit in docker's notation (``"512m"``, ``"2g"``, bytes
+            as an int), at least ``"6m"``; swap is always off; ``None``: none.
+        cpus: CPU limit, at least 0.01; default 1.0 (a cell's Python uses one
+            core anyway; a runaway cell cannot take the host's others);
+            ``None``: none.
         pids_limit: the most processes and threads the container may hold, a
             positive int; ``None``: no limit of ours (the engine's default).
         network: ``"bridge"`` (default) or ``"none"`` (``llm_query`` then goes
             through a unix socket in the mount).
-        user: run as this ``uid:gid`` inside the container.
+        user: run as this ``uid[:gid]`` (or ``name[:group]``) inside the container.
         read_only: read-only root filesystem with a tmpfs ``/tmp``.
         workspace_dir: an existing directory in which the host temp dir is
             created (default: the system's temp dir).
@@ -331,8 +338,12 @@ class DockerREPL:
             ``--pid``, ...) are refused too unless ``verify_security=False``.
 
     Wrong argument types raise ``TypeError`` and impossible values
-    ``ValueError`` (a missing ``workspace_dir``: ``FileNotFoundError``), all
-    before anything is started.
+    ``ValueError`` (a missing ``workspace_dir``: ``FileNotFoundError``; one
+    this process cannot write: ``PermissionError``), all before anything is
+    started: no docker command, no directory.
+
+    A REPL never cleaned up is closed when the interpreter exits (an
+    ``atexit`` hook registered by the first start), with bounded waits.
     """
 
     def __init__(
