@@ -108,7 +108,9 @@ def add_sandbox_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--network", choices=("bridge", "none"), default="bridge")
     p.add_argument("--memory", default="2g", help="memory limit, swap off (default 2g; 0 = none)")
-    p.add_argument("--cpus", type=float, help="CPU quota, e.g. 1.5")
+    p.add_argument(
+        "--cpus", type=float, default=1.0, help="CPU limit, e.g. 1.5 (default 1; 0 = none)"
+    )
     p.add_argument(
         "--backend",
         choices=("auto", "echo", "openai"),
@@ -431,7 +433,7 @@ class Sandbox:
                 context_payload=context,
                 timeout=a.timeout or None,
                 memory=memory,
-                cpus=a.cpus,
+                cpus=a.cpus or None,
                 network=a.network,
                 docker=self.docker,
             )

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
 import select
 import socket
@@ -61,6 +62,12 @@ BOOTSTRAP_LAUNCHER = (
     "import dockerrepl_bootstrap; dockerrepl_bootstrap.main()"
 )
 LABEL_PREFIX = "dockerrepl."
+#: The smallest memory limit the engine accepts ("Minimum memory limit allowed is 6MB").
+MIN_MEMORY = 6 << 20
+#: The default CPU limit of a container (see DockerREPL's ``cpus``).
+DEFAULT_CPUS = 1.0
+#: The smallest CPU limit the engine accepts (docker's own range starts at 0.01).
+MIN_CPUS = 0.01
 
 # Which interpreter name works in an image (python3 or python), learned once per image.
 _PYTHON_FOR_IMAGE: dict[tuple[str, str], str] = {}
@@ -145,7 +152,7 @@ class ContainerConfig:
     workspace: str
     docker: str = "docker"
     memory: Optional[str] = "2g"
-    cpus: Optional[float] = None
+    cpus: Optional[float] = DEFAULT_CPUS
     pids_limit: Optional[int] = 512
     network: str = "bridge"
     user: Optional[str] = None
@@ -188,7 +195,7 @@ class ContainerConfig:
             # swap off: --memory-swap equal to --memory
             argv += ["--memory", str(self.memory), "--memory-swap", str(self.memory)]
         if self.cpus:
-            argv += ["--cpus", str(self.cpus)]
+            argv += ["--cpus", cpus_arg(self.cpus)]
         if self.user:
             argv += ["--user", str(self.user)]
         if self.read_only:
@@ -249,23 +256,34 @@ _WIDENING = {
 }
 
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+# docker's RAMInBytes: a number, an optional space, a binary unit, then "i" and "b"
+# (each optional): "2g", "1.5g", "256mb", "512MiB", "1073741824"
+_SIZE = re.compile(r"(\d+(?:\.\d+)?) ?([kmgtp]?)i?b?", re.IGNORECASE)
 
 
 def memory_bytes(value: Optional[str]) -> Optional[int]:
-    """Docker's size notation (``"256m"``, ``"2g"``, ``"1.5g"``, bytes) in bytes, or None."""
+    """Docker's size notation (``"256m"``, ``"2g"``, ``"1.5g"``, bytes) in bytes, or None.
+
+    None too for what docker would refuse (``"lots"``, ``"1e3g"``, ``"-1g"``) and for 0.
+    """
     if value is None:
         return None
-    text = str(value).strip().lower()
-    if text.endswith("b") and len(text) > 1 and text[-2] in "kmgt":
-        text = text[:-1]  # "256mb"
-    unit = text[-1:] if text[-1:] in _UNITS and not text[-1:].isdigit() else ""
-    number = text[: len(text) - len(unit)]
-    try:
-        n = float(number)
-    except ValueError:
+    match = _SIZE.fullmatch(str(value).strip())
+    if match is None:
         return None
-    return int(n * _UNITS[unit]) if n > 0 else None
+    n = int(float(match.group(1)) * _UNITS[match.group(2).lower()])  # as docker computes it
+    return n if n > 0 else None
+
+
+def cpus_arg(cpus: float) -> str:
+    """``--cpus``'s value, exact to the nanocpu that ``docker inspect`` shows (NanoCpus).
+
+    ``str(0.1 + 0.2)`` is "0.30000000000000004", which docker refuses as too precise.
+    """
+    nano = round(cpus * 1e9)
+    whole, frac = divmod(nano, 10**9)
+    return f"{whole}.{frac:09d}".rstrip("0").rstrip(".")
 
 
 def tmpfs_size(default: str, memory: Optional[str]) -> str:
@@ -607,6 +625,24 @@ class Container:
                 pass
             if self.wait(timeout) is None:
                 self.kill(kill_timeout)
+        finally:
+            self._release()
+
+    def detach(self, purge: bool = False) -> None:
+        """Close the channel now, waiting for nothing and starting no process.
+
+        For the interpreter's teardown: the shutdown frame goes only if the pipe
+        takes it at once; either way the supervisor sees EOF and exits, ``--rm``
+        removes the container, and the CLI process exits by itself.
+        """
+        proc = self.proc
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None:
+                self.send({"type": "shutdown", "purge": purge}, time.monotonic())
+        except (DockerReplError, TimeoutError, OSError):
+            pass
         finally:
             self._release()
 

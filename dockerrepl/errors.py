@@ -25,6 +25,7 @@ argument type, an impossible value) stay ``TypeError`` / ``ValueError``.
     ├── LMHandlerError              the LM Handler could not start or answer
     ├── ClientError                 an LM client call failed (HTTP, decoding, retries exhausted)
     ├── ReplClosed                  the REPL was used after cleanup()
+    ├── SetupCodeError              setup_code failed in the REPL (its traceback is kept)
     ├── CellTimeout                 (also TimeoutError) raised only by APIs that cannot
     │                               report a timeout in a REPLResult
     └── WorkspacePathError          (also ValueError) a remote path escapes /workspace
@@ -56,6 +57,7 @@ __all__ = [
     "ProxyError",
     "ReplClosed",
     "SecurityCheckError",
+    "SetupCodeError",
     "WorkspacePathError",
 ]
 
@@ -147,6 +149,25 @@ class ClientError(DockerReplError):
 
 class ReplClosed(DockerReplError):
     """The REPL was used after :meth:`DockerREPL.cleanup`."""
+
+
+class SetupCodeError(DockerReplError):
+    """The constructor's ``setup_code`` did not run to its end (an exception, a timeout).
+
+    It is the caller's own code, so the constructor raises (after removing the
+    container it started) rather than hand out a REPL set up by half.
+    ``traceback`` is what the cell wrote to stderr (the traceback, among it);
+    ``status`` is the cell's ``REPLResult.status`` ("error", "timeout", ...).
+    """
+
+    def __init__(self, message: str, traceback: str = "", status: str = "error") -> None:
+        super().__init__(message, traceback, status)
+        self.message = message
+        self.traceback = traceback
+        self.status = status
+
+    def __str__(self) -> str:
+        return f"{self.message}\n{self.traceback}" if self.traceback else self.message
 
 
 class CellTimeout(DockerReplError, TimeoutError):

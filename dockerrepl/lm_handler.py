@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
+from . import _exit
 from ._serve import start_serving, stop_serving
 from ._wire import (
     DEFAULT_MAX_FRAME,
@@ -235,6 +236,7 @@ class LMHandler:
         """
         with self._lock:
             if self._server is None:
+                _exit.track(self, 2)  # stopped at exit if the caller never stops it
                 try:
                     server = _Server((self.host, self.port), _ConnHandler)
                 except OSError as exc:
@@ -265,6 +267,10 @@ class LMHandler:
             server.stopping.set()  # before the loop stops: nothing accepted now is served
             stop_serving(server, thread)
             server.close_connections(timeout)
+
+    def _close_at_exit(self, deadline: float) -> None:
+        """From the atexit hook: stop, bounded (no thread is started; see ``_serve``)."""
+        self.stop(timeout=max(0.1, min(STOP_TIMEOUT, deadline - time.monotonic())))
 
     @property
     def address(self) -> Address:

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any, Optional
 
+from . import _exit
 from .errors import DockerReplError, ReplClosed
 from .repl import DockerREPL
 
@@ -93,6 +94,7 @@ class DockerREPLPool:
         self._starting = 0
         self._errors: list[BaseException] = []
         self._threads: list[threading.Thread] = []
+        _exit.track(self, 0)  # at exit: closed, before its members are
         for _ in range(size):
             self._spawn()
 
@@ -181,13 +183,28 @@ class DockerREPLPool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _close_at_exit(self, deadline: float) -> None:
+        """From the atexit hook: no new members; the ready ones are closed.
+
+        Members still starting are REPLs the hook closes next (it stops their
+        containers and waits for them); no thread is joined or started here.
+        """
+        with self._lock:
+            self._closed = True
+        while True:
+            try:
+                self._ready.get_nowait()._close_at_exit(deadline)
+            except queue.Empty:
+                break
+
     def __del__(self) -> None:
         # Members die with the pool. No joining here: a member still starting
-        # holds a reference to the pool, so by now none is.
+        # holds a reference to the pool, so by now none is. During the
+        # interpreter's teardown a member is closed without a thread or a wait.
         try:
             self._closed = True
             while True:
-                self._ready.get_nowait().cleanup()
+                self._ready.get_nowait()._discard()
         except queue.Empty:
             pass
         except Exception:

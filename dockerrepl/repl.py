@@ -19,6 +19,7 @@ import numbers
 import os
 import shutil
 import stat
+import sys
 import tempfile
 import textwrap
 import threading
@@ -27,9 +28,10 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
-from . import __version__
+from . import __version__, _exit
 from ._container import (
     CODE_MOUNT,
+    DEFAULT_CPUS,
     PROXY_SOCKET,
     Container,
     ContainerConfig,
@@ -39,6 +41,18 @@ from ._container import (
     pid_namespace,
 )
 from ._files import DEFAULT_MAX_FILE, copy_in, copy_out, open_dir, remove_tree, write_new
+from ._options import (
+    check_cpus,
+    check_docker,
+    check_flag,
+    check_image,
+    check_mapping,
+    check_memory,
+    check_runtime,
+    check_user,
+    check_workspace_dir,
+    encode_payload,
+)
 from ._proxy import ProxyServer, ProxyState
 from .errors import (
     BootstrapError,
@@ -46,6 +60,7 @@ from .errors import (
     DockerReplError,
     ProtocolError,
     ReplClosed,
+    SetupCodeError,
 )
 from .types import REPLResult, RLMChatCompletion
 
@@ -85,6 +100,8 @@ _FINAL_ANSWER_CAP = 16 << 20
 _TEXT_SLACK = 64 << 10
 #: The longest :meth:`DockerREPL.interrupt` waits to hand its frame to the container.
 INTERRUPT_WAIT = 1.0
+#: At exit, the longest one REPL's constructor or another thread's call is waited for.
+EXIT_WAIT = 10.0
 _BOOTSTRAP_SRC = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "_bootstrap", "dockerrepl_bootstrap.py"
 )
@@ -276,18 +293,25 @@ class DockerREPL:
             Any image with Python 3.8+ as ``python3`` or ``python`` works.
         lm_handler_address: ``(host, port)`` of an LM Handler (ours or rlm's).
         context_payload: ``str``, ``dict`` or ``list`` loaded as ``context``.
-        setup_code: code run once after start (e.g. imports).
+        setup_code: code run once after start (e.g. imports). If it does not
+            run to its end (an exception, a timeout), the container is removed
+            and :class:`~dockerrepl.errors.SetupCodeError` raised, with the
+            cell's stderr as its ``traceback``.
         persistent, depth, subcall_fn, custom_tools, custom_sub_tools,
             compaction, max_concurrent_subcalls: rlm's environment contract.
         timeout: per-cell wall-clock limit in seconds, > 0 and at most
             ``MAX_TIMEOUT``; ``None`` or ``float("inf")``: no limit. A bool or
             NaN is refused.
-        memory, cpus: container limits (swap is always off); ``None``: none.
+        memory: memory limit in docker's notation (``"512m"``, ``"2g"``, bytes
+            as an int), at least ``"6m"``; swap is always off; ``None``: none.
+        cpus: CPU limit, at least 0.01; default 1.0 (a cell's Python uses one
+            core anyway; a runaway cell cannot take the host's others);
+            ``None``: none.
         pids_limit: the most processes and threads the container may hold, a
             positive int; ``None``: no limit of ours (the engine's default).
         network: ``"bridge"`` (default) or ``"none"`` (``llm_query`` then goes
             through a unix socket in the mount).
-        user: run as this ``uid:gid`` inside the container.
+        user: run as this ``uid[:gid]`` (or ``name[:group]``) inside the container.
         read_only: read-only root filesystem with a tmpfs ``/tmp``.
         workspace_dir: an existing directory in which the host temp dir is
             created (default: the system's temp dir).
@@ -318,8 +342,12 @@ class DockerREPL:
             ``--pid``, ...) are refused too unless ``verify_security=False``.
 
     Wrong argument types raise ``TypeError`` and impossible values
-    ``ValueError`` (a missing ``workspace_dir``: ``FileNotFoundError``), all
-    before anything is started.
+    ``ValueError`` (a missing ``workspace_dir``: ``FileNotFoundError``; one
+    this process cannot write: ``PermissionError``), all before anything is
+    started: no docker command, no directory.
+
+    A REPL never cleaned up is closed when the interpreter exits (an
+    ``atexit`` hook registered by the first start), with bounded waits.
     """
 
     def __init__(
@@ -338,7 +366,7 @@ class DockerREPL:
         *,
         timeout: Optional[float] = DEFAULT_CELL_TIMEOUT,
         memory: Optional[str] = "2g",
-        cpus: Optional[float] = None,
+        cpus: Optional[float] = DEFAULT_CPUS,
         pids_limit: Optional[int] = 512,
         network: str = "bridge",
         user: Optional[str] = None,
@@ -361,22 +389,29 @@ class DockerREPL:
             # rlm's contract: accepted and ignored; said aloud, since a misspelt
             # option (memroy=...) would otherwise silently not apply
             log.warning("DockerREPL ignores unknown arguments: %s", ", ".join(sorted(kwargs)))
-        # every argument is checked before anything starts (typed errors, nothing to undo)
+        # Every argument is checked before anything starts: typed errors naming the
+        # option, no docker command run, nothing to undo (tests/unit/test_repl_args.py).
+        if not isinstance(network, str):
+            raise TypeError(f"network must be a str, not {type(network).__name__}")
         if network not in ("bridge", "none"):
             raise ValueError(f"network must be 'bridge' or 'none', not {network!r}")
         timeout = _limit("timeout", timeout)
         if setup_code is not None and not isinstance(setup_code, str):
-            raise TypeError("setup_code must be a str")
-        if image is not None and not isinstance(image, str):
-            raise TypeError(f"image must be a str, not {type(image).__name__}")
-        image = image or os.environ.get("DOCKERREPL_IMAGE") or DEFAULT_IMAGE
-        if image.startswith("-"):
-            # it goes on docker run's command line, where it would be read as an option
-            raise ValueError(f"image must not start with '-': {image!r}")
+            raise TypeError(f"setup_code must be a str, not {type(setup_code).__name__}")
+        if image is not None:
+            check_image("image", image)
+        image = image or check_image(
+            "$DOCKERREPL_IMAGE", os.environ.get("DOCKERREPL_IMAGE") or DEFAULT_IMAGE
+        )
+        memory = check_memory("memory", memory)
+        cpus = check_cpus("cpus", cpus)
         if pids_limit is not None:
             pids_limit = _count("pids_limit", pids_limit, hint=" (None: no limit)")
-        if cpus is not None and _number("cpus", cpus) <= 0:
-            raise ValueError(f"cpus must be > 0 or None, not {cpus!r}")
+        user = check_user("user", user)
+        read_only = check_flag("read_only", read_only)
+        runtime = check_runtime("runtime", runtime)
+        docker = check_docker("docker", docker)
+        verify_security = check_flag("verify_security", verify_security)
         max_output_bytes = _count("max_output_bytes", max_output_bytes)
         repr_cap = _count("repr_cap", repr_cap)
         grace = _number("grace", grace)
@@ -385,14 +420,37 @@ class DockerREPL:
         start_limit = _limit("start_timeout", start_timeout)
         if start_limit is None:
             raise ValueError("start_timeout must be a finite number of seconds")
-        if workspace_dir is not None:
-            workspace_dir = os.fspath(workspace_dir)
-            if not os.path.isdir(workspace_dir):
-                raise FileNotFoundError(
-                    f"workspace_dir {workspace_dir!r} does not exist or is not a directory"
-                )
+        workspace_dir = check_workspace_dir("workspace_dir", workspace_dir)
         if lm_handler_address is not None:
             lm_handler_address = _address("lm_handler_address", lm_handler_address)
+        for name, budget in (("max_llm_calls", max_llm_calls), ("max_llm_tokens", max_llm_tokens)):
+            if budget is not None:
+                _count(name, budget, minimum=0, hint=" (None: no budget)")
+        if (
+            auto_checkpoint is not True
+            and auto_checkpoint is not False
+            and (not isinstance(auto_checkpoint, str) or auto_checkpoint != "sync")
+        ):
+            raise ValueError(
+                f"auto_checkpoint must be True, False or 'sync', not {auto_checkpoint!r}"
+            )
+        # rlm's environment contract
+        persistent = check_flag("persistent", persistent)
+        compaction = check_flag("compaction", compaction)
+        depth = _count("depth", depth, minimum=0)
+        max_concurrent_subcalls = _count("max_concurrent_subcalls", max_concurrent_subcalls)
+        if subcall_fn is not None and not callable(subcall_fn):
+            raise TypeError(f"subcall_fn must be callable or None, not {type(subcall_fn).__name__}")
+        tools = check_mapping("custom_tools", custom_tools)
+        sub_tools = (
+            None
+            if custom_sub_tools is None
+            else check_mapping("custom_sub_tools", custom_sub_tools)
+        )
+        # encoded now, so that a context JSON cannot hold fails before anything starts
+        context = (
+            None if context_payload is None else encode_payload("context_payload", context_payload)
+        )
         self.image = image
         self.persistent = persistent
         self.depth = depth
@@ -401,10 +459,8 @@ class DockerREPL:
         self.max_concurrent_subcalls = max_concurrent_subcalls
         self.timeout = timeout
         self.network = network
-        self.custom_tools: dict[str, Any] = dict(custom_tools or {})
-        self.custom_sub_tools: dict[str, Any] = (
-            dict(custom_sub_tools) if custom_sub_tools is not None else dict(self.custom_tools)
-        )
+        self.custom_tools: dict[str, Any] = tools
+        self.custom_sub_tools: dict[str, Any] = dict(tools) if sub_tools is None else sub_tools
         self._tool_specs, host_tools = _tool_specs(self.custom_tools)
         extra = check_extra_args(extra_args, allow_widening=not verify_security)
         self._options = {
@@ -420,8 +476,6 @@ class DockerREPL:
         }
         self._max_output = max_output_bytes
         self._repr_cap = repr_cap
-        if auto_checkpoint not in (True, False, "sync"):
-            raise ValueError("auto_checkpoint must be True, False or 'sync'")
         self._auto_checkpoint = auto_checkpoint
         self._grace = grace
         self._verify = verify_security
@@ -439,6 +493,9 @@ class DockerREPL:
         # is dropped (one note per restore). The worker's line the host expects:
         self._restore_echo: Optional[str] = None
         self._closed = False
+        self._done = threading.Event()  # set once _close has finished
+        self._built = threading.Event()  # set once __init__ has returned or raised
+        self._pid = os.getpid()  # a forked child never closes its parent's container
         self._cell = 0
         self._req = 0
         self._context_count = 0
@@ -467,22 +524,31 @@ class DockerREPL:
                 self._call("compaction", {"history": self._compaction_history})
             if self._tool_specs:
                 self._call("define_tools", {"tools": self._tool_specs})
-            if context_payload is not None:
-                self.load_context(context_payload)
+            if context is not None:
+                self._add_context(context, 0)
+                context = None  # the encoded text is in the mount now
             if setup_code:
                 # not self.execute_code: a subclass may return another result type
                 res = DockerREPL.execute_code(self, setup_code)
-                if res.stderr and res.status != "ok":
-                    log.warning("setup_code failed: %s", res.stderr.strip()[-500:])
+                if res.status != "ok":
+                    # the caller's own code, not the model's: say so now, not in a log
+                    what = res.exception or res.status
+                    raise SetupCodeError(
+                        f"setup_code failed ({what}); the REPL was removed", res.stderr, res.status
+                    )
         except BaseException:
             self.cleanup()
             raise
+        finally:
+            self._built.set()
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         """Create the workspace, start the proxy and the container (called by ``__init__``)."""
         import secrets
 
+        # closed at exit if still open (registers the atexit hook on the first start)
+        _exit.track(self, 1)
         self._root = tempfile.mkdtemp(prefix="dockerrepl-", dir=self._workspace_dir)
         self.temp_dir = os.path.join(self._root, "workspace")
         boot_dir = os.path.join(self.temp_dir, ".dockerrepl")  # state, writable inside
@@ -557,6 +623,10 @@ class DockerREPL:
         )
         container = Container(cfg, os.path.join(self._root, "docker-run.log"))
         self._container = container  # before it starts: cleanup() can abort it
+        if _exit.exiting():
+            # the atexit hook has begun (a pool member starting in its thread):
+            # a container started now would outlive its cleanup
+            raise ReplClosed("the interpreter is exiting: no container is started")
         ready = container.start(self._hello(restore))
         if self._closed:
             raise ReplClosed("this DockerREPL was cleaned up while its container started")
@@ -1061,7 +1131,10 @@ class DockerREPL:
         at most :meth:`get_context_count` (replace a context, or add the next).
         """
         index = _index("context_index", context_index, self._context_count)
-        path, kind = self._write_payload(f"context_{index}", context_payload)
+        return self._add_context(encode_payload("context", context_payload), index)
+
+    def _add_context(self, encoded: tuple[str, str], index: int) -> int:
+        path, kind = self._write_payload(f"context_{index}", encoded)
         self._call(
             "load_file",
             {
@@ -1087,7 +1160,8 @@ class DockerREPL:
         if not isinstance(message_history, list):
             raise TypeError("message_history must be a list")
         index = _index("history_index", history_index, self._history_count)
-        path, kind = self._write_payload(f"history_{index}", message_history)
+        encoded = encode_payload("history", message_history)
+        path, kind = self._write_payload(f"history_{index}", encoded)
         aliases = ["history"] if index == 0 and not self.compaction else []
         self._call(
             "load_file",
@@ -1116,22 +1190,13 @@ class DockerREPL:
         self._state.lm_handler_address = _address("address", address)
         self._call("reset_answer", {})
 
-    def _write_payload(self, stem: str, payload: Any) -> tuple[str, str]:
+    def _write_payload(self, stem: str, encoded: tuple[str, str]) -> tuple[str, str]:
+        """Write an :func:`~dockerrepl._options.encode_payload` result into the mount."""
         self._check_open()
-        what = stem.split("_", 1)[0]  # "context" or "history", for the messages
-        if isinstance(payload, str):
-            rel = f"{stem}.txt"
-            self._write_new(rel, payload)
-            return rel, "text"
-        if not isinstance(payload, (dict, list)):
-            raise TypeError(f"{what} must be str, dict or list, not {type(payload).__name__}")
-        try:
-            data = json.dumps(payload, ensure_ascii=False)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"{what} payload is not JSON-serialisable: {exc}") from None
-        rel = f"{stem}.json"
+        data, kind = encoded
+        rel = f"{stem}.txt" if kind == "text" else f"{stem}.json"
         self._write_new(rel, data)
-        return rel, "json"
+        return rel, kind
 
     def _write_new(self, rel: str, text: str) -> None:
         """Write ``rel`` in the mount as a new file.
@@ -1221,18 +1286,19 @@ class DockerREPL:
         """
         self._close(wait=10.0, kill_timeout=30.0)
 
-    def _close(self, wait: float, kill_timeout: float) -> None:
+    def _close(self, wait: float, kill_timeout: float, lock_timeout: float = -1) -> None:
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
-        if not self._lock.acquire(blocking=False):
+        locked = self._lock.acquire(blocking=False)
+        if not locked:
             # a call holds the REPL (a cell running in another thread): stop its
             # container now, so that call ends at once (it sees _closed: ReplClosed)
             busy = self._container
             if busy is not None:
                 busy.abort(kill_timeout)
-            self._lock.acquire()
+            locked = self._lock.acquire(timeout=lock_timeout)
         try:
             container, self._container = self._container, None
             if container is not None:
@@ -1245,7 +1311,60 @@ class DockerREPL:
                 if self._root:
                     remove_tree(self._root, ignore_errors=True)
             finally:
-                self._lock.release()
+                if locked:
+                    self._lock.release()
+                self._done.set()
+
+    def _close_at_exit(self, deadline: float) -> None:
+        """Close from the atexit hook (see :mod:`dockerrepl._exit`), by ``deadline``.
+
+        Starts no thread (Python 3.12 refuses them there). A constructor still
+        running in another thread (a pool member starting) has its container
+        stopped, and is waited for: it removes its own workspace as it fails.
+        """
+
+        def left(most: float) -> float:
+            return max(0.1, min(most, deadline - time.monotonic()))
+
+        if not self._built.is_set():
+            starting = self._container
+            if starting is not None:
+                starting.abort(left(5.0))
+            self._built.wait(left(EXIT_WAIT))
+        self._close(wait=left(2.0), kill_timeout=left(5.0), lock_timeout=left(EXIT_WAIT))
+        self._done.wait(left(EXIT_WAIT))
+
+    def _close_now(self) -> None:
+        """Close during the interpreter's teardown: no thread, no process, no wait.
+
+        Here ``Thread.start()`` waits for ever (3.9-3.11) or raises (3.12+), and
+        any other thread may be frozen holding a lock. So: close the channel
+        (the supervisor sees EOF and exits; ``--rm`` removes the container, as
+        when the host is killed), stop listening, remove the workspace.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        container, self._container = self._container, None
+        try:
+            if container is not None:
+                container.detach(purge=os.geteuid() != 0)
+            if self.proxy is not None:
+                self.proxy.close()
+        finally:
+            if self._root:
+                remove_tree(self._root, ignore_errors=True)
+
+    def _discard(self) -> None:
+        """Close from a finaliser: at once during teardown, else with short bounds
+        (~0.1 s normally; with a hung daemon at most ~11 s: 1 s for the
+        supervisor, 5 s for docker rm -f, 5 s for the CLI to exit)."""
+        if getattr(self, "_closed", True) or getattr(self, "_pid", None) != os.getpid():
+            return
+        if sys.is_finalizing():
+            self._close_now()
+        else:
+            self._close(wait=1.0, kill_timeout=5.0)
 
     def __enter__(self) -> DockerREPL:
         return self
@@ -1254,11 +1373,8 @@ class DockerREPL:
         self.cleanup()
 
     def __del__(self) -> None:
-        # short bounds: ~0.1 s normally; with a hung daemon at most ~11 s
-        # (1 s for the supervisor, 5 s for docker rm -f, 5 s for the CLI to exit)
         try:
-            if not getattr(self, "_closed", True):
-                self._close(wait=1.0, kill_timeout=5.0)
+            self._discard()
         except Exception:
             pass
 

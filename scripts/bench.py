@@ -991,7 +991,7 @@ def write_doc(path: str, plot_name: str, json_name: str, data: dict[str, Any]) -
     )
     add(
         "- rlm's containers run with no limits and no hardening; dockerrepl's with its defaults "
-        "(`--cap-drop ALL`, `no-new-privileges`, pids limit 512, 2 GB of memory with swap off, "
+        "(`--cap-drop ALL`, `no-new-privileges`, pids limit 512, 2 GB of memory with swap off, 1 CPU, "
         "the supervisor as pid 1, a `docker inspect` check of that at start). "
         "Both are measured as shipped."
     )

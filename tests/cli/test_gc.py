@@ -273,7 +273,7 @@ def test_a_deep_or_stuck_workspace_is_reported_and_the_others_still_go(tmp_path:
     held = stuck / "workspace" / "immutable.txt"
     held.write_text("x")
     if subprocess.run(["chattr", "+i", str(held)], capture_output=True).returncode:
-        pytest.skip("chattr +i is not available here (needs root and a filesystem for it)")
+        skip_or_fail("chattr +i is not available here (needs root and a filesystem for it)")
     try:
         for p in (deep / "workspace", stuck / "workspace", deep, stuck):
             os.utime(p, (time.time() - 3600,) * 2)

@@ -8,11 +8,19 @@ import time
 
 import pytest
 from concurrency import run_threads
-from docker_helpers import derived_image, exists, image_exists, labels, skip_or_fail
+from docker_helpers import (
+    derived_image,
+    exists,
+    image_exists,
+    labels,
+    our_containers,
+    skip_or_fail,
+    wait_gone,
+)
 
 from dockerrepl import DockerREPL, LMHandler
 from dockerrepl.clients import ScriptedClient
-from dockerrepl.errors import ReplClosed
+from dockerrepl.errors import ReplClosed, SetupCodeError
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -36,6 +44,32 @@ def test_seed_example(image, handler, tmp_path):
         r2 = repl.execute_code("print(re.sub('a', 'b', 'aa'))")
         assert r2.stdout == "bb\n"
         assert r2.rlm_calls == []  # attributed to the cell that made it only
+
+
+@pytest.mark.parametrize(
+    ("setup_code", "status", "shown"),
+    [
+        ("import re\nimport no_such_module_here", "error", "ModuleNotFoundError"),
+        ("x = (", "error", "SyntaxError"),
+        ("raise SystemExit(3)", "error", "SystemExit"),
+        ("import time\nwhile True: time.sleep(0.05)", "timeout", "KeyboardInterrupt"),
+    ],
+)
+def test_failing_setup_code_raises_with_its_traceback_and_leaves_nothing(
+    image, tmp_path, setup_code, status, shown
+):
+    """Issue #10: the caller's own setup_code failing was only logged, and the REPL handed
+    out set up by half. Now the constructor raises, after removing its container."""
+    before = our_containers()
+    with pytest.raises(SetupCodeError) as info:
+        DockerREPL(image=image, setup_code=setup_code, workspace_dir=str(tmp_path), timeout=2)
+    err = info.value
+    assert err.status == status
+    assert shown in err.traceback and shown in str(err)
+    if shown == "ModuleNotFoundError":
+        assert "Traceback (most recent call last)" in err.traceback
+    assert wait_gone(our_containers() - before, timeout=15) == set()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_state_and_semantics(repl):

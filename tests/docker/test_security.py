@@ -50,6 +50,7 @@ def test_hardened_defaults_visible_in_docker_inspect(repl):
     assert hc["PidsLimit"] == 512
     assert hc["Memory"] == 2 * 1024**3
     assert hc["MemorySwap"] == hc["Memory"]  # swap off
+    assert hc["NanoCpus"] == 1_000_000_000  # cpus=1.0 unless the caller says otherwise
     assert hc["AutoRemove"] is True  # --rm: gone when the supervisor exits
     assert not hc.get("Init")  # the supervisor is pid 1: no init holds the host channel
     assert hc["NetworkMode"] == "bridge"
@@ -667,6 +668,27 @@ def test_verify_fails_closed_on_a_tampered_inspect(tmp_path, path, value):
     bad[path[0]][path[1]] = value
     with pytest.raises(SecurityCheckError):
         c.verify(bad)
+
+
+def test_verify_checks_the_default_cpu_limit(tmp_path):
+    cfg = ContainerConfig(image="img", workspace=str(tmp_path))  # the defaults: cpus=1.0
+    c = Container(cfg, str(tmp_path / "log"))
+    attrs = {
+        "HostConfig": {
+            "CapDrop": ["ALL"],
+            "SecurityOpt": ["no-new-privileges"],
+            "PidsLimit": 512,
+            "Memory": 2 * 1024**3,
+            "MemorySwap": 2 * 1024**3,
+            "NanoCpus": 1_000_000_000,
+        },
+        "Config": {},
+    }
+    c.verify(copy.deepcopy(attrs))
+    for nano in (0, None, 2_000_000_000):
+        attrs["HostConfig"]["NanoCpus"] = nano
+        with pytest.raises(SecurityCheckError, match="NanoCpus"):
+            c.verify(copy.deepcopy(attrs))
 
 
 def test_host_never_unpickles_anything_from_the_container():

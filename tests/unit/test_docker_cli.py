@@ -125,6 +125,7 @@ def test_run_argv_hardened_defaults(tmp_path):
         "--pids-limit",
         "--memory 2g",
         "--memory-swap 2g",
+        "--cpus 1",
         "--rm",
         "-i",
         "--sig-proxy=false",

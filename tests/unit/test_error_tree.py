@@ -29,6 +29,7 @@ from dockerrepl.errors import (
     ProxyError,
     ReplClosed,
     SecurityCheckError,
+    SetupCodeError,
     WorkspacePathError,
 )
 
@@ -55,6 +56,7 @@ PARENT = {
     LMHandlerError: DockerReplError,
     ClientError: DockerReplError,
     ReplClosed: DockerReplError,
+    SetupCodeError: DockerReplError,
     CellTimeout: DockerReplError,
     WorkspacePathError: DockerReplError,
 }
@@ -119,6 +121,15 @@ def test_docker_error_keeps_plain_data():
     assert str(DockerCommandError("plain")) == "plain"  # no hint, no decoration
     for value in vars(err).values():
         assert isinstance(value, (str, int))
+
+
+def test_setup_code_error_keeps_the_traceback():
+    tb = 'Traceback (most recent call last):\n  File "<cell>", line 1\nNameError: x\n'
+    err = SetupCodeError("setup_code failed (NameError)", tb, "error")
+    assert (err.traceback, err.status) == (tb, "error")
+    assert tb in str(err)
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.message, back.traceback, back.status) == (err.message, tb, "error")
 
 
 def test_docker_timeout_caught_as_timeout_error():

@@ -319,7 +319,7 @@ def test_remove_tree_undoes_modes_a_cell_set_as_a_non_root_user(tmp_path, which)
     """As uid 65534 (like root in a container with no capabilities, the owner without
     CAP_DAC_OVERRIDE): directories of mode 000 and 0500 are still removed."""
     if os.geteuid() != 0:
-        pytest.skip("needs root to switch to another user")
+        skip_or_fail("needs root to switch to another user")
     base = tempfile.mkdtemp(prefix="remove-tree-")  # tmp_path's parents are 0700
     os.chown(base, 65534, 65534)
     if which == "host":

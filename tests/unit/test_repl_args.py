@@ -1,20 +1,52 @@
 """DockerREPL's arguments are checked before anything starts (no engine needed).
 
-The docker executable given does not exist: an argument that slipped through
-would reach the start and fail with DockerNotFound instead of the typed error
-asserted here. The workspace directory stays empty either way.
+The docker given is a fake that records every call and fails: an argument that
+slipped through would reach it (and fail with DockerCommandError instead of the
+typed error asserted here). For every bad argument the fake must not have been
+called at all, and the workspace directory stays empty.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
+from pathlib import Path
 
 import pytest
 
-from dockerrepl import DockerREPL
+from dockerrepl import DockerREPL, DockerREPLPool
 from dockerrepl.repl import MAX_TIMEOUT
 
 pytestmark = pytest.mark.timeout(30)
+
+
+def recording_docker(tmp_path: Path) -> tuple[str, Path]:
+    """A fake `docker` that appends its argv (one line per call) to a log and exits 1."""
+    log = tmp_path / "docker-calls.log"
+    path = tmp_path / "docker"
+    path.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        f"with open({str(log)!r}, 'a') as f:\n"
+        "    f.write(' '.join(sys.argv[1:]) + '\\n')\n"
+        "sys.stderr.write('fake docker: nothing runs here\\n')\n"
+        "sys.exit(1)\n"
+    )
+    path.chmod(0o755)
+    return str(path), log
+
+
+def calls(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+class _Unserialisable:
+    pass
+
+
+_circular: list[object] = []
+_circular.append(_circular)
 
 
 @pytest.mark.parametrize(
@@ -33,6 +65,65 @@ pytestmark = pytest.mark.timeout(30)
         ({"pids_limit": True}, TypeError),
         ({"pids_limit": 1.5}, TypeError),
         ({"cpus": 0}, ValueError),
+        ({"cpus": 0.001}, ValueError),  # docker's range starts at 0.01
+        ({"cpus": -1}, ValueError),
+        ({"cpus": math.inf}, ValueError),
+        ({"cpus": math.nan}, ValueError),
+        ({"cpus": "1"}, TypeError),
+        ({"cpus": True}, TypeError),
+        ({"memory": "lots"}, ValueError),  # issue #10: it surfaced docker's usage text
+        ({"memory": ""}, ValueError),
+        ({"memory": "1e3g"}, ValueError),
+        ({"memory": "-1g"}, ValueError),
+        ({"memory": "0"}, ValueError),
+        ({"memory": "2 gigs"}, ValueError),
+        ({"memory": "5m"}, ValueError),  # below docker's 6 MB minimum
+        ({"memory": 1.5}, TypeError),
+        ({"memory": True}, TypeError),
+        ({"memory": ["2g"]}, TypeError),
+        ({"user": ""}, ValueError),
+        ({"user": "a b"}, ValueError),
+        ({"user": "1:2:3"}, ValueError),
+        ({"user": "-1"}, ValueError),
+        ({"user": 3.5}, TypeError),
+        ({"network": "host"}, ValueError),
+        ({"network": None}, TypeError),
+        ({"read_only": "no"}, TypeError),  # truthy: it would have made / read-only
+        ({"verify_security": "no"}, TypeError),
+        ({"verify_security": None}, TypeError),
+        ({"runtime": ""}, ValueError),
+        ({"runtime": "run sc"}, ValueError),
+        ({"runtime": 5}, TypeError),
+        ({"docker": ""}, ValueError),
+        ({"docker": 5}, TypeError),
+        ({"workspace_dir": 5}, TypeError),
+        ({"workspace_dir": b"/tmp"}, TypeError),
+        ({"context_payload": {1, 2}}, TypeError),  # issue #10: raised after a start
+        ({"context_payload": {"a": _Unserialisable()}}, TypeError),
+        ({"context_payload": [{"k": b"bytes"}]}, TypeError),
+        ({"context_payload": _circular}, TypeError),
+        ({"context_payload": 5}, TypeError),
+        ({"setup_code": 42}, TypeError),
+        ({"setup_code": b"import os"}, TypeError),
+        ({"max_llm_calls": -1}, ValueError),
+        ({"max_llm_calls": "5"}, TypeError),
+        ({"max_llm_tokens": 1.5}, TypeError),
+        ({"auto_checkpoint": 1}, ValueError),
+        ({"auto_checkpoint": "SYNC"}, ValueError),
+        ({"auto_checkpoint": None}, ValueError),
+        ({"persistent": "yes"}, TypeError),
+        ({"compaction": None}, TypeError),
+        ({"depth": -1}, ValueError),
+        ({"depth": "1"}, TypeError),
+        ({"max_concurrent_subcalls": 0}, ValueError),
+        ({"subcall_fn": "f"}, TypeError),
+        ({"custom_tools": [("a", 1)]}, TypeError),
+        ({"custom_tools": {"not an identifier": 1}}, ValueError),
+        ({"custom_sub_tools": "x"}, TypeError),
+        ({"image": "Python:3.11"}, ValueError),  # docker: repository name must be lowercase
+        ({"image": "python:3.11 slim"}, ValueError),
+        ({"image": "python@sha256:zz"}, ValueError),
+        ({"image": "python:"}, ValueError),
         ({"image": 3}, TypeError),
         ({"image": b"python:3.11"}, TypeError),
         ({"image": "--privileged"}, ValueError),
@@ -72,11 +163,50 @@ pytestmark = pytest.mark.timeout(30)
     ],
 )
 def test_bad_arguments_are_refused_before_anything_starts(tmp_path, kwargs, exc):
+    docker, log = recording_docker(tmp_path)
     ws = tmp_path / "ws"
     ws.mkdir()
-    args = {"image": "img", "docker": str(tmp_path / "no-docker"), "workspace_dir": str(ws)}
-    with pytest.raises(exc):
+    args = {"image": "img", "docker": docker, "workspace_dir": str(ws)}
+    with pytest.raises(exc) as info:
         DockerREPL(**{**args, **kwargs})
+    assert calls(log) == [], "a docker command ran before the argument was refused"
+    assert list(ws.iterdir()) == []
+    (name,) = kwargs  # the message names the option ("custom tool 'x'" for custom_tools)
+    assert name in str(info.value) or name.replace("_", " ").rstrip("s") in str(info.value)
+    with pytest.raises(exc):
+        DockerREPLPool(size=1, **{**args, **kwargs})
+    assert calls(log) == [], "a docker command ran before the pool refused the argument"
+    assert list(ws.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argv"),
+    [
+        ({}, ["--cpus", "1", "--memory", "2g"]),  # the defaults
+        ({"cpus": 0.5, "memory": "512MiB"}, ["--cpus", "0.5", "--memory", "512MiB"]),
+        ({"cpus": 0.1 + 0.2}, ["--cpus", "0.3"]),  # not 0.30000000000000004 (too precise)
+        ({"cpus": None, "memory": None}, []),
+        ({"user": 65534}, ["--user", "65534"]),
+        ({"memory": 1 << 30}, ["--memory", "1073741824"]),
+        ({"memory": " 1g "}, ["--memory", "1g"]),
+    ],
+)
+def test_good_arguments_reach_docker_run(tmp_path, kwargs, argv):
+    """The positive control: the same fake is called once the arguments are good."""
+    from dockerrepl.errors import DockerReplError
+
+    docker, log = recording_docker(tmp_path)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    with pytest.raises(DockerReplError):
+        DockerREPL(image="img", docker=docker, network="none", workspace_dir=str(ws), **kwargs)
+    runs = [c.split() for c in calls(log) if c.startswith("run ")]
+    assert runs, calls(log)
+    run = runs[0]
+    for flag, value in zip(argv[::2], argv[1::2]):
+        assert run[run.index(flag) + 1] == value
+    if kwargs.get("cpus", 1) is None:
+        assert "--cpus" not in run and "--memory" not in run
     assert list(ws.iterdir()) == []
 
 
@@ -91,10 +221,40 @@ def test_a_missing_workspace_dir_is_named(tmp_path):
         DockerREPL(image="img", docker=str(tmp_path / "no-docker"), workspace_dir=str(afile))
 
 
-def test_image_from_the_environment_is_checked_too(tmp_path, monkeypatch):
-    monkeypatch.setenv("DOCKERREPL_IMAGE", "-v/:/host")
-    with pytest.raises(ValueError):
-        DockerREPL(docker=str(tmp_path / "no-docker"), workspace_dir=str(tmp_path))
+@pytest.mark.parametrize("value", ["-v/:/host", "Not An Image"])
+def test_image_from_the_environment_is_checked_too(tmp_path, monkeypatch, value):
+    docker, log = recording_docker(tmp_path)
+    monkeypatch.setenv("DOCKERREPL_IMAGE", value)
+    with pytest.raises(ValueError, match="DOCKERREPL_IMAGE"):
+        DockerREPL(docker=docker, workspace_dir=str(tmp_path))
+    assert calls(log) == []
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "python:3.11-slim",
+        "dockerrepl/python:3.11-bookworm",
+        "localhost:5000/team/py:latest",
+        "registry.example.com/a/b_c/d--e:v1.2_3",
+        "python@sha256:" + "a" * 64,
+        "python:3.11@sha256:" + "0" * 64,
+        "sha256:" + "f" * 64,
+        "f1177216ad8b",
+    ],
+)
+def test_image_references_docker_accepts_pass(image):
+    from dockerrepl._options import check_image
+
+    assert check_image("image", image) == image
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_a_workspace_dir_that_cannot_be_written_is_named(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    with pytest.raises(PermissionError, match="workspace_dir"):
+        DockerREPL(image="img", docker=str(tmp_path / "no-docker"), workspace_dir=str(ro))
 
 
 @pytest.mark.parametrize(
