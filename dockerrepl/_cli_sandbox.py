@@ -21,10 +21,11 @@ from typing import IO, Any, Optional, Protocol, Union
 
 from . import _docker
 from ._files import remove_tree
+from ._options import DEFAULT_CELL_TIMEOUT, DEFAULT_CPUS, DEFAULT_IMAGE, DEFAULT_MEMORY
 from .clients import EchoClient, OpenAIClient
 from .errors import DockerReplError, DockerTimeout, NoSuchImage
 from .lm_handler import LMHandler
-from .repl import DEFAULT_IMAGE, DockerREPL
+from .repl import DockerREPL
 from .types import REPLResult
 
 __all__ = [
@@ -102,14 +103,21 @@ def add_sandbox_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--timeout",
         type=float,
-        default=900.0,
+        default=DEFAULT_CELL_TIMEOUT,
         metavar="SECONDS",
-        help="per-cell time limit (default 900; 0 = none)",
+        help=f"per-cell time limit (default {DEFAULT_CELL_TIMEOUT:g}; 0 = none)",
     )
     p.add_argument("--network", choices=("bridge", "none"), default="bridge")
-    p.add_argument("--memory", default="2g", help="memory limit, swap off (default 2g; 0 = none)")
     p.add_argument(
-        "--cpus", type=float, default=1.0, help="CPU limit, e.g. 1.5 (default 1; 0 = none)"
+        "--memory",
+        default=DEFAULT_MEMORY,
+        help=f"memory limit, swap off (default {DEFAULT_MEMORY}; 0 = none)",
+    )
+    p.add_argument(
+        "--cpus",
+        type=float,
+        default=DEFAULT_CPUS,
+        help=f"CPU limit, e.g. 1.5 (default {DEFAULT_CPUS:g}; 0 = none)",
     )
     p.add_argument(
         "--backend",

@@ -18,9 +18,23 @@ import re
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from ._container import MIN_CPUS, MIN_MEMORY, memory_bytes
+from ._container import DEFAULT_CPUS, MIN_CPUS, MIN_MEMORY, memory_bytes
+
+#: The image when none is given and ``$DOCKERREPL_IMAGE`` is unset.
+DEFAULT_IMAGE = "python:3.11-slim"
+#: Per-cell wall-clock limit in seconds (``None`` disables it).
+DEFAULT_CELL_TIMEOUT = 900.0
+#: Container memory limit (swap off).
+DEFAULT_MEMORY = "2g"
+#: Processes + threads in the container.
+DEFAULT_PIDS_LIMIT = 512
 
 __all__ = [
+    "DEFAULT_CELL_TIMEOUT",
+    "DEFAULT_CPUS",
+    "DEFAULT_IMAGE",
+    "DEFAULT_MEMORY",
+    "DEFAULT_PIDS_LIMIT",
     "check_cpus",
     "check_docker",
     "check_flag",

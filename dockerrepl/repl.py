@@ -17,7 +17,6 @@ import logging
 import math
 import numbers
 import os
-import shutil
 import stat
 import sys
 import tempfile
@@ -28,10 +27,9 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
-from . import __version__, _exit
+from . import __version__, _exit, _options
 from ._container import (
     CODE_MOUNT,
-    DEFAULT_CPUS,
     PROXY_SOCKET,
     Container,
     ContainerConfig,
@@ -54,6 +52,7 @@ from ._options import (
     encode_payload,
 )
 from ._proxy import ProxyServer, ProxyState
+from ._staging import PROTOCOL_VERSION, stage_code
 from .errors import (
     BootstrapError,
     ContainerDied,
@@ -68,9 +67,9 @@ __all__ = ["DEFAULT_CELL_TIMEOUT", "DEFAULT_IMAGE", "RESERVED_NAMES", "DockerREP
 
 log = logging.getLogger(__name__)
 
-DEFAULT_IMAGE = "python:3.11-slim"
+DEFAULT_IMAGE = _options.DEFAULT_IMAGE
 #: Per-cell wall-clock limit unless the caller passes ``timeout=`` (None disables it).
-DEFAULT_CELL_TIMEOUT = 900.0
+DEFAULT_CELL_TIMEOUT = _options.DEFAULT_CELL_TIMEOUT
 #: The longest finite timeout accepted (about 115 days); ``None`` or ``inf`` means no limit.
 MAX_TIMEOUT = 1e7
 #: Names the REPL owns: restored after every cell and refused as custom-tool names.
@@ -102,9 +101,6 @@ _TEXT_SLACK = 64 << 10
 INTERRUPT_WAIT = 1.0
 #: At exit, the longest one REPL's constructor or another thread's call is waited for.
 EXIT_WAIT = 10.0
-_BOOTSTRAP_SRC = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "_bootstrap", "dockerrepl_bootstrap.py"
-)
 # Images known to ship dill themselves: no need to copy the host's into the mount.
 _IMAGE_HAS_DILL: dict[tuple[str, str], bool] = {}
 
@@ -365,9 +361,9 @@ class DockerREPL:
         max_concurrent_subcalls: int = 4,
         *,
         timeout: Optional[float] = DEFAULT_CELL_TIMEOUT,
-        memory: Optional[str] = "2g",
-        cpus: Optional[float] = DEFAULT_CPUS,
-        pids_limit: Optional[int] = 512,
+        memory: Optional[str] = _options.DEFAULT_MEMORY,
+        cpus: Optional[float] = _options.DEFAULT_CPUS,
+        pids_limit: Optional[int] = _options.DEFAULT_PIDS_LIMIT,
         network: str = "bridge",
         user: Optional[str] = None,
         read_only: bool = False,
@@ -562,11 +558,8 @@ class DockerREPL:
         self._code_dir = os.path.join(self._root, "code")
         os.makedirs(self._code_dir)
         os.chmod(self._code_dir, 0o755)
-        shutil.copyfile(_BOOTSTRAP_SRC, os.path.join(self._code_dir, "dockerrepl_bootstrap.py"))
-        _write_bootstrap_pyc(os.path.join(self._code_dir, "dockerrepl_bootstrap.py"))
         docker = str(self._options["docker"])
-        if not _IMAGE_HAS_DILL.get((docker, self.image)):
-            _copy_dill(os.path.join(self._code_dir, "lib"))
+        stage_code(self._code_dir, copy_dill=not _IMAGE_HAS_DILL.get((docker, self.image)))
         self._state.token = secrets.token_urlsafe(24)
         if self.network == "none":
             # beside the code, mounted read-only, not in the workspace: a cell that
@@ -584,7 +577,7 @@ class DockerREPL:
     def _hello(self, restore: bool) -> dict[str, Any]:
         return {
             "type": "hello",
-            "version": 1,
+            "version": PROTOCOL_VERSION,
             "config": {
                 "depth": self.depth,
                 "proxy": self._proxy_target,
@@ -1377,55 +1370,6 @@ class DockerREPL:
             self._discard()
         except Exception:
             pass
-
-
-_BOOTSTRAP_PYC: list[bytes] = []  # the bootstrap compiled by this interpreter, once
-
-
-def _write_bootstrap_pyc(path: str) -> None:
-    """Put this interpreter's bytecode for the bootstrap in ``__pycache__`` beside it.
-
-    A container whose Python has the same cache tag (e.g. cpython-311) then
-    loads it instead of compiling 68 KB of source at every start (~15 ms of
-    each open); any other Python ignores the file. Checked-hash: Python uses it
-    only while it matches the source byte for byte, and compiles otherwise.
-    """
-    import importlib.util
-    import py_compile
-
-    try:
-        target = importlib.util.cache_from_source(path)
-    except NotImplementedError:  # an interpreter without bytecode caching
-        return
-    try:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        if _BOOTSTRAP_PYC:
-            with open(target, "wb") as f:
-                f.write(_BOOTSTRAP_PYC[0])
-            return
-        py_compile.compile(
-            path,
-            cfile=target,
-            dfile=f"{CODE_MOUNT}/dockerrepl_bootstrap.py",
-            doraise=True,
-            invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH,
-        )
-        with open(target, "rb") as f:
-            _BOOTSTRAP_PYC.append(f.read())
-    except (OSError, py_compile.PyCompileError) as exc:
-        log.debug("no bytecode for the bootstrap: %s", exc)
-
-
-def _copy_dill(dest: str) -> None:
-    """Copy the host's pure-Python dill package into the mount (lib/dill)."""
-    import dill
-
-    src = os.path.dirname(os.path.abspath(dill.__file__))
-    if os.path.isdir(os.path.join(dest, "dill")):
-        return
-    shutil.copytree(
-        src, os.path.join(dest, "dill"), ignore=shutil.ignore_patterns("__pycache__", "tests")
-    )
 
 
 # re-exported for error messages elsewhere

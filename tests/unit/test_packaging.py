@@ -283,13 +283,13 @@ _VENDORED = textwrap.dedent(
     sys.meta_path.insert(0, Block())
 
     import app._vendor.dockerrepl as d
-    from app._vendor.dockerrepl import repl
+    from app._vendor.dockerrepl import _staging
     from app._vendor.dockerrepl.clients import EchoClient
     from app._vendor.dockerrepl.lm_handler import send_lm_request
 
     with d.LMHandler(EchoClient()) as h:
         resp = send_lm_request(h.address, "hi")
-    src = repl._BOOTSTRAP_SRC
+    src = _staging._BOOTSTRAP_SRC
     print(json.dumps({
         "version": d.__version__,
         "bootstrap": src,
@@ -320,6 +320,6 @@ def test_vendored_under_another_name(tmp_path):
 
 
 def test_bootstrap_is_shipped_next_to_the_module_that_copies_it():
-    from dockerrepl import repl
+    from dockerrepl import _staging
 
-    assert Path(repl._BOOTSTRAP_SRC).resolve() == BOOTSTRAP.resolve()
+    assert Path(_staging._BOOTSTRAP_SRC).resolve() == BOOTSTRAP.resolve()

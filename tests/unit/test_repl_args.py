@@ -249,12 +249,44 @@ def test_image_references_docker_accepts_pass(image):
     assert check_image("image", image) == image
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
 def test_a_workspace_dir_that_cannot_be_written_is_named(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir(mode=0o500)
-    with pytest.raises(PermissionError, match="workspace_dir"):
-        DockerREPL(image="img", docker=str(tmp_path / "no-docker"), workspace_dir=str(ro))
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(PermissionError, match="workspace_dir"):
+            DockerREPL(image="img", docker=str(tmp_path / "no-docker"), workspace_dir=str(ro))
+        return
+    # root may write anywhere: check as another user (a forked child), in a directory
+    # that user may enter
+    import shutil
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="ro-workspace-")
+    try:
+        os.chmod(base, 0o755)
+        ro = os.path.join(base, "ro")
+        os.mkdir(ro, 0o500)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            said = b"no error"
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                DockerREPL(image="img", docker="/nonexistent/docker", workspace_dir=ro)
+            except PermissionError as e:
+                said = f"PermissionError {e}".encode()
+            except BaseException as e:
+                said = f"{type(e).__name__} {e}".encode()
+            os.write(w, said)
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            said = f.read().decode()
+        os.waitpid(pid, 0)
+        assert said.startswith("PermissionError") and "workspace_dir" in said, said
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.parametrize(
