@@ -346,3 +346,29 @@ def test_bootstrap_is_shipped_next_to_the_module_that_copies_it():
     from dockerrepl import _staging
 
     assert Path(_staging._BOOTSTRAP_SRC).resolve() == BOOTSTRAP.resolve()
+
+
+def test_the_fitness_checks_see_the_subpackages():
+    # the subprocess and import rules walk dockerrepl/ recursively: the CLI and the
+    # proxy packages are host code like the rest (the bootstrap runs in the container)
+    names = {p.relative_to(PKG).as_posix() for p in host_sources()}
+    assert {"cli/gc.py", "cli/sandbox.py", "_proxy/routes.py", "_proxy/http.py"} <= names
+    assert not any(n.startswith("_bootstrap/") for n in names)
+
+
+def test_the_proxy_routes_know_nothing_of_http():
+    # the routes answer parsed requests (path, body, cell): a second way in (frames over
+    # the container's stdio) must be able to reach them without an HTTP object
+    for name in ("ledger.py", "routes.py"):
+        mods = {
+            (m, level)
+            for m, level in imported_modules(ast.parse((PKG / "_proxy" / name).read_text()))
+        }
+        assert not {m for m, level in mods if level == 0} & {"http", "socketserver", "hmac"}, name
+        assert not {m for m, level in mods if level == 1} & {"http", "server"}, name
+
+
+@pytest.mark.parametrize("package", ["_proxy", "cli"])
+def test_the_split_packages_keep_modules_small(package):
+    sizes = {p.name: len(p.read_text("utf-8").splitlines()) for p in (PKG / package).glob("*.py")}
+    assert max(sizes.values()) <= 600, sizes
