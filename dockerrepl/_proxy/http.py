@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 from .._wire import TooManyValues, parse_json
 from .ledger import Address, ProxyState
-from .routes import LM_IDLE_TIMEOUT, MAX_BATCH_PROMPTS, Routes
+from .routes import LM_IDLE_TIMEOUT, MAX_BATCH_PROMPTS, Refused, Routes
 
 __all__ = [
     "DEFAULT_MAX_BODY",
@@ -36,6 +36,7 @@ __all__ = [
     "MAX_INFLIGHT_BODY",
     "PREAUTH_GRACE",
     "PREAUTH_TIMEOUT",
+    "Handler",
     "TCPServer",
     "UnixServer",
 ]
@@ -85,12 +86,6 @@ _MAX_LINE = 8192
 _MAX_HEADERS = 100
 
 
-class _BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 class Handler(socketserver.StreamRequestHandler):
     """A lean HTTP/1.1 server side: keep-alive, Content-Length bodies, JSON in and out.
 
@@ -128,7 +123,7 @@ class Handler(socketserver.StreamRequestHandler):
                 self.server.mark_idle(self.request)
             try:
                 keep = self._handle_one()
-            except _BadRequest as exc:
+            except Refused as exc:
                 self._reply(exc.status, {"error": str(exc)}, close=True)
                 return
             except (OSError, ValueError):
@@ -139,7 +134,7 @@ class Handler(socketserver.StreamRequestHandler):
     def _read_line(self) -> bytes:
         line = self.rfile.readline(_MAX_LINE + 1)
         if len(line) > _MAX_LINE:
-            raise _BadRequest(431, "request line or header too long")
+            raise Refused(431, "request line or header too long")
         return line
 
     def _handle_one(self) -> bool:
@@ -148,7 +143,7 @@ class Handler(socketserver.StreamRequestHandler):
             return False  # clean EOF between requests
         parts = line.decode("latin-1").split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            raise _BadRequest(400, "malformed request line")
+            raise Refused(400, "malformed request line")
         method, self.path, version = parts
         headers: dict[str, str] = {}
         while True:
@@ -158,10 +153,10 @@ class Handler(socketserver.StreamRequestHandler):
             if not h:
                 return False
             if len(headers) >= _MAX_HEADERS:
-                raise _BadRequest(431, "too many headers")
+                raise Refused(431, "too many headers")
             name, sep, value = h.decode("latin-1").partition(":")
             if not sep or not name.strip():
-                raise _BadRequest(400, "malformed header")
+                raise Refused(400, "malformed header")
             headers[name.strip().lower()] = value.strip()
         self.headers = headers
         keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
@@ -169,13 +164,13 @@ class Handler(socketserver.StreamRequestHandler):
             self._reply(405, {"error": "use POST"}, close=not keep)
             return keep
         if "transfer-encoding" in headers:
-            raise _BadRequest(411, "chunked bodies are not accepted; send Content-Length")
+            raise Refused(411, "chunked bodies are not accepted; send Content-Length")
         try:
             length = int(headers["content-length"])
         except (KeyError, ValueError):
-            raise _BadRequest(411, "a valid Content-Length is required") from None
+            raise Refused(411, "a valid Content-Length is required") from None
         if length < 0:
-            raise _BadRequest(400, "negative Content-Length")
+            raise Refused(400, "negative Content-Length")
         state = self.server.state
         token = headers.get("authorization", "")
         if not hmac.compare_digest(
@@ -189,9 +184,9 @@ class Handler(socketserver.StreamRequestHandler):
             self._authed = True
             self.connection.settimeout(IDLE_TIMEOUT)
         if length > self.server.max_body:
-            raise _BadRequest(413, f"body over {self.server.max_body} bytes")
+            raise Refused(413, f"body over {self.server.max_body} bytes")
         if not self.server.reserve_body(length):
-            raise _BadRequest(503, "too many request bodies in flight; try again")
+            raise Refused(503, "too many request bodies in flight; try again")
         try:
             if headers.get("expect", "").lower() == "100-continue":
                 self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")

@@ -32,7 +32,7 @@ __all__ = [
     "BATCH_WINDOW",
     "LM_IDLE_TIMEOUT",
     "MAX_BATCH_PROMPTS",
-    "RouteError",
+    "Refused",
     "Routes",
 ]
 
@@ -52,8 +52,9 @@ BATCH_WINDOW = 4
 MAX_BATCH_PROMPTS = 10_000
 
 
-class RouteError(Exception):
-    """A request refused with an HTTP-like status (413: too many prompts)."""
+class Refused(Exception):
+    """A request refused with an HTTP status (e.g. 413: too many prompts), by a route
+    or by the server side before it."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -105,7 +106,7 @@ class Routes:
             }
         try:
             return 200, route(body, cell)
-        except RouteError as exc:
+        except Refused as exc:
             return exc.status, {"error": str(exc)}
         except Exception as exc:  # never leave the container without an answer
             log.debug("proxy handler failed", exc_info=True)
@@ -125,10 +126,7 @@ class Routes:
             return {"error": state.budget_message()}
         used: list[int] = []
         try:
-            req: dict[str, Any] = {"prompt": prompt, "depth": state.depth}
-            if model is not None:
-                req["model"] = model
-            resp = self.pooled_lm_request(req)
+            resp = self._ask_lm({"prompt": prompt}, model)
             comp = resp.get("chat_completion")
             if resp.get("error") or not isinstance(comp, dict):
                 return {"error": str(resp.get("error") or "LM handler sent no completion")}
@@ -145,7 +143,7 @@ class Routes:
         if not isinstance(prompts, list):
             return {"error": "'prompts' must be a list"}
         if len(prompts) > MAX_BATCH_PROMPTS:
-            raise RouteError(
+            raise Refused(
                 413,
                 f"{len(prompts)} prompts in one batched call; at most {MAX_BATCH_PROMPTS} "
                 "are accepted (split the list)",
@@ -202,10 +200,7 @@ class Routes:
         self, prompts: list[Any], model: Optional[str], cell: int, used: list[int]
     ) -> list[str]:
         state = self.state
-        req: dict[str, Any] = {"prompts": prompts, "depth": state.depth}
-        if model is not None:
-            req["model"] = model
-        resp = self.pooled_lm_request(req)
+        resp = self._ask_lm({"prompts": prompts}, model)
         comps = resp.get("chat_completions")
         if resp.get("error") or not isinstance(comps, list):
             return [f"Error: {resp.get('error') or 'LM handler sent no completions'}"] * len(
@@ -223,6 +218,13 @@ class Routes:
                 out.append(str(c.get("response") or ""))
         out += ["Error: LM handler sent too few completions"] * (len(prompts) - len(out))
         return out
+
+    def _ask_lm(self, what: dict[str, Any], model: Optional[str]) -> dict[str, Any]:
+        """One request to the LM Handler, at the environment's depth (never the body's)."""
+        req = {**what, "depth": self.state.depth}
+        if model is not None:
+            req["model"] = model
+        return self.pooled_lm_request(req)
 
     def _subcall(self, prompt: Any, model: Optional[str], cell: int) -> tuple[str, Optional[str]]:
         """One rlm_query: (response, error). Bounded by max_concurrent_subcalls per REPL."""

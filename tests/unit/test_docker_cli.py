@@ -207,16 +207,23 @@ def test_docker_path_not_executable(tmp_path):
         _docker.spawn(["run", "-i", "x"], docker=str(tmp_path / "absent" / "docker"))
 
 
-def test_timeout_kills_the_process(tmp_path):
+def hanging_docker(tmp_path) -> tuple[str, Path]:
+    """A fake docker that says "started", then hangs; and the file that gets its pid."""
     pidfile = tmp_path / "pid"
     path = tmp_path / "docker"
     path.write_text(
         f"#!{sys.executable}\nimport os, time\n"
-        f"open({str(pidfile)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n"
+        f"open({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+        "print('started', flush=True)\ntime.sleep(60)\n"
     )
     path.chmod(0o755)
+    return str(path), pidfile
+
+
+def test_timeout_kills_the_process(tmp_path):
+    docker, pidfile = hanging_docker(tmp_path)
     with pytest.raises(DockerTimeout) as info:
-        _docker.run(["pull", "x"], timeout=1, docker=str(path))
+        _docker.run(["pull", "x"], timeout=1, docker=docker)
     assert info.value.hint
     pid = int(pidfile.read_text())
     # subprocess.run killed and reaped it: the pid is no longer ours
@@ -308,22 +315,15 @@ def test_stream_hands_over_each_line_as_it_comes(tmp_path):
 
 
 def test_stream_timeout_kills_the_process(tmp_path):
-    pidfile = tmp_path / "pid"
-    path = tmp_path / "docker"
-    path.write_text(
-        f"#!{sys.executable}\nimport os, time\n"
-        f"open({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
-        "print('started', flush=True)\ntime.sleep(60)\n"
-    )
-    path.chmod(0o755)
+    docker, pidfile = hanging_docker(tmp_path)
     lines: list[str] = []
     with pytest.raises(DockerTimeout):
-        _docker.stream(["pull", "x"], timeout=1, on_line=lines.append, docker=str(path))
+        _docker.stream(["pull", "x"], timeout=1, on_line=lines.append, docker=docker)
     assert lines == ["started"]
     with pytest.raises(ProcessLookupError):
         os.kill(int(pidfile.read_text()), 0)  # killed and reaped
     with pytest.raises(ValueError):
-        _docker.stream(["pull", "x"], timeout=0, on_line=lines.append, docker=str(path))
+        _docker.stream(["pull", "x"], timeout=0, on_line=lines.append, docker=docker)
 
 
 # --------------------------------------------------------------------------- through the public API
