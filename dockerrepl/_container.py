@@ -18,7 +18,6 @@ import os
 import re
 import secrets
 import select
-import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Optional
 
 from . import _docker
+from ._labels import owner_label, pid_namespace, process_start_time
 from ._wire import HEADER, decode_body, encode_frame
 from .errors import (
     BootstrapError,
@@ -39,11 +39,19 @@ from .errors import (
     SecurityCheckError,
 )
 
-__all__ = ["Container", "ContainerConfig", "bridge_gateway", "owner_label", "process_start_time"]
+# owner_label, pid_namespace and process_start_time live in _labels; re-exported here
+# for the modules that still import them from _container
+__all__ = [
+    "Container",
+    "ContainerConfig",
+    "bridge_gateway",
+    "owner_label",
+    "pid_namespace",
+    "process_start_time",
+]
 
 log = logging.getLogger(__name__)
 
-BOOTSTRAP_NAME = "dockerrepl_bootstrap.py"
 PROTOCOL_VERSION = 1
 MOUNT_POINT = "/workspace"
 # The bootstrap's code (and the host's dill, when the image has none), mounted
@@ -61,7 +69,6 @@ BOOTSTRAP_LAUNCHER = (
     f"import sys; sys.path[0] = '{CODE_MOUNT}'; "
     "import dockerrepl_bootstrap; dockerrepl_bootstrap.main()"
 )
-LABEL_PREFIX = "dockerrepl."
 #: The smallest memory limit the engine accepts ("Minimum memory limit allowed is 6MB").
 MIN_MEMORY = 6 << 20
 #: The default CPU limit of a container (see DockerREPL's ``cpus``).
@@ -73,39 +80,6 @@ MIN_CPUS = 0.01
 _PYTHON_FOR_IMAGE: dict[tuple[str, str], str] = {}
 _GATEWAY_CACHE: dict[tuple[str, str], str] = {}
 _cache_lock = threading.Lock()
-
-
-def process_start_time(pid: int) -> str:
-    """Field 22 of ``/proc/<pid>/stat`` (start time in clock ticks since boot); "0" if unknown."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode("ascii", "replace")
-    except OSError:
-        return "0"
-    # comm (field 2) may contain spaces and parentheses: split after the last ')'
-    rest = data.rsplit(")", 1)[-1].split()
-    return rest[19] if len(rest) > 19 else "0"
-
-
-def pid_namespace(pid: Optional[int] = None) -> str:
-    """The inode of the PID namespace of ``pid`` (default: this process); "" if unknown.
-
-    A pid means something only inside its namespace: ``gc`` run on the host must
-    not judge the owner of a container started from inside another container
-    (same hostname with ``--network host``, a docker socket mounted in).
-    """
-    try:
-        link = os.readlink(f"/proc/{'self' if pid is None else pid}/ns/pid")
-    except OSError:
-        return ""
-    inode = link.rsplit("[", 1)[-1].rstrip("]")
-    return inode if inode.isdigit() else ""
-
-
-def owner_label(pid: Optional[int] = None) -> str:
-    """``<hostname>:<pid>:<start>`` for the owner process (default: this one)."""
-    pid = os.getpid() if pid is None else pid
-    return f"{socket.gethostname()}:{pid}:{process_start_time(pid)}"
 
 
 def bridge_gateway(docker: str = "docker") -> str:
@@ -342,7 +316,7 @@ class Container:
         self.log_path = log_path
         self.max_frame = max_frame
         self.name = "dockerrepl-" + secrets.token_hex(6)
-        self.proc: Optional[Any] = None
+        self.proc: Optional[_docker.Process] = None
         self._buf = bytearray()
         self._log: Optional[IO[bytes]] = None
         self.info: dict[str, Any] = {}
@@ -535,11 +509,7 @@ class Container:
     def wait(self, timeout: float) -> Optional[int]:
         if self.proc is None:
             return None
-        try:
-            rc: int = self.proc.wait(timeout=timeout)
-            return rc
-        except _docker.TimeoutExpired:
-            return None
+        return self.proc.wait(timeout)
 
     def log_tail(self, limit: int = 4000) -> str:
         try:
@@ -618,11 +588,7 @@ class Container:
                     self.send({"type": "shutdown", "purge": purge}, time.monotonic() + 1.0)
                 except (DockerReplError, TimeoutError):
                     pass  # closing stdin below ends the supervisor all the same
-            try:
-                if proc.stdin is not None:
-                    proc.stdin.close()
-            except OSError:
-                pass
+            proc.close_stdin()
             if self.wait(timeout) is None:
                 self.kill(kill_timeout)
         finally:
@@ -657,10 +623,7 @@ class Container:
         proc = self.proc
         if proc is None:
             return
-        try:
-            proc.kill()
-        except OSError:
-            pass
+        proc.kill()
         self._remove(timeout)
 
     def _remove(self, timeout: float) -> None:
@@ -679,11 +642,7 @@ class Container:
         try:
             if proc.poll() is None:
                 self._remove(timeout)
-                try:
-                    if proc.stdin is not None:
-                        proc.stdin.close()
-                except OSError:
-                    pass
+                proc.close_stdin()
                 if self.wait(min(10.0, timeout)) is None:
                     proc.kill()
                     self.wait(5)
@@ -693,12 +652,7 @@ class Container:
     def _release(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None:
-            for stream in (proc.stdin, proc.stdout):
-                try:
-                    if stream is not None:
-                        stream.close()
-                except OSError:
-                    pass
+            proc.close()
         if self._log is not None:
             self._log.close()
             self._log = None

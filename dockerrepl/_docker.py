@@ -1,27 +1,33 @@
 """The one place that runs the ``docker`` CLI.
 
-Two entry points, both with argv lists (never a shell):
+Three entry points, all with argv lists (never a shell):
 
 * :func:`run` for short commands: a mandatory keyword-only ``timeout``,
   stdout/stderr captured as bytes and decoded once with ``errors="replace"``,
   a non-zero exit mapped to a typed :class:`~dockerrepl.errors.DockerError`
   with a hint;
+* :func:`stream` for long commands whose progress is shown as it comes
+  (``docker pull``, ``docker build``): the same, plus each stdout line handed
+  to a callback while the command runs;
 * :func:`spawn` for the long-lived ``docker run -i`` process that carries the
-  framed channel to the container.
+  framed channel to the container: a :class:`Process` handle.
 
 No other module imports :mod:`subprocess`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import select
 import shutil
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, Optional, Union
+from typing import IO, Any, Optional, Union
 
 from .errors import (
     DockerCommandError,
@@ -34,7 +40,16 @@ from .errors import (
     NoSuchImage,
 )
 
-__all__ = ["DockerResult", "classify_error", "redact", "resolve_docker", "run", "spawn"]
+__all__ = [
+    "DockerResult",
+    "Process",
+    "classify_error",
+    "redact",
+    "resolve_docker",
+    "run",
+    "spawn",
+    "stream",
+]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +149,51 @@ class DockerResult:
     stderr: str
 
 
+def _check_timeout(timeout: float) -> None:
+    if timeout is None or timeout <= 0:
+        raise ValueError("every docker command needs a positive timeout")
+
+
+def _timed_out(args: Sequence[str], timeout: float) -> DockerTimeout:
+    return DockerTimeout(
+        f"`docker {' '.join(args[:2])}` did not finish within {timeout:g}s",
+        "the daemon may be hung or overloaded; check `docker info`",
+    )
+
+
+@contextlib.contextmanager
+def _executing(argv: Sequence[str]) -> Iterator[None]:
+    """Map a docker executable that cannot be run to :class:`DockerNotFound`."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise DockerNotFound(
+            f"docker executable {argv[0]!r} vanished", "reinstall Docker"
+        ) from None
+    except PermissionError as exc:
+        raise DockerNotFound(
+            f"cannot execute {argv[0]!r}: {exc}", "check the file's permissions"
+        ) from None
+
+
+def _popen(
+    argv: list[str], stdin: int, stdout: int, stderr: Union[int, IO[bytes]], **kw: Any
+) -> subprocess.Popen[bytes]:
+    with _executing(argv):
+        return subprocess.Popen(
+            argv, stdin=stdin, stdout=stdout, stderr=stderr, close_fds=True, **kw
+        )
+
+
+def _result(argv: Sequence[str], rc: int, out: bytes, err: bytes, check: bool) -> DockerResult:
+    result = DockerResult(
+        tuple(argv), rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+    )
+    if check and rc != 0:
+        raise classify_error(result.stderr, rc, argv)
+    return result
+
+
 def run(
     args: Sequence[str],
     *,
@@ -149,41 +209,133 @@ def run(
     killed), :class:`DockerNotFound` when there is no CLI, and, when ``check``
     is true, the mapped :class:`DockerError` subclass on a non-zero exit.
     """
-    if timeout is None or timeout <= 0:
-        raise ValueError("every docker command needs a positive timeout")
+    _check_timeout(timeout)
     argv = [resolve_docker(docker), *args]
     log.debug("docker: %s", redact(argv))
     try:
-        proc = subprocess.run(
-            argv,
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=True,
-            timeout=timeout,
-            env=env,
-        )
+        with _executing(argv):
+            proc = subprocess.run(
+                argv,
+                input=input,
+                stdin=None if input is not None else subprocess.DEVNULL,
+                capture_output=True,
+                timeout=timeout,
+                env=env,
+            )
     except subprocess.TimeoutExpired:
-        raise DockerTimeout(
-            f"`docker {' '.join(args[:2])}` did not finish within {timeout:g}s",
-            "the daemon may be hung or overloaded; check `docker info`",
-        ) from None
-    except FileNotFoundError:
-        raise DockerNotFound(
-            f"docker executable {argv[0]!r} vanished", "reinstall Docker"
-        ) from None
-    except PermissionError as exc:
-        raise DockerNotFound(
-            f"cannot execute {argv[0]!r}: {exc}", "check the file's permissions"
-        ) from None
-    result = DockerResult(
-        tuple(argv),
-        proc.returncode,
-        proc.stdout.decode("utf-8", "replace"),
-        proc.stderr.decode("utf-8", "replace"),
+        raise _timed_out(args, timeout) from None
+    return _result(argv, proc.returncode, proc.stdout, proc.stderr, check)
+
+
+def stream(
+    args: Sequence[str],
+    *,
+    timeout: float,
+    on_line: Callable[[str], None],
+    docker: str = "docker",
+    check: bool = True,
+    env: Optional[dict[str, str]] = None,
+) -> DockerResult:
+    """Run ``docker <args>`` like :func:`run`, handing each stdout line to ``on_line``
+    (decoded, without its newline) as it is printed: for pulls and builds.
+
+    stdin is empty. On :class:`DockerTimeout` the process is killed and reaped.
+    """
+    _check_timeout(timeout)
+    argv = [resolve_docker(docker), *args]
+    log.debug("docker (stream): %s", redact(argv))
+    deadline = time.monotonic() + timeout
+    proc = _popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
     )
-    if check and proc.returncode != 0:
-        raise classify_error(result.stderr, proc.returncode, argv)
-    return result
+    assert proc.stdout is not None and proc.stderr is not None
+    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    got = {out_fd: bytearray(), err_fd: bytearray()}
+    line = b""
+    try:
+        open_fds = list(got)
+        while open_fds:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _timed_out(args, timeout)
+            ready, _, _ = select.select(open_fds, [], [], min(left, 1.0))
+            for fd in ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    open_fds.remove(fd)
+                    continue
+                got[fd] += chunk
+                if fd == out_fd:
+                    *lines, line = (line + chunk).split(b"\n")
+                    for one in lines:
+                        on_line(one.decode("utf-8", "replace"))
+        if line:
+            on_line(line.decode("utf-8", "replace"))
+        try:
+            rc = proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise _timed_out(args, timeout) from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+    return _result(argv, rc, bytes(got[out_fd]), bytes(got[err_fd]), check)
+
+
+class Process:
+    """A spawned docker CLI process: its binary pipes, and poll/wait/kill/close.
+
+    ``stdin`` and ``stdout`` are unbuffered binary pipes (``None`` once closed
+    by :meth:`close`). :meth:`wait` takes a timeout and returns ``None`` when it
+    passes, so callers need not know :mod:`subprocess`'s exceptions.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self.stdin: Optional[IO[bytes]] = popen.stdin
+        self.stdout: Optional[IO[bytes]] = popen.stdout
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    def poll(self) -> Optional[int]:
+        """The exit status, or ``None`` while it runs."""
+        return self._popen.poll()
+
+    def wait(self, timeout: float) -> Optional[int]:
+        """The exit status, waiting at most ``timeout`` seconds; ``None`` if it still runs."""
+        try:
+            return self._popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL it (nothing happens when it already exited)."""
+        try:
+            self._popen.kill()
+        except OSError:
+            pass
+
+    def close_stdin(self) -> None:
+        """Close stdin only: the container's dead-man switch (the supervisor sees EOF)."""
+        if self.stdin is not None:
+            try:
+                self.stdin.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Close both pipes (the process itself is not waited for: see :meth:`wait`)."""
+        for pipe in (self.stdin, self.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+        self.stdin = self.stdout = None
 
 
 def spawn(
@@ -192,7 +344,7 @@ def spawn(
     docker: str = "docker",
     stderr: Union[int, IO[bytes], None] = None,
     env: Optional[dict[str, str]] = None,
-) -> subprocess.Popen[bytes]:
+) -> Process:
     """Start ``docker <args>`` with stdin/stdout as binary pipes (for ``docker run -i``).
 
     The caller owns the process: it must close stdin (the container's dead-man
@@ -200,25 +352,13 @@ def spawn(
     """
     argv = [resolve_docker(docker), *args]
     log.debug("docker (spawn): %s", redact(argv))
-    try:
-        return subprocess.Popen(
+    return Process(
+        _popen(
             argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr if stderr is not None else subprocess.DEVNULL,
             bufsize=0,
-            close_fds=True,
             env=env,
         )
-    except FileNotFoundError:
-        raise DockerNotFound(
-            f"docker executable {argv[0]!r} vanished", "reinstall Docker"
-        ) from None
-
-
-def is_timeout(exc: BaseException) -> bool:
-    """True for the subprocess timeout exception (so callers need not import subprocess)."""
-    return isinstance(exc, subprocess.TimeoutExpired)
-
-
-TimeoutExpired = subprocess.TimeoutExpired
+    )

@@ -191,7 +191,7 @@ def docker_out(*args: str, timeout: float = 60) -> str:
 
 def sweep_leftovers() -> list[str]:
     """Remove containers this process started that are still there (narrow filters only)."""
-    from dockerrepl._container import owner_label
+    from dockerrepl._labels import owner_label
 
     left = docker_out("ps", "-aq", "--filter", f"label=dockerrepl.owner={owner_label()}").split()
     for cid in REG.rlm_container_ids + REG.extra_container_ids:
@@ -380,7 +380,7 @@ def trivial_cells(repl: Any, n: int) -> dict[str, Any]:
 
 def bench_floors(image: str, n: int, out: dict[str, Any]) -> None:
     """What the engine itself costs here: the floors under both systems' numbers."""
-    from dockerrepl._container import owner_label
+    from dockerrepl._labels import owner_label
 
     probe = "import sys; sys.stdout.write('x'); sys.stdout.flush(); sys.stdin.read()"
     ttfb = []

@@ -39,7 +39,7 @@ import textwrap
 import time
 
 from dockerrepl import DockerREPL, LMHandler
-from dockerrepl._cli_sandbox import make_client as cli_client
+from dockerrepl.cli.sandbox import make_client as cli_client
 from dockerrepl.clients import OpenAIClient
 from dockerrepl.errors import DockerReplError, NoSuchImage
 from dockerrepl.repl import DEFAULT_IMAGE

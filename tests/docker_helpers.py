@@ -66,7 +66,7 @@ def container_ids(*filters: str) -> set[str]:
 
 def our_containers(pid: Optional[int] = None) -> set[str]:
     """Containers owned (by the owner label) by this test process, or by process ``pid``."""
-    from dockerrepl._container import owner_label
+    from dockerrepl._labels import owner_label
 
     return container_ids(f"label=dockerrepl.owner={owner_label(pid)}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import subprocess
@@ -13,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from dockerrepl import REPLResult
-from dockerrepl._cli_repl import is_complete, with_display
-from dockerrepl._cli_run import exit_status
-from dockerrepl._cli_sandbox import Output, _remainder, read_context
-from dockerrepl._container import owner_label, pid_namespace
-from dockerrepl._gc import looks_like_workspace, owner_status, stale_workspaces
+from dockerrepl._labels import owner_label, pid_namespace
+from dockerrepl.cli.gc import looks_like_workspace, owner_status, stale_workspaces
+from dockerrepl.cli.repl import is_complete, with_display
+from dockerrepl.cli.run import exit_status
+from dockerrepl.cli.sandbox import Output, _remainder, read_context
 
 pytestmark = pytest.mark.timeout(30)
 HOST = socket.gethostname()
@@ -180,3 +181,84 @@ def test_stale_workspaces_rules(tmp_path: Path) -> None:
         )
     assert sorted(p for p, _ in gone) == sorted(str(p) for p in (stale, released, elsewhere))
     assert sorted(p for p, _ in kept) == sorted(str(p) for p in (young, claimed, busy))
+
+
+# --------------------------------------------------------------------------- gc loads little
+_GC_MODULES = """
+import json, sys
+from dockerrepl.cli import main
+rc = main(["gc", "--dry-run", "--docker", sys.argv[1], "--workspace-dir", sys.argv[2]])
+print(json.dumps({"rc": rc, "modules": sorted(m for m in sys.modules if "dockerrepl" in m)}))
+"""
+
+
+def test_gc_does_not_load_the_repl_the_proxy_or_the_lm_handler(tmp_path: Path) -> None:
+    # gc reads labels and removes what dead owners left: it needs neither the REPL nor
+    # the proxy nor the LM Handler (nor their threads, sockets and dill)
+    fake = tmp_path / "docker"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nsys.exit(0)\n")  # `docker ps`: nothing
+    fake.chmod(0o755)
+    root = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run(
+        [sys.executable, "-c", _GC_MODULES, str(fake), str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": root, "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.splitlines()[-1])
+    assert report["rc"] == 0
+    loaded = set(report["modules"])
+    assert "dockerrepl.cli.gc" in loaded  # the command ran
+    for heavy in ("dockerrepl.repl", "dockerrepl._proxy", "dockerrepl.lm_handler", "dill"):
+        assert not any(m == heavy or m.startswith(heavy + ".") for m in loaded), heavy
+    assert not any(m.startswith("dockerrepl._session") for m in loaded)
+
+
+# --------------------------------------------------------------------------- doctor's suggestions
+_FAKE_IMAGES = """#!{python}
+import json, sys
+args = sys.argv[1:]
+with open({log!r}, "a") as f:
+    f.write(json.dumps(args) + "\\n")
+if args[0] == "images":
+    print("\\n".join({names!r}))
+    sys.exit(0)
+image = args[args.index("--entrypoint") + 2]
+answer = {answers!r}.get(image)
+if answer is None:
+    sys.stderr.write("exec: executable file not found in $PATH")
+    sys.exit(127)
+print(answer)
+"""
+
+
+def test_doctor_suggests_only_local_images_that_run_python_3_8(tmp_path: Path) -> None:
+    from dockerrepl.cli import doctor
+
+    names = [
+        "old/python:2.7",  # Python too old
+        "none/python-less:1",  # no interpreter at all
+        "good/python:3.11",
+        "later/python:3.12",  # would work, but past the probe bound
+        "other/ubuntu:22.04",  # not a candidate
+        "dangling/python:<none>",
+    ]
+    answers = {
+        "old/python:2.7": "2.7.18",
+        "good/python:3.11": "3.11.9",
+        "later/python:3.12": "3.12.1",
+    }
+    log = tmp_path / "calls.jsonl"
+    fake = tmp_path / "docker"
+    fake.write_text(
+        _FAKE_IMAGES.format(python=sys.executable, log=str(log), names=names, answers=answers)
+    )
+    fake.chmod(0o755)
+    assert doctor._local_python_images(str(fake)) == ["good/python:3.11"]
+    runs = [json.loads(line) for line in log.read_text().splitlines() if '"run"' in line]
+    probed = {a[a.index("--entrypoint") + 2] for a in runs}
+    assert probed == {"old/python:2.7", "none/python-less:1", "good/python:3.11"}
+    assert len(probed) <= doctor.MAX_PROBED
+    assert all("--pull" in a and a[a.index("--pull") + 1] == "never" for a in runs)

@@ -23,7 +23,7 @@ from cli_helpers import base_env, cli
 from docker_helpers import container_ids, exists, labels, skip_or_fail
 
 from dockerrepl import DockerREPL
-from dockerrepl._container import owner_label, pid_namespace
+from dockerrepl._labels import owner_label, pid_namespace
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,7 +14,7 @@ import pytest
 from cli_helpers import base_env, cli, containers_of
 from docker_helpers import labels
 
-from dockerrepl._container import owner_label
+from dockerrepl._labels import owner_label
 
 pytestmark = pytest.mark.timeout(120)
 

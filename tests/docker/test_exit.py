@@ -32,7 +32,7 @@ EXIT_BOUND = 15.0
 PRELUDE = """\
 import os, sys, time
 from dockerrepl import DockerREPL, DockerREPLPool, LMHandler
-from dockerrepl._container import owner_label
+from dockerrepl._labels import owner_label
 from dockerrepl.clients import EchoClient
 IMAGE = sys.argv[1]
 print("OWNER", owner_label(), flush=True)

@@ -20,7 +20,7 @@ from docker_helpers import container_ids, docker, skip_or_fail, wait_gone
 
 import dockerrepl.repl as repl_mod
 from dockerrepl import DockerREPL, LMHandler
-from dockerrepl._container import owner_label
+from dockerrepl._labels import owner_label
 from dockerrepl._proxy import BATCH_CHUNK, BATCH_WINDOW
 from dockerrepl.clients import ScriptedClient
 

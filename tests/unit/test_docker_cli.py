@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from dockerrepl import _docker
-from dockerrepl._container import ContainerConfig, owner_label, process_start_time
+from dockerrepl._container import ContainerConfig
+from dockerrepl._labels import owner_label, process_start_time
 from dockerrepl.errors import (
     DockerCommandError,
     DockerDaemonError,
@@ -206,16 +207,23 @@ def test_docker_path_not_executable(tmp_path):
         _docker.spawn(["run", "-i", "x"], docker=str(tmp_path / "absent" / "docker"))
 
 
-def test_timeout_kills_the_process(tmp_path):
+def hanging_docker(tmp_path) -> tuple[str, Path]:
+    """A fake docker that says "started", then hangs; and the file that gets its pid."""
     pidfile = tmp_path / "pid"
     path = tmp_path / "docker"
     path.write_text(
         f"#!{sys.executable}\nimport os, time\n"
-        f"open({str(pidfile)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n"
+        f"open({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+        "print('started', flush=True)\ntime.sleep(60)\n"
     )
     path.chmod(0o755)
+    return str(path), pidfile
+
+
+def test_timeout_kills_the_process(tmp_path):
+    docker, pidfile = hanging_docker(tmp_path)
     with pytest.raises(DockerTimeout) as info:
-        _docker.run(["pull", "x"], timeout=1, docker=str(path))
+        _docker.run(["pull", "x"], timeout=1, docker=docker)
     assert info.value.hint
     pid = int(pidfile.read_text())
     # subprocess.run killed and reaped it: the pid is no longer ours
@@ -253,12 +261,69 @@ def test_spawn_gives_binary_pipes(tmp_path):
     path.chmod(0o755)
     proc = _docker.spawn(["run", "-i", "img"], docker=str(path))
     try:
-        out, _ = proc.communicate(b"\x00\x01frame\xff", timeout=10)
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b"\x00\x01frame\xff")
+        proc.close_stdin()
+        out = proc.stdout.read()
+        assert proc.wait(10) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+        proc.close()
     assert out == b"\xff" + b"emarf" + b"\x01\x00"
+    assert proc.stdin is None and proc.stdout is None
+
+
+def test_the_spawned_process_handle_waits_with_a_timeout_and_kills(tmp_path):
+    path = tmp_path / "docker"
+    path.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(60)\n")
+    path.chmod(0o755)
+    proc = _docker.spawn(["run", "-i", "img"], docker=str(path))
+    try:
+        assert proc.poll() is None
+        assert proc.wait(0.2) is None  # still running: None, not an exception
+        proc.kill()
+        assert proc.wait(10) == -9
+        proc.kill()  # already gone: nothing happens
+    finally:
+        proc.close()
+        proc.close()  # idempotent
+
+
+def test_stream_hands_over_each_line_as_it_comes(tmp_path):
+    path = tmp_path / "docker"
+    path.write_text(
+        f"#!{sys.executable}\nimport sys, time\n"
+        "print('layer 1: pulling', flush=True)\n"
+        "time.sleep(0.2)\n"
+        "sys.stdout.buffer.write(b'layer 2: done\\nno newline \\xff')\n"
+        "sys.stderr.write('warning: slow')\n"
+        "sys.exit(3)\n"
+    )
+    path.chmod(0o755)
+    lines: list[str] = []
+    res = _docker.stream(
+        ["pull", "img"], timeout=10, on_line=lines.append, docker=str(path), check=False
+    )
+    assert lines == ["layer 1: pulling", "layer 2: done", "no newline \ufffd"]
+    assert res.returncode == 3
+    assert res.stderr == "warning: slow"
+    assert res.stdout.startswith("layer 1: pulling\n")
+    with pytest.raises(DockerCommandError):
+        _docker.stream(["pull", "img"], timeout=10, on_line=lines.append, docker=str(path))
+
+
+def test_stream_timeout_kills_the_process(tmp_path):
+    docker, pidfile = hanging_docker(tmp_path)
+    lines: list[str] = []
+    with pytest.raises(DockerTimeout):
+        _docker.stream(["pull", "x"], timeout=1, on_line=lines.append, docker=docker)
+    assert lines == ["started"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pidfile.read_text()), 0)  # killed and reaped
+    with pytest.raises(ValueError):
+        _docker.stream(["pull", "x"], timeout=0, on_line=lines.append, docker=docker)
 
 
 # --------------------------------------------------------------------------- through the public API

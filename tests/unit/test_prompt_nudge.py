@@ -20,7 +20,7 @@ import time
 CHILD = r"""
 import os, signal, sys, threading, time
 import readline  # noqa: F401  (input() on a tty goes through it)
-from dockerrepl._cli_sandbox import PromptNudge
+from dockerrepl.cli.sandbox import PromptNudge
 
 signal.signal(signal.SIGINT, signal.default_int_handler)
 nudge = PromptNudge()

@@ -15,8 +15,7 @@ import pytest
 from concurrency import run_threads
 
 from dockerrepl import LMHandler
-from dockerrepl import _proxy as proxy_mod
-from dockerrepl._proxy import ABANDONED, ProxyServer, ProxyState
+from dockerrepl._proxy import ABANDONED, ProxyServer, ProxyState, ledger
 from dockerrepl._serve import start_serving, stop_serving
 from dockerrepl._wire import recv_frame, send_frame
 from dockerrepl.clients import EchoClient, ScriptedClient
@@ -421,14 +420,14 @@ def test_calls_after_the_cells_result_was_taken_are_served_not_kept(served):
 def test_the_completions_kept_are_bounded(served, monkeypatch):
     state, _, conn = served
     state.current_cell = 1
-    monkeypatch.setattr(proxy_mod, "MAX_RECORDED", 3)
+    monkeypatch.setattr(ledger, "MAX_RECORDED", 3)
     for i in range(5):
         assert post(conn, "/llm_query", {"prompt": f"q{i}"}, cell=1) == {"response": f"echo:q{i}"}
     assert [c["prompt"] for c in state.take(1)] == ["q0", "q1", "q2"]
     assert state.unrecorded == 2
     # by size too: prompt and answer of 2,000 characters each, 5,000 bytes kept at most
     state.current_cell = 2
-    monkeypatch.setattr(proxy_mod, "MAX_RECORDED_BYTES", 5000)
+    monkeypatch.setattr(ledger, "MAX_RECORDED_BYTES", 5000)
     for _ in range(3):
         post(conn, "/llm_query", {"prompt": "x" * 1995}, cell=2)
     assert len(state.take(2)) == 1

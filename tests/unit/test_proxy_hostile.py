@@ -19,15 +19,17 @@ from bootstrap_process import BOOTSTRAP_FILE
 from concurrency import run_threads
 
 from dockerrepl import LMHandler
-from dockerrepl import _proxy as proxy_mod
 from dockerrepl._proxy import (
     ABANDONED,
     BATCH_CHUNK,
     BATCH_WINDOW,
     MAX_BATCH_PROMPTS,
+    MAX_CONNECTIONS,
+    MAX_LM_INFLIGHT,
     ProxyServer,
     ProxyState,
 )
+from dockerrepl._proxy import http as proxy_http
 from dockerrepl._wire import HEADER, MAX_JSON_UNITS, encode_frame, recv_frame, send_frame
 from dockerrepl.clients import EchoClient, ScriptedClient
 
@@ -233,7 +235,7 @@ def test_slow_clients_do_not_starve_the_container(proxy, monkeypatch):
     _, where = proxy
     socks = []
     try:
-        for i in range(proxy_mod.MAX_CONNECTIONS + 8):
+        for i in range(MAX_CONNECTIONS + 8):
             if isinstance(where, str):
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.connect(where)
@@ -264,7 +266,7 @@ def test_a_full_proxy_closes_its_oldest_idle_connection_for_a_new_one(proxy, mon
     # before: past MAX_CONNECTIONS (256) a new connection was closed unanswered, while
     # idle kept-alive ones held their slots (and host threads and fds) for 300 s
     p, where = proxy
-    monkeypatch.setattr(proxy_mod, "MAX_CONNECTIONS", 6)
+    monkeypatch.setattr(proxy_http, "MAX_CONNECTIONS", 6)
     held = []
     try:
         for _ in range(6):  # authenticated keep-alive connections, idle after one answer
@@ -286,7 +288,7 @@ def test_a_full_proxy_closes_its_oldest_idle_connection_for_a_new_one(proxy, mon
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
 def test_a_full_proxy_makes_a_new_connection_wait_until_one_is_free(tmp_path, monkeypatch, kind):
     gate = threading.Event()
-    monkeypatch.setattr(proxy_mod, "MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(proxy_http, "MAX_CONNECTIONS", 4)
     with LMHandler(ScriptedClient(lambda p: gate.wait(20) and f"ok:{p}")) as h:
         state = ProxyState(token=TOKEN, lm_handler_address=h.address)
         if kind == "tcp":
@@ -331,7 +333,7 @@ def test_many_connections_at_once(proxy):
 
 def test_body_bytes_in_flight_are_capped(proxy, monkeypatch):
     _, where = proxy
-    monkeypatch.setattr(proxy_mod, "MAX_INFLIGHT_BODY", 100)
+    monkeypatch.setattr(proxy_http, "MAX_INFLIGHT_BODY", 100)
     body = json.dumps({"prompt": "x" * 200}).encode()
     got, data = raw_http(where, request("/llm_query", body))
     assert got == 503
@@ -386,8 +388,8 @@ def test_token_budget(proxy):
 def test_ledger_reserves_before_dispatch():
     """The ledger alone (no sockets): acquire_calls waits for room, release_calls settles."""
     state = ProxyState(token=TOKEN)
-    assert state.acquire_calls(100, 0) == proxy_mod.MAX_LM_INFLIGHT  # in flight, per session
-    state.release_calls(proxy_mod.MAX_LM_INFLIGHT, [])
+    assert state.acquire_calls(100, 0) == MAX_LM_INFLIGHT  # in flight, per session
+    state.release_calls(MAX_LM_INFLIGHT, [])
     state.max_llm_tokens = 100
     state.calls = 0
     assert state.acquire_calls(5, 0) == 1  # no answer yet: one call finds out what one costs
@@ -451,7 +453,7 @@ def test_concurrent_calls_cannot_overshoot_the_token_budget():
             p.close()
     assert len(answers) == 299
     made = len(client.prompts)
-    assert 1 <= made <= proxy_mod.MAX_LM_INFLIGHT  # the documented bound
+    assert 1 <= made <= MAX_LM_INFLIGHT  # the documented bound
     assert sum(a.startswith("word") for a in answers) == made
     refused = [a for a in answers if not a.startswith("word")]
     assert refused and all(
@@ -505,8 +507,8 @@ def test_a_batch_with_the_budget_spent_dispatches_nothing(big_proxy, monkeypatch
     def no_dispatch(*_a):
         raise AssertionError("no chunk should be dispatched")
 
-    monkeypatch.setattr(p.server, "run_windowed", no_dispatch)
-    monkeypatch.setattr(p.server, "pooled_lm_request", no_dispatch)
+    monkeypatch.setattr(p.routes, "run_windowed", no_dispatch)
+    monkeypatch.setattr(p.routes, "pooled_lm_request", no_dispatch)
     body = json.dumps({"prompts": [0] * MAX_BATCH_PROMPTS}).encode()
     got, data = raw_http(where, request("/llm_query_batched", body))
     assert got == 200

@@ -22,9 +22,9 @@ import sys
 import warnings
 from typing import Any, Optional
 
-from . import __version__
-from ._cli_sandbox import Output, PromptNudge, Sandbox
-from .repl import RESERVED_NAMES
+from .._version import __version__
+from ..repl import RESERVED_NAMES
+from .sandbox import Output, PromptNudge, Sandbox
 
 __all__ = ["cmd_repl", "is_complete", "with_display"]
 

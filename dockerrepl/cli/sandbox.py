@@ -19,38 +19,28 @@ import time
 from collections.abc import Callable
 from typing import IO, Any, Optional, Protocol, Union
 
-from . import _docker
-from ._files import remove_tree
-from ._options import DEFAULT_CELL_TIMEOUT, DEFAULT_CPUS, DEFAULT_IMAGE, DEFAULT_MEMORY
-from .clients import EchoClient, OpenAIClient
-from .errors import DockerReplError, DockerTimeout, NoSuchImage
-from .lm_handler import LMHandler
-from .repl import DockerREPL
-from .types import REPLResult
+from .. import _docker
+from .._files import remove_tree
+from ..clients import EchoClient, OpenAIClient
+from ..errors import DockerReplError, DockerTimeout, NoSuchImage
+from ..lm_handler import LMHandler
+from ..repl import DockerREPL
+from ..types import REPLResult
+from .errors import EXIT_INTERRUPTED, CliError, Terminated
+from .options import DEFAULT_MODEL, default_image
 
 __all__ = [
-    "EXIT_ERROR",
-    "EXIT_INTERRUPTED",
-    "EXIT_SETUP",
-    "CliError",
+    "BUILD_HINT",
     "Output",
     "PromptNudge",
     "Sandbox",
-    "Terminated",
-    "add_sandbox_options",
-    "default_image",
     "ensure_image",
+    "make_client",
+    "read_context",
 ]
 
 log = logging.getLogger(__name__)
 
-EXIT_ERROR = 1  # the code raised (or the sandbox crashed)
-EXIT_USAGE = 2  # bad command line or unreadable input file
-EXIT_TIMEOUT = 124  # the cell ran past --timeout (as coreutils' timeout)
-EXIT_SETUP = 125  # dockerrepl could not set the sandbox up (as `docker run`)
-EXIT_INTERRUPTED = 130  # Ctrl-C
-EXIT_OOM = 137  # killed for memory
-DEFAULT_MODEL = "gpt-5-mini"
 PULL_TIMEOUT = 900.0
 BUILD_HINT = (
     "no registry is reachable? Build an image offline with scripts/build-image.sh "
@@ -65,72 +55,6 @@ class TextSink(Protocol):
     def write(self, s: str, /) -> int: ...
 
     def flush(self) -> None: ...
-
-
-class CliError(Exception):
-    """A failure the user can fix; printed as ``error: message`` and ``fix: hint``."""
-
-    def __init__(self, message: str, hint: str = "", code: int = EXIT_USAGE) -> None:
-        super().__init__(message, hint, code)
-        self.message = message
-        self.hint = hint
-        self.code = code
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP arrived: stop the cell, clean up, exit 128 + signal."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def default_image() -> str:
-    """The image DockerREPL uses when none is given."""
-    return os.environ.get("DOCKERREPL_IMAGE") or DEFAULT_IMAGE
-
-
-def add_sandbox_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image", help=f"image to run (default: $DOCKERREPL_IMAGE or {DEFAULT_IMAGE})")
-    p.add_argument(
-        "--context",
-        metavar="FILE",
-        help="load FILE as `context` (a .json file is parsed; anything else is text)",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_CELL_TIMEOUT,
-        metavar="SECONDS",
-        help=f"per-cell time limit (default {DEFAULT_CELL_TIMEOUT:g}; 0 = none)",
-    )
-    p.add_argument("--network", choices=("bridge", "none"), default="bridge")
-    p.add_argument(
-        "--memory",
-        default=DEFAULT_MEMORY,
-        help=f"memory limit, swap off (default {DEFAULT_MEMORY}; 0 = none)",
-    )
-    p.add_argument(
-        "--cpus",
-        type=float,
-        default=DEFAULT_CPUS,
-        help=f"CPU limit, e.g. 1.5 (default {DEFAULT_CPUS:g}; 0 = none)",
-    )
-    p.add_argument(
-        "--backend",
-        choices=("auto", "echo", "openai"),
-        default="auto",
-        help="who answers llm_query(): openai (needs OPENAI_API_KEY or OPENAI_BASE_URL), "
-        "echo (answers 'echo:<prompt>'), auto = openai when configured, else echo",
-    )
-    p.add_argument(
-        "--model",
-        default=None,
-        help=f"model name for the openai backend (default: $DOCKERREPL_MODEL or {DEFAULT_MODEL})",
-    )
 
 
 def make_client(backend: str, model: Optional[str], err: TextSink) -> tuple[Any, str]:
@@ -191,49 +115,21 @@ def ensure_image(image: str, docker: str, err: TextSink, pull_timeout: float = P
 
 def _pull(image: str, docker: str, err: TextSink, timeout: float) -> tuple[int, str]:
     """``docker pull`` with its progress lines copied to ``err``; returns (rc, output tail)."""
-    import select
-    import tempfile
 
-    with tempfile.TemporaryFile() as errfile:
-        proc = _docker.spawn(["pull", image], docker=docker, stderr=errfile)
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.close()
-        fd = proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        out = bytearray()
-        buf = b""
-        try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    proc.kill()
-                    proc.wait(10)
-                    raise DockerTimeout(
-                        f"`docker pull {image}` did not finish within {timeout:g}s",
-                        "check the network / registry, or build the image offline "
-                        "(scripts/build-image.sh)",
-                    )
-                ready, _, _ = select.select([fd], [], [], min(left, 1.0))
-                if not ready:
-                    continue
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                out += chunk
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    err.write("  " + line.decode("utf-8", "replace") + "\n")
-                err.flush()
-            rc = proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-            proc.stdout.close()
-        errfile.seek(0)
-        tail = (bytes(out[-2000:]) + errfile.read()[-2000:]).decode("utf-8", "replace")
-    return rc, tail
+    def show(line: str) -> None:
+        err.write("  " + line + "\n")
+        err.flush()
+
+    try:
+        res = _docker.stream(
+            ["pull", image], timeout=timeout, on_line=show, docker=docker, check=False
+        )
+    except DockerTimeout as exc:
+        raise DockerTimeout(
+            exc.message,
+            "check the network / registry, or build the image offline (scripts/build-image.sh)",
+        ) from None
+    return res.returncode, res.stdout[-2000:] + res.stderr[-2000:]
 
 
 def _remainder(full: str, streamed: str) -> str:

@@ -14,9 +14,8 @@ import signal
 import sys
 from typing import Any, Optional
 
-from . import __version__
-from ._cli_sandbox import EXIT_SETUP, CliError, Terminated, add_sandbox_options
-from .errors import (
+from .._version import __version__
+from ..errors import (
     BootstrapError,
     ContainerDied,
     DockerReplError,
@@ -24,6 +23,8 @@ from .errors import (
     ProxyError,
     SecurityCheckError,
 )
+from .errors import EXIT_SETUP, CliError, Terminated
+from .options import add_sandbox_options
 
 __all__ = ["build_parser", "main"]
 
@@ -221,18 +222,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     try:
         if args.command == "run":
-            from ._cli_run import cmd_run
+            from .run import cmd_run
 
             return cmd_run(args)
         if args.command == "repl":
-            from ._cli_repl import cmd_repl
+            from .repl import cmd_repl
 
             return cmd_repl(args)
         if args.command == "doctor":
-            from ._cli_doctor import cmd_doctor
+            from .doctor import cmd_doctor
 
             return cmd_doctor(args)
-        from ._gc import cmd_gc
+        from .gc import cmd_gc
 
         return cmd_gc(args)
     except CliError as exc:

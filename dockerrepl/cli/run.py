@@ -8,18 +8,11 @@ import os
 import sys
 from typing import BinaryIO
 
-from ._cli_sandbox import (
-    EXIT_ERROR,
-    EXIT_INTERRUPTED,
-    EXIT_OOM,
-    EXIT_TIMEOUT,
-    CliError,
-    Output,
-    Sandbox,
-)
-from ._container import MOUNT_POINT
-from ._files import DEFAULT_MAX_FILE, write_new
-from .types import REPLResult
+from .._container import MOUNT_POINT
+from .._files import DEFAULT_MAX_FILE, write_new
+from ..types import REPLResult
+from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OOM, EXIT_TIMEOUT, CliError
+from .sandbox import Output, Sandbox
 
 __all__ = ["cmd_run", "exit_status"]
 

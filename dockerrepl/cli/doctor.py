@@ -19,17 +19,22 @@ import time
 from collections.abc import Callable
 from typing import IO, Any, Optional
 
-from . import __version__, _docker
-from ._cli_sandbox import BUILD_HINT, default_image, ensure_image
-from ._container import CODE_MOUNT, PROXY_SOCKET, bridge_gateway, owner_label
-from .clients import EchoClient
-from .errors import DockerError, DockerReplError, DockerTimeout, NoSuchImage
-from .lm_handler import LMHandler
-from .repl import DockerREPL
+from .. import _docker
+from .._container import CODE_MOUNT, PROXY_SOCKET, bridge_gateway
+from .._labels import probe_labels
+from .._version import __version__
+from ..clients import EchoClient
+from ..errors import DockerError, DockerReplError, DockerTimeout, NoSuchImage
+from ..lm_handler import LMHandler
+from ..repl import DockerREPL
+from .options import default_image
+from .sandbox import BUILD_HINT, ensure_image
 
 __all__ = ["cmd_doctor"]
 
 WIDTH = 44
+#: Local images probed for a working Python when the asked-for image is missing.
+MAX_PROBED = 3
 FIREWALL_HINT = (
     "a firewall on the host may drop traffic from the docker bridge: allow it "
     "(e.g. `iptables -I INPUT -i docker0 -j ACCEPT` or `ufw allow in on docker0`), "
@@ -162,8 +167,8 @@ def _python_in(image: str, docker: str) -> str:
     for python in ("python3", "python"):
         name = "dockerrepl-doctor-" + secrets.token_hex(4)
         argv = ["run", "--rm", "--name", name, "--network", "none", "--pull", "never"]
-        argv += ["--label", f"dockerrepl.version={__version__}"]
-        argv += ["--label", f"dockerrepl.owner={owner_label()}"]
+        for key, value in probe_labels().items():
+            argv += ["--label", f"{key}={value}"]
         argv += ["--entrypoint", python, image, "-c", probe]
         try:
             res = _docker.run(argv, timeout=60, docker=docker, check=False)
@@ -241,7 +246,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             how = ensure_image(image, docker, _Progress(doc))
         except NoSuchImage as exc:
             local = _local_python_images(docker)
-            fix = BUILD_HINT + (f"; images here that may work: {', '.join(local)}" if local else "")
+            fix = BUILD_HINT + (
+                f"; images here that run Python 3.8+: {', '.join(local)}" if local else ""
+            )
             raise Fail(exc.message, fix) from None
         res = _docker.run(
             ["image", "inspect", "--format", "{{.Id}} {{.Size}}", image], timeout=30, docker=docker
@@ -342,10 +349,24 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _local_python_images(docker: str) -> list[str]:
+    """Local images that run Python 3.8+, to suggest when the asked-for one is missing.
+
+    Only images with "python" in their name are candidates, and only those that
+    :func:`_python_in` verified are returned; at most MAX_PROBED are probed (each
+    within that check's timeout), so a long image list cannot stall the doctor.
+    """
     try:
         res = _docker.run(
             ["images", "--format", "{{.Repository}}:{{.Tag}}"], timeout=30, docker=docker
         )
     except DockerReplError:
         return []
-    return [n for n in res.stdout.split() if "python" in n and not n.endswith(":<none>")][:5]
+    names = [n for n in res.stdout.split() if "python" in n and not n.endswith(":<none>")]
+    works = []
+    for name in list(dict.fromkeys(names))[:MAX_PROBED]:
+        try:
+            _python_in(name, docker)
+        except (Fail, DockerReplError):
+            continue  # no Python 3.8+ there, or it does not start: not a fix
+        works.append(name)
+    return works

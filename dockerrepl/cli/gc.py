@@ -29,11 +29,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
-from . import _docker
-from ._cli_sandbox import CliError
-from ._container import pid_namespace
-from ._files import remove_tree, tree_size
-from .errors import DockerReplError, NoSuchContainer
+from .. import _docker
+from .._files import remove_tree, tree_size
+from .._labels import (
+    LABEL_OWNER,
+    LABEL_PIDNS,
+    LABEL_VERSION,
+    LABEL_WORKSPACE,
+    pid_namespace,
+    proc_stat,
+)
+from ..errors import DockerReplError, NoSuchContainer
+from .errors import CliError
 
 __all__ = [
     "Found",
@@ -45,16 +52,11 @@ __all__ = [
     "stale_workspaces",
 ]
 
-LABEL_VERSION = "dockerrepl.version"
-LABEL_OWNER = "dockerrepl.owner"
-LABEL_WORKSPACE = "dockerrepl.workspace"
 PREFIX = "dockerrepl-"
 CLAIMED = "a container still uses it"
-_FORMAT = (
-    "[{{json .ID}},{{json .Names}},{{json .State}},{{json .RunningFor}},"
-    '{{json (.Label "dockerrepl.owner")}},{{json (.Label "dockerrepl.workspace")}},'
-    '{{json (.Label "dockerrepl.pidns")}}]'
-)
+_FIELDS = ["{{json .ID}}", "{{json .Names}}", "{{json .State}}", "{{json .RunningFor}}"]
+_FIELDS += ['{{json (.Label "' + k + '")}}' for k in (LABEL_OWNER, LABEL_WORKSPACE, LABEL_PIDNS)]
+_FORMAT = "[" + ",".join(_FIELDS) + "]"  # one JSON row per container, as Found takes it
 
 
 @dataclass
@@ -87,16 +89,6 @@ def list_containers(docker: str, labels: Sequence[str] = ()) -> list[Found]:
     return found
 
 
-def _proc_stat(pid: int) -> Optional[list[str]]:
-    """Fields 3.. of ``/proc/<pid>/stat`` (state first), or None when there is no such pid."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    return data.rsplit(")", 1)[-1].split()
-
-
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -106,7 +98,7 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         pass  # it exists, it is someone else's
-    fields = _proc_stat(pid)
+    fields = proc_stat(pid)
     return not (fields and fields[0] in ("Z", "X"))
 
 
@@ -133,7 +125,7 @@ def owner_status(
     pid = int(pid_text)
     if not _pid_alive(pid):
         return "dead", f"owner pid {pid} is gone"
-    fields = _proc_stat(pid)
+    fields = proc_stat(pid)
     now = fields[19] if fields and len(fields) > 19 else ""
     if start not in ("", "0") and now and now != start:
         return "dead", f"pid {pid} is now another process (started at {now}, not {start})"

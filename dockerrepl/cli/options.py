@@ -1,0 +1,57 @@
+"""The options ``run`` and ``repl`` share, with their defaults (no library code loaded)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .._options import DEFAULT_CELL_TIMEOUT, DEFAULT_CPUS, DEFAULT_IMAGE, DEFAULT_MEMORY
+
+__all__ = ["DEFAULT_MODEL", "add_sandbox_options", "default_image"]
+
+DEFAULT_MODEL = "gpt-5-mini"
+
+
+def default_image() -> str:
+    """The image DockerREPL uses when none is given."""
+    return os.environ.get("DOCKERREPL_IMAGE") or DEFAULT_IMAGE
+
+
+def add_sandbox_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", help=f"image to run (default: $DOCKERREPL_IMAGE or {DEFAULT_IMAGE})")
+    p.add_argument(
+        "--context",
+        metavar="FILE",
+        help="load FILE as `context` (a .json file is parsed; anything else is text)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_CELL_TIMEOUT,
+        metavar="SECONDS",
+        help=f"per-cell time limit (default {DEFAULT_CELL_TIMEOUT:g}; 0 = none)",
+    )
+    p.add_argument("--network", choices=("bridge", "none"), default="bridge")
+    p.add_argument(
+        "--memory",
+        default=DEFAULT_MEMORY,
+        help=f"memory limit, swap off (default {DEFAULT_MEMORY}; 0 = none)",
+    )
+    p.add_argument(
+        "--cpus",
+        type=float,
+        default=DEFAULT_CPUS,
+        help=f"CPU limit, e.g. 1.5 (default {DEFAULT_CPUS:g}; 0 = none)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "echo", "openai"),
+        default="auto",
+        help="who answers llm_query(): openai (needs OPENAI_API_KEY or OPENAI_BASE_URL), "
+        "echo (answers 'echo:<prompt>'), auto = openai when configured, else echo",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"model name for the openai backend (default: $DOCKERREPL_MODEL or {DEFAULT_MODEL})",
+    )
