@@ -63,8 +63,7 @@ def bootstrap_launcher(code_dir: str = CODE_MOUNT) -> str:
     a cell could put modules there).
     """
     return (
-        f"import sys; sys.path[0] = {code_dir!r}; "
-        f"from {BOOTSTRAP_PACKAGE}.main import main; main()"
+        f"import sys; sys.path[0] = {code_dir!r}; from {BOOTSTRAP_PACKAGE}.main import main; main()"
     )
 
 

@@ -160,7 +160,7 @@ def recv_exact(sock: socket.socket, n: int) -> Optional[bytes]:
     return bytes(buf)
 
 
-def frame_length(header: bytes, max_size: int) -> int:
+def frame_length(header: bytes | bytearray, max_size: int) -> int:
     """The body length a frame header announces; :class:`FrameTooLarge` over ``max_size``
     (checked here, before anything is allocated for the body)."""
     (length,) = HEADER.unpack(header)

@@ -1,8 +1,10 @@
 """The in-container bootstrap run under the host Python, with no access to the package.
 
-The file is copied into ``<tmp>/ws/.dockerrepl/`` as the host does for a container,
-``DOCKERREPL_WORKSPACE`` points it at ``<tmp>/ws`` instead of ``/workspace``, and a
-poisoned ``dockerrepl`` package on PYTHONPATH makes any import of ours fail loudly.
+The package is staged into ``<tmp>/code/`` by ``_staging.stage_code``, as the host does
+for a container (``dockerrepl_bootstrap/`` and its bytecode), and started with the
+container's launcher; ``DOCKERREPL_WORKSPACE`` points it at ``<tmp>/ws`` instead of
+``/workspace``, and a poisoned ``dockerrepl`` package on PYTHONPATH makes any import
+of ours fail loudly.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import struct
 import subprocess
 import sys
@@ -18,9 +19,25 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from dockerrepl._bootstrap import protocol
+from dockerrepl._container import BOOTSTRAP_PACKAGE, bootstrap_launcher
+from dockerrepl._staging import stage_code
+
+#: The bootstrap package's source directory (staged under the name BOOTSTRAP_PACKAGE).
 BOOTSTRAP = Path(__file__).resolve().parents[1] / "dockerrepl" / "_bootstrap"
-BOOTSTRAP_FILE = BOOTSTRAP / "dockerrepl_bootstrap.py"
 HEADER = struct.Struct(">I")
+
+
+def stage(code_dir: Path) -> Path:
+    """The bootstrap staged in ``code_dir`` (made) as for a container; the package dir."""
+    code_dir.mkdir(parents=True)
+    stage_code(str(code_dir), copy_dill=False)
+    return code_dir / BOOTSTRAP_PACKAGE
+
+
+def run_argv(code_dir: Path) -> list[str]:
+    """The host Python started the way the container starts its own."""
+    return [sys.executable, "-B", "-c", bootstrap_launcher(str(code_dir))]
 
 
 def frame(obj: object) -> bytes:
@@ -38,7 +55,7 @@ def hello(**config: Any) -> dict[str, Any]:
         "grace": 0.5,
     }
     base.update(config)
-    return {"type": "hello", "version": 1, "config": base}
+    return {"type": "hello", "version": protocol.VERSION, "config": base}
 
 
 class Boot:
@@ -52,11 +69,12 @@ class Boot:
         self, tmp: Path, hello: Optional[dict[str, Any]] = None, stderr: int = subprocess.PIPE
     ) -> None:
         self.ws = tmp / "ws"
-        boot_dir = self.ws / ".dockerrepl"
-        boot_dir.mkdir(parents=True, exist_ok=True)  # a reused workspace may hold state
-        shutil.copyfile(BOOTSTRAP_FILE, boot_dir / "dockerrepl_bootstrap.py")
+        (self.ws / ".dockerrepl").mkdir(parents=True, exist_ok=True)  # may hold state
+        code = tmp / "code"
+        if not code.exists():  # a second Boot on the same tmp (a restart) reuses it
+            stage(code)
         poison = tmp / "poison" / "dockerrepl"
-        poison.mkdir(parents=True)
+        poison.mkdir(parents=True, exist_ok=True)
         (poison / "__init__.py").write_text(
             "raise ImportError('the bootstrap must not import dockerrepl')\n"
         )
@@ -67,7 +85,7 @@ class Boot:
             "LANG": "C.UTF-8",
         }
         self.proc: subprocess.Popen[bytes] = subprocess.Popen(
-            [sys.executable, "-B", str(boot_dir / "dockerrepl_bootstrap.py")],
+            run_argv(code),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,

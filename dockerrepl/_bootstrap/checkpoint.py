@@ -37,13 +37,13 @@ SNAPSHOT_DROPPED = 3
 _SCALARS = (str, bytes, int, float, complex, bool, type(None))
 
 
-def _fingerprint():
+def _fingerprint() -> tuple[Any, ...] | None:
     """Identity and content digest of a namespace made only of values that cannot
     change in place; ``None`` when any value is mutable (then every cell is
     snapshotted). str and bytes cache their hash, so a 100 MB string costs its
     hash once, not every cell.
     """
-    fp = []
+    fp: list[tuple[Any, ...]] = []
     for k in REPL.user_names():
         v = REPL.ns[k]
         t = type(v)
@@ -70,7 +70,7 @@ def _fingerprint():
     return tuple(fp)
 
 
-def _checkpoint_state():
+def _checkpoint_state() -> tuple[dict[str, Any], dict[str, list[str]]]:
     ns = REPL.ns
     state: dict[str, Any] = {}
     file_backed: dict[str, list[str]] = {}
@@ -102,10 +102,10 @@ class Wanted:
     a newer one is on its way: it would only write a state the newer one replaces.
     """
 
-    def __init__(self):
-        self.map = None
+    def __init__(self) -> None:
+        self.map: mmap.mmap | None = None
 
-    def set(self, seq):
+    def set(self, seq: int) -> None:
         if self.map is None:
             try:
                 import mmap
@@ -115,14 +115,14 @@ class Wanted:
                 return  # then no child gives up: each writes in turn, in order
         self.map[0:8] = struct.pack("=q", seq)
 
-    def newer_than(self, seq):
+    def newer_than(self, seq: int) -> bool:
         """For a child: whether a newer snapshot than ``seq`` is on its way. Read until
         two reads agree (the worker may be writing the value right now)."""
         if self.map is None:
             return False
         last = None
         while True:
-            value = struct.unpack("=q", self.map[0:8])[0]
+            value: int = struct.unpack("=q", self.map[0:8])[0]
             if value == last:
                 return value > seq
             last = value
@@ -139,18 +139,18 @@ class Checkpointer:
     the last completed cell even while the worker is busy with the next one.
     """
 
-    def __init__(self):
-        self.last_fp = None
+    def __init__(self) -> None:
+        self.last_fp: tuple[Any, ...] | None = None
         # snapshot child pid -> (the cell it snapshots, its seq, its error pipe)
-        self.cells = {}
+        self.cells: dict[int, tuple[int, int, int]] = {}
         # the newest snapshot that ended, as (seq, cell, None) or (seq, cell, why it failed)
-        self.outcome = None
+        self.outcome: tuple[int, int, str | None] | None = None
         self.told = False  # a failure was reported since the last good snapshot
         self.wanted = Wanted()
         #: the worker's end of its control socket (the snapshot child closes its copy)
         self.ctrl: socket.socket | None = None
 
-    def reap(self, block=False):
+    def reap(self, block: bool = False) -> None:
         for pid in list(self.cells):
             try:
                 done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
@@ -160,7 +160,7 @@ class Checkpointer:
                 self._learn_bad()
                 self._record(pid, status)
 
-    def _record(self, pid, status):
+    def _record(self, pid: int, status: int | None) -> None:
         cell, seq, fd = self.cells.pop(pid)
         why = _child_error(fd)
         if status is not None and os.WIFEXITED(status):
@@ -178,7 +178,7 @@ class Checkpointer:
         if why is not None:
             self.last_fp = None  # try again after the next cell, changed or not
 
-    def report(self):
+    def report(self) -> None:
         """Say in the cell's stderr that the newest snapshot failed: once per run of
         failures (a limit the cell set fails every snapshot after it)."""
         self.reap()
@@ -192,7 +192,7 @@ class Checkpointer:
             " %s\n" % (cell, why, "the one after cell %s" % good if good is not None else "nothing")
         )
 
-    def _learn_bad(self):
+    def _learn_bad(self) -> None:
         try:
             with open(paths.META_FILE) as f:
                 meta = json.load(f)
@@ -201,7 +201,7 @@ class Checkpointer:
         except Exception:
             pass
 
-    def request(self, cell_id):
+    def request(self, cell_id: int) -> None:
         self.reap()
         fp = _fingerprint()
         if fp is not None and fp == self.last_fp:
@@ -273,7 +273,7 @@ class Checkpointer:
             except Exception:
                 pass
 
-    def sync_changed(self, cell_id):
+    def sync_changed(self, cell_id: int) -> None:
         """``sync`` unless nothing can have changed; a failure is reported in stderr."""
         fp = _fingerprint()
         if fp is not None and fp == self.last_fp:
@@ -285,7 +285,7 @@ class Checkpointer:
             sys.stderr.write("dockerrepl: the checkpoint failed: %s: %s\n" % (type(e).__name__, e))
             flush_std()
 
-    def sync(self, cell_id):
+    def sync(self, cell_id: int) -> list[str]:
         """Write the namespace now, in this process. Snapshot children still waiting
         give up (this one is newer); one that is writing is waited for (the lock)."""
         self.reap()
@@ -306,7 +306,7 @@ class Checkpointer:
                 STORE.known_bad[k] = id(REPL.ns[k])
         return skipped
 
-    def _report_snapshot(self, pid):
+    def _report_snapshot(self, pid: int) -> None:
         """Tell the supervisor a snapshot writer was forked, so its sweep spares it."""
         try:
             if self.ctrl is not None:
@@ -315,7 +315,7 @@ class Checkpointer:
             pass
 
 
-def _note_child_error(fd, exc):
+def _note_child_error(fd: int, exc: BaseException) -> None:
     """In a snapshot child that failed: the reason, through a pipe to the worker (a
     pipe, not a file: the file size limit that failed the snapshot applies to files)."""
     try:
@@ -325,7 +325,7 @@ def _note_child_error(fd, exc):
         pass
 
 
-def _child_error(fd):
+def _child_error(fd: int) -> str | None:
     """What the snapshot child wrote to its pipe (it has exited: no wait)."""
     try:
         return os.read(fd, 2000).decode("utf-8", "replace") or None
@@ -335,7 +335,7 @@ def _child_error(fd):
         os.close(fd)
 
 
-def _describe_status(status):
+def _describe_status(status: int) -> str:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         return "its writer was killed by signal %d%s" % (

@@ -94,10 +94,10 @@ def remove_tree(path: str) -> None:
         if not _is_dir_mode(st.st_mode):
             _gone(os.unlink, name, pfd, False)
             return
-        fd = _open_child(pfd, name)
-        if fd is None:
-            fd = -1
+        top = _open_child(pfd, name)
+        if top is None:
             return
+        fd = top
         stack = [(name, _ident(fd))]
         skip: list[set[str]] = [set()]
         while True:

@@ -114,7 +114,7 @@ class WritingConditions:
             self.xfsz = None
         return self
 
-    def __exit__(self, *exc: object) -> bool:
+    def __exit__(self, *exc: object) -> None:
         os.umask(self.umask)
         for resource, which, soft, hard in self.limits:
             try:
@@ -126,4 +126,3 @@ class WritingConditions:
                 signal.signal(signal.SIGXFSZ, self.xfsz)
             except (ValueError, OSError):
                 pass
-        return False

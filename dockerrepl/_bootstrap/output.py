@@ -14,17 +14,17 @@ if TYPE_CHECKING:
 class OutputBuffer:
     """Keeps the head and tail of a stream up to ``cap`` bytes; counts the rest."""
 
-    def __init__(self, cap):
+    def __init__(self, cap: int) -> None:
         self.cap = cap
         self.reset()
 
-    def reset(self):
+    def reset(self) -> None:
         self.head = bytearray()
         self.tail = bytearray()
         self.dropped = 0
         self.total = 0
 
-    def add(self, data):
+    def add(self, data: bytes) -> None:
         self.total += len(data)
         half = self.cap // 2
         room = half - len(self.head)
@@ -38,7 +38,7 @@ class OutputBuffer:
                 del self.tail[:cut]
                 self.dropped += cut
 
-    def text(self):
+    def text(self) -> str:
         if not self.dropped:
             return (bytes(self.head) + bytes(self.tail)).decode("utf-8", "replace")
         return "%s\n... [dockerrepl: %d bytes of output dropped] ...\n%s" % (
@@ -48,20 +48,22 @@ class OutputBuffer:
         )
 
 
-def clean_locals(raw, cap):
+def clean_locals(raw: Any, cap: int) -> dict[str, str]:
     """The worker's locals as they may go to the host: str to str, bounded."""
-    out = {}
+    out: dict[str, str] = {}
     if not isinstance(raw, dict):
         return out
     for k, v in raw.items():
         if len(out) >= protocol.MAX_LOCALS:
             break
         if isinstance(k, str) and isinstance(v, str) and len(k) <= protocol.MAX_NAME:
-            out[k] = v if len(v) <= cap + protocol.REPR_SLACK else v[:cap] + "... (%d chars)" % len(v)
+            out[k] = (
+                v if len(v) <= cap + protocol.REPR_SLACK else v[:cap] + "... (%d chars)" % len(v)
+            )
     return out
 
 
-def clean_reply(msg):
+def clean_reply(msg: dict[str, Any]) -> bytes:
     """A worker's reply to a host "call", encoded as it may go to the host: its keys,
     bounded (the frame is encoded once, here, to measure it)."""
     rid = msg.get("id")
@@ -85,7 +87,8 @@ def clean_reply(msg):
             "id": rid,
             "ok": False,
             "error": "the worker's reply was %d bytes, over the limit of %d (did cell code"
-            " replace a dockerrepl operation?)" % (len(frame) - protocol.HEADER.size, protocol.MAX_REPLY),
+            " replace a dockerrepl operation?)"
+            % (len(frame) - protocol.HEADER.size, protocol.MAX_REPLY),
             "exception": "RuntimeError",
         }
     )

@@ -11,6 +11,7 @@ import time
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable
+    from typing import Any
 
 # The sweep spares at most this many snapshot writers (one writing, one waiting: all
 # a worker ever has), the newest the worker reported, for at most SNAPSHOT_SPARE
@@ -19,7 +20,7 @@ MAX_SPARED = 2
 SNAPSHOT_SPARE = 60.0
 
 
-def in_container():
+def in_container() -> bool:
     """True when this supervisor runs under the container's init (docker run --init).
 
     The sweep below kills every other process it can see: it must never run
@@ -37,7 +38,9 @@ def in_container():
     return os.path.basename(init) in (b"docker-init", b"tini", b"tini-static", b"dumb-init")
 
 
-def sweep_processes(spare=None, keep=()):
+def sweep_processes(
+    spare: int | None = None, keep: Iterable[tuple[int, int]] = ()
+) -> list[tuple[int, int]]:
     """Kill what a killed worker left behind: children that left its process group
     (``setsid``), fork floods that fill the pids limit. Spares init, the
     supervisor, ``spare`` and the ``keep`` list of ``(pid, start time)``: the
@@ -70,7 +73,7 @@ def sweep_processes(spare=None, keep=()):
     return killed
 
 
-def proc_stat(pid):
+def proc_stat(pid: int) -> tuple[int, int] | None:
     """(parent pid, start time in clock ticks) of a process, from /proc; None if gone."""
     try:
         with open("/proc/%d/stat" % pid, "rb") as f:
@@ -80,13 +83,12 @@ def proc_stat(pid):
         return None
 
 
-def proc_start(pid):
+def proc_start(pid: int) -> int | None:
     st = proc_stat(pid)
     return None if st is None else st[1]
 
 
-
-def pids_exhausted():
+def pids_exhausted() -> bool:
     """True when the container's pids cgroup is (nearly) full (cgroup v1 or v2)."""
     for d in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup"):
         try:
@@ -111,7 +113,7 @@ class SnapshotWriters:
         #: when the writers a sweep spared are killed
         self.spared_until: float | None = None
 
-    def note(self, pid, worker_pid):
+    def note(self, pid: Any, worker_pid: int | None) -> None:
         """The worker forked a snapshot writer. Cell code can send this frame too,
         naming its own children: so only a child of the worker counts, only the
         newest MAX_SPARED are kept, and a sweep spares them for SNAPSHOT_SPARE s."""
@@ -122,7 +124,7 @@ class SnapshotWriters:
             return
         self.snapshots = (self.snapshots + [(pid, st[1])])[-MAX_SPARED:]
 
-    def sweep(self, spare=None):
+    def sweep(self, spare: int | None = None) -> list[tuple[int, int]]:
         """sweep_processes, sparing the reported snapshot writers for a bounded time."""
         keep = [(pid, start) for pid, start in self.snapshots if proc_start(pid) == start]
         self.snapshots = keep
@@ -131,7 +133,7 @@ class SnapshotWriters:
             self.spared_until = time.monotonic() + SNAPSHOT_SPARE
         return killed
 
-    def kill_spared(self):
+    def kill_spared(self) -> None:
         """Kill the snapshot writers a sweep spared (matched by pid and start time)."""
         if self.spared_until is None:
             return

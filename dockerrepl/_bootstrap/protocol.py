@@ -161,7 +161,7 @@ class FrameReader:
 
     def frames(self) -> list[Any]:
         """Every whole frame fed so far."""
-        out = []
+        out: list[Any] = []
         while True:
             whole, value = self.take()
             if not whole:

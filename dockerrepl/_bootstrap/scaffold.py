@@ -55,7 +55,9 @@ def _note_budget(msg: str) -> None:
 
 def _single(path: str, prompt: Any, model: str | None, timeout: float) -> str:
     try:
-        d = post(path, {"prompt": prompt, "model": model, "depth": REPL.config.get("depth", 1)}, timeout)
+        d = post(
+            path, {"prompt": prompt, "model": model, "depth": REPL.config.get("depth", 1)}, timeout
+        )
     except Exception as e:
         return "Error: %s" % (e,)
     if isinstance(d, dict) and isinstance(d.get("response"), str):
@@ -188,13 +190,13 @@ def install_scaffold() -> None:
     if REPL.config.get("compaction"):
         canonical = SCAFFOLD.compaction
         if canonical is not None:
-            current = ns.get("history")
+            given = SCAFFOLD.given
             # healed when rebound, resized, or an entry replaced (cheap: identities only)
             if (
-                current is None
-                or current is not SCAFFOLD.given
-                or len(current) != len(canonical)
-                or [id(e) for e in current] != SCAFFOLD.given_ids
+                given is None
+                or len(given) != len(canonical)
+                or [id(e) for e in given] != SCAFFOLD.given_ids
+                or ns.get("history") is not given
             ):
                 import copy
 
@@ -252,7 +254,9 @@ def _define_tools(tools: dict[str, Any], restoring: bool) -> None:
             if name not in ns:
                 raise ValueError("custom tool %r: its code did not define %r" % (name, name))
         elif kind == "expr":
-            ns[name] = eval(compile(spec["code"], "<tool %s>" % name, "eval", dont_inherit=True), ns)
+            ns[name] = eval(
+                compile(spec["code"], "<tool %s>" % name, "eval", dont_inherit=True), ns
+            )
         elif kind == "data":
             # data is the model's to change; a restore keeps what the checkpoint had
             if not restoring or name not in ns:

@@ -45,7 +45,8 @@ STORE = Store()
 def dill() -> ModuleType:
     import dill
 
-    return dill
+    mod: ModuleType = dill
+    return mod
 
 
 class _Counter:

@@ -11,180 +11,56 @@ import fcntl
 import os
 import select
 import signal
-import socket
 import sys
 import time
-import traceback
 
 from . import paths, protocol
 from .files import purge_workspace
-from .hardening import channel_shared_with_init, close_fds_except, set_dumpable
+from .hardening import channel_shared_with_init
 from .output import OutputBuffer, clean_locals, clean_reply
-from .procs import OomCounter, SnapshotWriters, in_container, pids_exhausted
-from .worker import worker_main
+from .procs import OomCounter, in_container, pids_exhausted
+from .slot import WorkerSlot
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, NoReturn
 
 # seconds after which a still-running cell is acknowledged to the host (see start_request)
 ACK_DELAY = 0.02
 
 
-class Supervisor:
+class Supervisor(WorkerSlot):
+    """The host's requests: each forwarded to the worker, answered when it is done
+    (or when it died), within its deadline."""
+
     def __init__(self, nondumpable: bool = False) -> None:
-        #: the supervisor made itself non-dumpable (main): the worker is made dumpable again
-        self.nondumpable = nondumpable
+        WorkerSlot.__init__(self, nondumpable)
         self.oom = OomCounter()
-        self.config: dict[str, Any] = {}
         self.host_reader = protocol.FrameReader()
-        self.worker_pid = None
-        self.ctrl = None
-        self.ctrl_reader = None
-        self.out_r = self.err_r = None
-        self.worker_started = False
-        self.current = None  # the request the worker is busy with
-        self.deadline = None
-        self.kill_at = None
-        self.interrupted = False
-        self.restart_note = None
-        self.out = self.err = None
+        self.current: dict[str, Any] | None = None  # the request the worker is busy with
+        self.deadline: float | None = None
+        self.kill_at: float | None = None
+        self.interrupted = ""  # why the cell was interrupted: "timeout" or "interrupt"
+        self.restart_note: str | None = None
+        # the cell's output (their cap is the hello's max_output)
+        self.out = OutputBuffer(1 << 20)
+        self.err = OutputBuffer(1 << 20)
         self.streamed = 0
-        self.last_good_cell = 0
-        self.timeout_s = None  # the current cell's timeout; its clock starts once the worker runs
+        # the current cell's timeout; its clock starts once the worker runs
+        self.timeout_s: float | None = None
         # SIGCHLD wakes select() through this pipe (PEP 475 retries EINTR)
-        self.wake_r = self.wake_w = None
-        self.kill_reason = None  # why the supervisor killed the worker, for the cell's note
-        self.worker_status = None  # the worker's wait status, when reap_orphans collected it
-        self.ack_at = None  # when to tell the host that a still-running cell did arrive
-        self.writers = SnapshotWriters()  # the snapshot writers the worker reported
+        self.wake_r = self.wake_w = -1
+        # why the supervisor killed the worker, for the cell's note
+        self.kill_reason: str | None = None
+        # when to tell the host that a still-running cell did arrive
+        self.ack_at: float | None = None
 
     # -- host channel --
-    def send_host(self, obj):
+    def send_host(self, obj: Any) -> None:
         protocol.write_all(1, protocol.encode(obj))
 
-    # -- worker lifecycle --
-    def spawn_worker(self, restore):
-        if self.out_r is None:
-            self.out_r, out_w = os.pipe()
-            self.err_r, err_w = os.pipe()
-            self._pipe_w = (out_w, err_w)
-            for fd in (self.out_r, self.err_r):
-                fl = fcntl.fcntl(fd, fcntl.F_GETFL)
-                fcntl.fcntl(fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
-        out_w, err_w = self._pipe_w
-        parent, child = socket.socketpair()
-        try:
-            pid = os.fork()
-        except OSError:
-            # the pids limit is full of what earlier cells left behind: clear it and
-            # try once more (if that fails too, this process exits, the container
-            # with it, and the host starts a fresh one)
-            self.writers.sweep()
-            time.sleep(0.1)
-            self.reap_orphans()  # as pid 1, the killed orphans' pids are ours to free
-            pid = os.fork()
-        if pid == 0:
-            try:
-                parent.close()
-                os.setpgid(0, 0)
-                devnull = os.open(os.devnull, os.O_RDONLY)
-                os.dup2(devnull, 0)
-                os.dup2(out_w, 1)
-                os.dup2(err_w, 2)
-                # Nothing of the supervisor's may stay open in the worker (the host
-                # channel was fds 0/1 until the dup2s above), and only then can the
-                # worker be dumpable again: a non-dumpable worker's /proc/self files
-                # belong to root, so as a non-root user it could not name its snapshot
-                # children (/proc/self/comm), read /proc/self/environ, or let its own
-                # children read its /proc entries. The supervisor stays non-dumpable.
-                close_fds_except({0, 1, 2, child.fileno()})
-                if self.nondumpable:
-                    set_dumpable(True)
-                child.set_inheritable(False)
-                worker_main(child, self.config, restore, self.last_good_cell)
-            except BaseException:
-                try:
-                    traceback.print_exc()
-                except BaseException:
-                    pass
-            os._exit(70)
-        child.close()
-        try:
-            # the child does this too; doing it here as well closes the race in which
-            # a kill (stdin closed right after start) comes before the child's setpgid:
-            # killpg then found no group and the supervisor waited for ever
-            os.setpgid(pid, pid)
-        except OSError:
-            pass
-        self.worker_pid = pid
-        self.worker_status = None
-        self.ctrl = parent
-        self.ctrl.setblocking(False)
-        self.ctrl_reader = protocol.FrameReader()
-        self.worker_started = False
-
-    # -- the sweep --
-    def kill_worker(self):
-        if self.worker_pid is None:
-            return None
-        self.sigkill_worker()
-        status = self.reap_worker(block=True)
-        return status
-
-    def sigkill_worker(self):
-        """SIGKILL the worker's process group and the worker itself.
-
-        Both: cell code can move the worker out of its group (``setpgid``) while a
-        child stays in it; killing only the group then succeeded without reaching
-        the worker, and the blocking wait for it never returned (the container
-        outlived its host, and timeouts waited for the host's margin).
-        """
-        for kill, target in ((os.killpg, self.worker_pid), (os.kill, self.worker_pid)):
-            try:
-                kill(target, signal.SIGKILL)
-            except OSError:
-                pass  # no such group (or worker) any more
-
-    def reap_worker(self, block):
-        if self.worker_pid is None:
-            return None
-        status, self.worker_status = self.worker_status, None
-        if status is None:
-            try:
-                pid, status = os.waitpid(self.worker_pid, 0 if block else os.WNOHANG)
-            except ChildProcessError:
-                pid, status = self.worker_pid, 0
-            if not pid:
-                return None
-        self.worker_pid = None
-        if self.ctrl is not None:
-            self.ctrl.close()
-            self.ctrl = None
-        return status
-
-    def reap_orphans(self):
-        """As pid 1 (``docker run`` without ``--init``), collect every exited child.
-
-        Processes the worker leaves behind (``setsid`` forks, snapshot writers of a
-        killed worker) are re-parented to pid 1; until it waits for them they stay
-        zombies and hold pids under the pids limit. The worker's own status is kept
-        for :meth:`reap_worker`.
-        """
-        if os.getpid() != 1:
-            return
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if not pid:
-                return
-            if pid == self.worker_pid and self.worker_status is None:
-                self.worker_status = status
-
     # -- request handling --
-    def start_request(self, msg):
+    def start_request(self, msg: dict[str, Any]) -> None:
         if self.current is not None:
             self.send_host(
                 {
@@ -195,7 +71,7 @@ class Supervisor:
             )
             return
         self.current = msg
-        self.interrupted = False
+        self.interrupted = ""
         self.kill_at = None
         self.kill_reason = None
         self.timeout_s = _positive(msg.get("timeout"))
@@ -215,22 +91,24 @@ class Supervisor:
             self.start_clock()
             self.forward(msg)
 
-    def start_clock(self):
+    def start_clock(self) -> None:
         if self.timeout_s is not None:
             self.deadline = time.monotonic() + self.timeout_s
 
-    def progress(self, state):
+    def progress(self, state: str) -> None:
         """Tell the host how a request is doing (a restore may take longer than its margin)."""
         if self.current is not None:
             self.send_host({"type": "progress", "id": self.current.get("id"), "state": state})
 
-    def forward(self, msg):
+    def forward(self, msg: dict[str, Any]) -> None:
+        if self.ctrl is None:
+            return  # no worker: the request waits for the next one's "started"
         try:
             protocol.send_frame(self.ctrl, msg)
         except OSError:
             pass  # the worker died; its EOF is handled by the loop
 
-    def on_worker_frame(self, msg):
+    def on_worker_frame(self, msg: dict[str, Any]) -> None:
         # Cell code can write to the worker's end of this socket (it is in the
         # worker's memory, and children inherit it): a frame is taken only where
         # the worker itself would send it, and what it carries is bounded.
@@ -259,8 +137,12 @@ class Supervisor:
             self.ack_at = None
             protocol.write_all(1, clean_reply(msg))
 
-    def finish_cell(self, msg, status=None, note=None):
+    def finish_cell(
+        self, msg: dict[str, Any], status: str | None = None, note: str | None = None
+    ) -> None:
         req = self.current
+        if req is None:
+            return  # (callers set it: the cell this answers)
         self.current = None
         self.deadline = self.kill_at = self.ack_at = None
         st = status or msg.get("status", "ok")
@@ -320,7 +202,7 @@ class Supervisor:
         self.err.reset()
         self.send_host(result)
 
-    def worker_died(self, status):
+    def worker_died(self, status: int | None) -> None:
         """The worker exited: answer the request it was running, then respawn lazily."""
         self.worker_pid = None
         if self.ctrl is not None:
@@ -390,7 +272,7 @@ class Supervisor:
                     {
                         "status": st,
                         "exception": None,
-                        "locals": self.names_locals(),
+                        "locals": {},
                         "final_answer": None,
                     },
                     status=st,
@@ -412,16 +294,17 @@ class Supervisor:
         else:
             self.restart_note = "the worker %s between cells; it was restarted" % how
 
-    def names_locals(self):
-        return {}
-
-    def wait_started(self):
+    def wait_started(self) -> str | None:
         """Block until a freshly spawned worker sends 'started' (bounded)."""
         end = time.monotonic() + 120
         while time.monotonic() < end and self.ctrl is not None:
-            if self.writers.spared_until is not None and time.monotonic() >= self.writers.spared_until:
+            if (
+                self.writers.spared_until is not None
+                and time.monotonic() >= self.writers.spared_until
+            ):
                 self.writers.kill_spared()  # a restore slower than that does not extend their time
-            r, _, _ = select.select([self.ctrl, self.out_r, self.err_r], [], [], 0.5)
+            waited: list[Any] = [self.ctrl, self.out_r, self.err_r]
+            r, _, _ = select.select(waited, [], [], 0.5)
             if self.out_r in r or self.err_r in r:
                 self.drain_output()
             if self.ctrl in r:
@@ -442,7 +325,7 @@ class Supervisor:
                         return m.get("note")
         return None
 
-    def drain_output(self):
+    def drain_output(self) -> None:
         for fd, buf, name in ((self.out_r, self.out, "stdout"), (self.err_r, self.err, "stderr")):
             while True:
                 try:
@@ -455,7 +338,7 @@ class Supervisor:
                     break
                 self.on_output(buf, name, data)
 
-    def on_output(self, buf, name, data):
+    def on_output(self, buf: OutputBuffer, name: str, data: bytes) -> None:
         buf.add(data)
         req = self.current
         if req is not None and req.get("stream"):
@@ -473,7 +356,7 @@ class Supervisor:
                 )
 
     # -- timers --
-    def on_timer(self):
+    def on_timer(self) -> None:
         now = time.monotonic()
         if self.ack_at is not None and now >= self.ack_at:
             self.ack_at = None
@@ -490,7 +373,7 @@ class Supervisor:
             self.deadline = None
             self.interrupt("timeout")
 
-    def interrupt(self, why):
+    def interrupt(self, why: str) -> None:
         if self.worker_pid is None or self.current is None or not self.worker_started:
             return  # nothing runs yet (a restore): the cell can be interrupted once it does
         self.interrupted = why
@@ -500,7 +383,7 @@ class Supervisor:
             pass
         self.kill_at = time.monotonic() + float(self.config.get("grace", 2.0))
 
-    def next_timeout(self):
+    def next_timeout(self) -> float | None:
         t = [
             x
             for x in (self.deadline, self.kill_at, self.ack_at, self.writers.spared_until)
@@ -511,7 +394,7 @@ class Supervisor:
         return max(0.0, min(t) - time.monotonic())
 
     # -- main loop --
-    def handle_host(self, msg):
+    def handle_host(self, msg: Any) -> None:
         if not isinstance(msg, dict):
             self.send_host({"type": "error", "id": None, "error": "a message must be an object"})
             return
@@ -533,13 +416,13 @@ class Supervisor:
                 {"type": "error", "id": msg.get("id"), "error": "unknown message type %r" % (kind,)}
             )
 
-    def shutdown(self, purge):
+    def shutdown(self, purge: bool) -> NoReturn:
         self.kill_worker()
         if purge:
             purge_workspace()
         os._exit(0)
 
-    def run(self):
+    def run(self) -> NoReturn:
         # hello first (blocking), so the worker starts with its configuration
         fl = fcntl.fcntl(0, fcntl.F_GETFL)
         fcntl.fcntl(0, fcntl.F_SETFL, fl | os.O_NONBLOCK)
@@ -590,7 +473,7 @@ class Supervisor:
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *a: None)
         while True:
-            fds = [0, self.out_r, self.err_r, self.wake_r]
+            fds: list[Any] = [0, self.out_r, self.err_r, self.wake_r]
             if self.ctrl is not None:
                 fds.append(self.ctrl)
             try:
@@ -641,7 +524,7 @@ class Supervisor:
                     self.worker_died(status)
             self.on_timer()
 
-    def read_host(self, block):
+    def read_host(self, block: bool) -> bool:
         while True:
             try:
                 data = os.read(0, 1 << 20)
@@ -660,7 +543,7 @@ class Supervisor:
             return True
 
 
-def _positive(value):
+def _positive(value: Any) -> float | None:
     """A timeout from the host: a finite number > 0, else None (no limit)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None

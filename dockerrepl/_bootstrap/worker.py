@@ -126,10 +126,15 @@ def worker_main(
     sys.stdin = open(os.devnull)
     import io
 
-    enc: dict[str, Any] = {"encoding": "utf-8", "errors": "backslashreplace", "line_buffering": True}
+    enc: dict[str, Any] = {
+        "encoding": "utf-8",
+        "errors": "backslashreplace",
+        "line_buffering": True,
+    }
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), **enc)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), **enc)
-    sys.__stdout__, sys.__stderr__, sys.__stdin__ = sys.stdout, sys.stderr, sys.stdin
+    # (typeshed calls them Final: they are not, and cells expect them to be these)
+    sys.__stdout__, sys.__stderr__, sys.__stdin__ = sys.stdout, sys.stderr, sys.stdin  # type: ignore[misc]
     # the supervisor's wake-up pipe and SIGCHLD handler are not the worker's business
     try:
         signal.set_wakeup_fd(-1)
