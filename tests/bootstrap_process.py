@@ -9,6 +9,8 @@ of ours fail loudly.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import select
@@ -16,6 +18,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,6 +36,23 @@ def stage(code_dir: Path) -> Path:
     code_dir.mkdir(parents=True)
     stage_code(str(code_dir), copy_dill=False)
     return code_dir / BOOTSTRAP_PACKAGE
+
+
+def load_package(name: str) -> types.ModuleType:
+    """A fresh copy of the bootstrap package and all its modules, imported under
+    ``name`` in this process (its modules hold the worker's state: each copy has its
+    own)."""
+    spec = importlib.util.spec_from_file_location(
+        name, BOOTSTRAP / "__init__.py", submodule_search_locations=[str(BOOTSTRAP)]
+    )
+    assert spec is not None and spec.loader is not None
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package  # for its relative imports
+    spec.loader.exec_module(package)
+    for module in sorted(BOOTSTRAP.glob("*.py")):
+        if module.stem != "__init__":
+            importlib.import_module(f"{name}.{module.stem}")
+    return package
 
 
 def run_argv(code_dir: Path) -> list[str]:
