@@ -31,10 +31,10 @@ BOOTSTRAP = Path(__file__).resolve().parents[1] / "dockerrepl" / "_bootstrap"
 HEADER = struct.Struct(">I")
 
 
-def stage(code_dir: Path) -> Path:
+def stage(code_dir: Path, copy_dill: bool = False) -> Path:
     """The bootstrap staged in ``code_dir`` (made) as for a container; the package dir."""
     code_dir.mkdir(parents=True)
-    stage_code(str(code_dir), copy_dill=False)
+    stage_code(str(code_dir), copy_dill=copy_dill)
     return code_dir / BOOTSTRAP_PACKAGE
 
 
@@ -55,9 +55,9 @@ def load_package(name: str) -> types.ModuleType:
     return package
 
 
-def run_argv(code_dir: Path) -> list[str]:
-    """The host Python started the way the container starts its own."""
-    return [sys.executable, "-B", "-c", bootstrap_launcher(str(code_dir))]
+def run_argv(code_dir: Path, python: str = sys.executable) -> list[str]:
+    """``python`` started the way the container starts its own."""
+    return [python, "-B", "-c", bootstrap_launcher(str(code_dir))]
 
 
 def frame(obj: object) -> bytes:
@@ -83,16 +83,23 @@ class Boot:
 
     With ``hello`` it is sent at once and the answer kept in ``ready``. ``stderr``
     is where the process's stderr goes (a pipe, read by ``stderr()`` after it exited).
+    ``python`` runs it (the host's by default); ``copy_dill`` stages the host's dill
+    in ``lib/``, as for an image without one.
     """
 
     def __init__(
-        self, tmp: Path, hello: Optional[dict[str, Any]] = None, stderr: int = subprocess.PIPE
+        self,
+        tmp: Path,
+        hello: Optional[dict[str, Any]] = None,
+        stderr: int = subprocess.PIPE,
+        python: str = sys.executable,
+        copy_dill: bool = False,
     ) -> None:
         self.ws = tmp / "ws"
         (self.ws / ".dockerrepl").mkdir(parents=True, exist_ok=True)  # may hold state
         code = tmp / "code"
         if not code.exists():  # a second Boot on the same tmp (a restart) reuses it
-            stage(code)
+            stage(code, copy_dill)
         poison = tmp / "poison" / "dockerrepl"
         poison.mkdir(parents=True, exist_ok=True)
         (poison / "__init__.py").write_text(
@@ -105,7 +112,7 @@ class Boot:
             "LANG": "C.UTF-8",
         }
         self.proc: subprocess.Popen[bytes] = subprocess.Popen(
-            run_argv(code),
+            run_argv(code, python),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,

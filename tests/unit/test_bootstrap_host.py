@@ -385,3 +385,20 @@ def test_stdin_close_right_after_start(tmp_path):
             assert b.ready["type"] == "ready"
             b.proc.stdin.close()
             assert b.proc.wait(10) == 0
+
+
+def test_a_checkpoint_naming_the_helpers_as_before_the_package_split_restores(tmp_path):
+    """dill pickles the helpers by reference; checkpoints written before the bootstrap
+    became a package name them ``dockerrepl_bootstrap.llm_query``."""
+    state = tmp_path / "ws" / ".dockerrepl"
+    state.mkdir(parents=True)
+    # protocol 0: {"g": <global dockerrepl_bootstrap.llm_query>}
+    (tmp_path / "ws" / "state.dill").write_bytes(
+        b"(dp0\nVg\np1\ncdockerrepl_bootstrap\nllm_query\np2\ns."
+    )
+    (state / "state.meta.json").write_text(
+        json.dumps({"cell": 5, "order": [1, 1], "skipped": [], "file_backed": {}})
+    )
+    with Boot(tmp_path, hello(restore=True)) as b:
+        r = b.exec("print(g is llm_query, g.__module__)", 6)
+        assert r["stdout"] == "True dockerrepl_bootstrap.scaffold\n", r

@@ -78,8 +78,6 @@ frame_streams = st.lists(
 ).map(b"".join)
 
 
-
-
 # --------------------------------------------------------------------------- frame parsers
 @FAST
 @given(data=frame_streams)
