@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Optional
 
 from . import _docker
+from ._bootstrap import protocol
 from ._labels import owner_label, pid_namespace, process_start_time
-from ._wire import HEADER, decode_body, encode_frame
+from ._wire import FrameBuffer, decode_body, encode_frame
 from .errors import (
     BootstrapError,
     ContainerDied,
@@ -52,7 +53,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+#: The bootstrap package's name inside the container (dockerrepl/_bootstrap, staged).
+BOOTSTRAP_PACKAGE = "dockerrepl_bootstrap"
 MOUNT_POINT = "/workspace"
 # The bootstrap's code (and the host's dill, when the image has none), mounted
 # read-only from a host directory outside the workspace: cell code can write the
@@ -61,14 +63,20 @@ CODE_MOUNT = "/opt/dockerrepl"
 # With network="none" the LM proxy's unix socket sits in that directory too: the
 # host binds and unlinks it in a directory no cell can swap for a symlink.
 PROXY_SOCKET = "proxy.sock"
-# Imported as a module, not run as a script: run as a script, the file (no .pyc
-# with -B) is compiled twice, as __main__ and again when it imports itself by
-# name; that second compile is ~17 ms of every container start. sys.path[0]
-# becomes the bootstrap's directory, as it is for a script.
-BOOTSTRAP_LAUNCHER = (
-    f"import sys; sys.path[0] = '{CODE_MOUNT}'; "
-    "import dockerrepl_bootstrap; dockerrepl_bootstrap.main()"
-)
+
+
+def bootstrap_launcher(code_dir: str = CODE_MOUNT) -> str:
+    """The ``python -c`` code that starts the bootstrap staged in ``code_dir``.
+
+    sys.path[0] is the code directory (the workspace, the cwd, is not on the path:
+    a cell could put modules there).
+    """
+    return (
+        f"import sys; sys.path[0] = {code_dir!r}; from {BOOTSTRAP_PACKAGE}.main import main; main()"
+    )
+
+
+BOOTSTRAP_LAUNCHER = bootstrap_launcher()
 #: The smallest memory limit the engine accepts ("Minimum memory limit allowed is 6MB").
 MIN_MEMORY = 6 << 20
 #: The default CPU limit of a container (see DockerREPL's ``cpus``).
@@ -317,7 +325,7 @@ class Container:
         self.max_frame = max_frame
         self.name = "dockerrepl-" + secrets.token_hex(6)
         self.proc: Optional[_docker.Process] = None
-        self._buf = bytearray()
+        self._frames = FrameBuffer(max_frame)
         self._log: Optional[IO[bytes]] = None
         self.info: dict[str, Any] = {}
         self.id: Optional[str] = None
@@ -351,7 +359,7 @@ class Container:
         ) from last
 
     def _start_with(self, python: str, hello: dict[str, Any]) -> dict[str, Any]:
-        self._buf.clear()
+        self._frames = FrameBuffer(self.max_frame)
         self._log = open(self.log_path, "wb")
         self.proc = _docker.spawn(
             self.config.run_argv(self.name, python), docker=self.config.docker, stderr=self._log
@@ -386,10 +394,10 @@ class Container:
         if ready.get("type") != "ready":
             self.kill()
             raise BootstrapError(f"bootstrap did not start: {ready.get('error') or ready!r}")
-        if ready.get("version") != PROTOCOL_VERSION:
+        if ready.get("version") != protocol.VERSION:
             self.kill()
             raise BootstrapError(
-                f"bootstrap protocol version {ready.get('version')!r} != host's {PROTOCOL_VERSION}"
+                f"bootstrap protocol version {ready.get('version')!r} != host's {protocol.VERSION}"
             )
         self.info = ready
         return ready
@@ -482,21 +490,20 @@ class Container:
             except OSError as exc:
                 raise ContainerDied(f"reading from the container failed: {exc}") from None
             if not data:
-                raise ContainerDied("the container's output closed (it exited or was killed)")
-            self._buf += data
+                where = " in the middle of a frame" if self._frames.mid_frame() else ""
+                raise ContainerDied(
+                    f"the container's output closed{where} (it exited or was killed)"
+                )
+            self._frames.feed(data)
 
     def _parse(self) -> Optional[dict[str, Any]]:
-        buf = self._buf
-        if len(buf) < HEADER.size:
-            return None
-        (n,) = HEADER.unpack_from(buf)
-        if n > self.max_frame:
+        try:
+            body = self._frames.take()
+        except FrameTooLarge as exc:
             self.kill()
-            raise FrameTooLarge(f"container sent a frame of {n} bytes (limit {self.max_frame})")
-        if len(buf) < HEADER.size + n:
+            raise FrameTooLarge(f"from the container: {exc}") from None
+        if body is None:
             return None
-        body = bytes(buf[HEADER.size : HEADER.size + n])
-        del buf[: HEADER.size + n]
         obj = decode_body(body)
         if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
             raise ProtocolError("container sent a frame that is not an object with a 'type'")

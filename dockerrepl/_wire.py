@@ -10,26 +10,29 @@ from __future__ import annotations
 
 import json
 import socket
-import struct
 from typing import Any, Optional
 
+from ._bootstrap import protocol
 from .errors import FrameTooLarge, ProtocolError
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
     "HEADER",
     "MAX_JSON_UNITS",
+    "FrameBuffer",
     "TooManyValues",
     "decode_body",
     "encode_frame",
+    "frame_length",
     "json_units",
     "parse_json",
+    "recv_body",
     "recv_exact",
     "recv_frame",
     "send_frame",
 ]
 
-HEADER = struct.Struct(">I")
+HEADER = protocol.HEADER
 #: Default bound on one frame's body. An LM request carrying a large prompt is
 #: the biggest legitimate frame; 256 MiB leaves room while refusing a 4 GB prefix.
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
@@ -157,22 +160,70 @@ def recv_exact(sock: socket.socket, n: int) -> Optional[bytes]:
     return bytes(buf)
 
 
-def recv_frame(sock: socket.socket, max_size: int = DEFAULT_MAX_FRAME) -> Optional[Any]:
-    """Receive one frame and return the decoded JSON value; ``None`` on a clean EOF.
+def frame_length(header: bytes | bytearray, max_size: int) -> int:
+    """The body length a frame header announces; :class:`FrameTooLarge` over ``max_size``
+    (checked here, before anything is allocated for the body)."""
+    (length,) = HEADER.unpack(header)
+    if length > max_size:
+        raise FrameTooLarge(f"frame of {length} bytes exceeds the limit of {max_size}")
+    return int(length)
 
-    The size bound is checked before the body is allocated: an oversized prefix
-    raises :class:`FrameTooLarge` and the caller should close the connection.
+
+def recv_body(sock: socket.socket, max_size: int = DEFAULT_MAX_FRAME) -> Optional[bytes]:
+    """Receive one frame's body (not decoded); ``None`` on a clean EOF between frames.
+
+    An EOF inside a frame raises :class:`ProtocolError`; an oversized prefix raises
+    :class:`FrameTooLarge` before the body is read, and the caller should close.
     """
     header = recv_exact(sock, HEADER.size)
     if header is None:
         return None
-    (length,) = HEADER.unpack(header)
-    if length > max_size:
-        raise FrameTooLarge(f"frame of {length} bytes exceeds the limit of {max_size}")
+    length = frame_length(header, max_size)
     body = recv_exact(sock, length)
     if body is None:
         raise ProtocolError(f"connection closed before a {length}-byte frame body")
-    return decode_body(body)
+    return body
+
+
+def recv_frame(sock: socket.socket, max_size: int = DEFAULT_MAX_FRAME) -> Optional[Any]:
+    """Receive one frame and return the decoded JSON value; ``None`` on a clean EOF
+    (see :func:`recv_body`)."""
+    body = recv_body(sock, max_size)
+    return None if body is None else decode_body(body)
+
+
+class FrameBuffer:
+    """The same frames, from a stream read in pieces (the container's stdout pipe).
+
+    Bytes are fed as they arrive; :meth:`take` returns a frame's body once it is
+    whole. The bound is checked on the header, before the body is waited for.
+    """
+
+    def __init__(self, max_size: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_size = max_size
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def take(self) -> Optional[bytes]:
+        """The next whole frame's body; ``None`` until one is complete."""
+        buf = self._buf
+        if len(buf) < HEADER.size:
+            return None
+        length = frame_length(buf[: HEADER.size], self.max_size)
+        if len(buf) < HEADER.size + length:
+            return None
+        body = bytes(buf[HEADER.size : HEADER.size + length])
+        del buf[: HEADER.size + length]
+        return body
+
+    def mid_frame(self) -> bool:
+        """Whether part of a frame is waiting: an EOF now would cut it."""
+        return bool(self._buf)
+
+    def clear(self) -> None:
+        self._buf.clear()
 
 
 def send_frame(sock: socket.socket, obj: Any) -> None:

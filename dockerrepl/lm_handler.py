@@ -21,16 +21,8 @@ from typing import Any, Optional
 
 from . import _exit
 from ._serve import start_serving, stop_serving
-from ._wire import (
-    DEFAULT_MAX_FRAME,
-    HEADER,
-    decode_body,
-    encode_frame,
-    recv_exact,
-    recv_frame,
-    send_frame,
-)
-from .errors import LMHandlerError, ProtocolError
+from ._wire import DEFAULT_MAX_FRAME, decode_body, encode_frame, recv_body, recv_frame, send_frame
+from .errors import FrameTooLarge, LMHandlerError, ProtocolError
 from .types import ModelUsageSummary, RLMChatCompletion, UsageSummary
 
 __all__ = ["LMConnection", "LMHandler", "send_lm_request", "send_lm_request_batched"]
@@ -127,26 +119,18 @@ class _ConnHandler(socketserver.BaseRequestHandler):
         except OSError:
             pass
         while True:
-            # header and body read here, not with recv_frame: a body of JSON `null`
-            # must be answered (not taken for EOF), and a bad body must be told
-            # apart from an EOF mid-frame by type, not by the error's wording
+            # the body is decoded in _answer_frame, not by recv_frame: a body of JSON
+            # `null` must be answered (not taken for EOF), and a bad body must be
+            # answered too (the stream is still aligned) rather than end the connection
             try:
-                header = recv_exact(sock, HEADER.size)
-                if header is None:
-                    return  # clean EOF between frames
-                (length,) = HEADER.unpack(header)
-                if length > owner.max_frame:
-                    log.warning(
-                        "LM handler: frame of %d bytes over the limit of %d; closing",
-                        length,
-                        owner.max_frame,
-                    )
-                    return
-                body = recv_exact(sock, length)
-                if body is None:
-                    return
+                body = recv_body(sock, owner.max_frame)
+            except FrameTooLarge as exc:
+                log.warning("LM handler: %s; closing", exc)
+                return
             except (ProtocolError, OSError):
                 return  # EOF mid-frame, reset or timeout
+            if body is None:
+                return  # clean EOF between frames
             if server.stopping.is_set():
                 return  # read while stop() ran: close without calling a client
             # the request and its answer live in _answer_frame only: a kept-alive

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
 from . import __version__, _exit, _options
+from ._bootstrap import protocol
 from ._container import (
     CODE_MOUNT,
     PROXY_SOCKET,
@@ -73,30 +74,19 @@ DEFAULT_CELL_TIMEOUT = _options.DEFAULT_CELL_TIMEOUT
 #: The longest finite timeout accepted (about 115 days); ``None`` or ``inf`` means no limit.
 MAX_TIMEOUT = 1e7
 #: Names the REPL owns: restored after every cell and refused as custom-tool names.
-RESERVED_NAMES = frozenset(
-    {
-        "llm_query",
-        "llm_query_batched",
-        "rlm_query",
-        "rlm_query_batched",
-        "SHOW_VARS",
-        "answer",
-        "context",
-        "history",
-    }
-)
+RESERVED_NAMES = protocol.RESERVED_NAMES
 #: Every ``REPLResult.status``; anything else a container reports becomes "crashed".
-RESULT_STATUSES = frozenset({"ok", "error", "timeout", "interrupted", "crashed", "oom"})
+RESULT_STATUSES = protocol.RESULT_STATUSES
 #: Extra seconds the host waits past a cell's timeout + grace before it declares
 #: the whole container unresponsive and replaces it.
 HOST_MARGIN = 20.0
 # Bounds on a result frame's fields (the bootstrap's MAX_LOCALS, MAX_NAME and
 # FINAL_ANSWER_CAP), with slack for its marker lines and notes.
-_MAX_LOCALS = 10_000
-_MAX_NAME = 1000
-_REPR_SLACK = 64
-_FINAL_ANSWER_CAP = 16 << 20
-_TEXT_SLACK = 64 << 10
+_MAX_LOCALS = protocol.MAX_LOCALS
+_MAX_NAME = protocol.MAX_NAME
+_REPR_SLACK = protocol.REPR_SLACK
+_FINAL_ANSWER_CAP = protocol.FINAL_ANSWER_CAP
+_TEXT_SLACK = protocol.TEXT_SLACK
 #: The longest :meth:`DockerREPL.interrupt` waits to hand its frame to the container.
 INTERRUPT_WAIT = 1.0
 #: At exit, the longest one REPL's constructor or another thread's call is waited for.

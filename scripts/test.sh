@@ -42,6 +42,7 @@ echo "== ruff"
 "$PY" -m ruff check dockerrepl tests scripts examples
 echo "== mypy"
 "$PY" -m mypy
+"$PY" -m mypy --config-file scripts/mypy-bootstrap.ini  # the in-container bootstrap
 
 echo "== pytest"
 set +e

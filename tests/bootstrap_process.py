@@ -1,26 +1,63 @@
 """The in-container bootstrap run under the host Python, with no access to the package.
 
-The file is copied into ``<tmp>/ws/.dockerrepl/`` as the host does for a container,
-``DOCKERREPL_WORKSPACE`` points it at ``<tmp>/ws`` instead of ``/workspace``, and a
-poisoned ``dockerrepl`` package on PYTHONPATH makes any import of ours fail loudly.
+The package is staged into ``<tmp>/code/`` by ``_staging.stage_code``, as the host does
+for a container (``dockerrepl_bootstrap/`` and its bytecode), and started with the
+container's launcher; ``DOCKERREPL_WORKSPACE`` points it at ``<tmp>/ws`` instead of
+``/workspace``, and a poisoned ``dockerrepl`` package on PYTHONPATH makes any import
+of ours fail loudly.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import select
-import shutil
 import struct
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any, Optional
 
+from dockerrepl._bootstrap import protocol
+from dockerrepl._container import BOOTSTRAP_PACKAGE, bootstrap_launcher
+from dockerrepl._staging import stage_code
+
+#: The bootstrap package's source directory (staged under the name BOOTSTRAP_PACKAGE).
 BOOTSTRAP = Path(__file__).resolve().parents[1] / "dockerrepl" / "_bootstrap"
-BOOTSTRAP_FILE = BOOTSTRAP / "dockerrepl_bootstrap.py"
 HEADER = struct.Struct(">I")
+
+
+def stage(code_dir: Path, copy_dill: bool = False) -> Path:
+    """The bootstrap staged in ``code_dir`` (made) as for a container; the package dir."""
+    code_dir.mkdir(parents=True)
+    stage_code(str(code_dir), copy_dill=copy_dill)
+    return code_dir / BOOTSTRAP_PACKAGE
+
+
+def load_package(name: str) -> types.ModuleType:
+    """A fresh copy of the bootstrap package and all its modules, imported under
+    ``name`` in this process (its modules hold the worker's state: each copy has its
+    own)."""
+    spec = importlib.util.spec_from_file_location(
+        name, BOOTSTRAP / "__init__.py", submodule_search_locations=[str(BOOTSTRAP)]
+    )
+    assert spec is not None and spec.loader is not None
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package  # for its relative imports
+    spec.loader.exec_module(package)
+    for module in sorted(BOOTSTRAP.glob("*.py")):
+        if module.stem != "__init__":
+            importlib.import_module(f"{name}.{module.stem}")
+    return package
+
+
+def run_argv(code_dir: Path, python: str = sys.executable) -> list[str]:
+    """``python`` started the way the container starts its own."""
+    return [python, "-B", "-c", bootstrap_launcher(str(code_dir))]
 
 
 def frame(obj: object) -> bytes:
@@ -38,7 +75,7 @@ def hello(**config: Any) -> dict[str, Any]:
         "grace": 0.5,
     }
     base.update(config)
-    return {"type": "hello", "version": 1, "config": base}
+    return {"type": "hello", "version": protocol.VERSION, "config": base}
 
 
 class Boot:
@@ -46,17 +83,25 @@ class Boot:
 
     With ``hello`` it is sent at once and the answer kept in ``ready``. ``stderr``
     is where the process's stderr goes (a pipe, read by ``stderr()`` after it exited).
+    ``python`` runs it (the host's by default); ``copy_dill`` stages the host's dill
+    in ``lib/``, as for an image without one.
     """
 
     def __init__(
-        self, tmp: Path, hello: Optional[dict[str, Any]] = None, stderr: int = subprocess.PIPE
+        self,
+        tmp: Path,
+        hello: Optional[dict[str, Any]] = None,
+        stderr: int = subprocess.PIPE,
+        python: str = sys.executable,
+        copy_dill: bool = False,
     ) -> None:
         self.ws = tmp / "ws"
-        boot_dir = self.ws / ".dockerrepl"
-        boot_dir.mkdir(parents=True, exist_ok=True)  # a reused workspace may hold state
-        shutil.copyfile(BOOTSTRAP_FILE, boot_dir / "dockerrepl_bootstrap.py")
+        (self.ws / ".dockerrepl").mkdir(parents=True, exist_ok=True)  # may hold state
+        code = tmp / "code"
+        if not code.exists():  # a second Boot on the same tmp (a restart) reuses it
+            stage(code, copy_dill)
         poison = tmp / "poison" / "dockerrepl"
-        poison.mkdir(parents=True)
+        poison.mkdir(parents=True, exist_ok=True)
         (poison / "__init__.py").write_text(
             "raise ImportError('the bootstrap must not import dockerrepl')\n"
         )
@@ -67,7 +112,7 @@ class Boot:
             "LANG": "C.UTF-8",
         }
         self.proc: subprocess.Popen[bytes] = subprocess.Popen(
-            [sys.executable, "-B", str(boot_dir / "dockerrepl_bootstrap.py")],
+            run_argv(code, python),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,

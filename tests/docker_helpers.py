@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import importlib
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from types import ModuleType
@@ -109,3 +111,16 @@ def derived_image(base: str, tag: str, run: str) -> str:
             capture_output=True,
         )
     return tag
+
+
+def interpreter(version: str) -> str:
+    """A python<version> (pyenv's, or the system's)."""
+    if f"{sys.version_info[0]}.{sys.version_info[1]}" == version:
+        return sys.executable
+    root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    found = sorted(glob.glob(os.path.join(root, "versions", f"{version}.*", "bin", "python")))
+    candidates = [*found, f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"]
+    for path in candidates:
+        if os.access(path, os.X_OK):
+            return path
+    skip_or_fail(f"no Python {version} here (pyenv or /usr/bin)")

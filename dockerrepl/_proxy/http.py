@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .._bootstrap import protocol
 from .._wire import TooManyValues, parse_json
 from .ledger import Address, ProxyState
 from .routes import LM_IDLE_TIMEOUT, MAX_BATCH_PROMPTS, Refused, Routes
@@ -60,8 +61,8 @@ PREAUTH_GRACE = 1.0
 #: Connections per proxy (a host thread and fd each). Past it a new connection is not
 #: served until one closes: the oldest idle kept-alive one is closed to make room, and
 #: if every one is busy the new one waits (the kernel's listen backlog holds the rest).
-#: The container's client keeps at most this many (bootstrap PROXY_POOL).
-MAX_CONNECTIONS = 32
+#: The container's client keeps at most this many: one number in the wire contract.
+MAX_CONNECTIONS = protocol.PROXY_CONNECTIONS
 #: When a cell's result is taken, idle kept-alive connections (and idle pooled LM
 #: connections) past this many are closed, the oldest first: a cell that ran many
 #: threads leaves a few behind, and a single-threaded one keeps its connection.

@@ -11,16 +11,14 @@ with its pid may remain (``--rm`` is waited for, bounded) and ``TMPDIR`` is empt
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from docker_helpers import container_ids, skip_or_fail, wait_gone
+from docker_helpers import container_ids, interpreter, wait_gone
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -91,19 +89,6 @@ done()
 }
 
 
-def _interpreter(version: str) -> str:
-    """A python<version> (pyenv's, or the system's)."""
-    if f"{sys.version_info[0]}.{sys.version_info[1]}" == version:
-        return sys.executable
-    root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
-    found = sorted(glob.glob(os.path.join(root, "versions", f"{version}.*", "bin", "python")))
-    candidates = [*found, f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"]
-    for path in candidates:
-        if os.access(path, os.X_OK):
-            return path
-    skip_or_fail(f"no Python {version} here (pyenv or /usr/bin)")
-
-
 @pytest.fixture(scope="module")
 def dill_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A directory holding only this interpreter's dill (pure Python, 3.8+): on the
@@ -143,7 +128,7 @@ class _Child:
 
 @pytest.mark.parametrize("version", PYTHONS)
 def test_a_script_that_never_cleans_up_exits_and_leaves_nothing(image, tmp_path, version, dill_dir):
-    python = _interpreter(version)
+    python = interpreter(version)
     children = [_Child(python, name, image, str(tmp_path), dill_dir) for name in SCRIPTS]
     by_name = {c.name: c for c in children}
     try:

@@ -195,7 +195,8 @@ def test_worker_death_seen_although_a_child_holds_its_socket(frepl):
 def test_protocol_garbage_from_cell_code_kills_only_the_worker(frepl):
     seed(frepl)
     r = frepl.execute_code(
-        "import dockerrepl_bootstrap as b, os\nos.write(b._CTRL[0].fileno(), b'\\0\\0\\0\\5junk!')"
+        "import os\nfrom dockerrepl_bootstrap.checkpoint import CHECKPOINTER\n"
+        "os.write(CHECKPOINTER.ctrl.fileno(), b'\\0\\0\\0\\5junk!')"
     )
     assert r.status == "crashed"
     assert "protocol" in r.stderr

@@ -333,7 +333,8 @@ def test_a_deep_tree_the_cell_made_breaks_neither_load_context_nor_cleanup(image
 # cell ignores the interrupt, so the worker is killed and the sweep runs.
 RENAMED_DAEMONS = r"""
 import ctypes, os, signal
-import dockerrepl_bootstrap as b
+from dockerrepl_bootstrap import protocol
+from dockerrepl_bootstrap.checkpoint import CHECKPOINTER
 for i in range(4):
     pid = os.fork()
     if pid == 0:
@@ -345,7 +346,7 @@ for i in range(4):
                 f.write("drepl-snapshot")
         while True:
             pass
-    b.sock_send(b._CTRL[0], {"type": "snapshot", "pid": pid})  # as the worker does
+    protocol.send_frame(CHECKPOINTER.ctrl, {"type": "snapshot", "pid": pid})  # as the worker does
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 while True:
     pass
@@ -511,7 +512,7 @@ def test_replies_the_cell_code_forges_are_bounded_by_the_supervisor(repl):
     run_ok(repl, "kept = 'yes'")
     run_ok(
         repl,
-        "import dockerrepl_bootstrap as b\n"
+        "from dockerrepl_bootstrap import worker as b\n"
         "real = b.OPS['checkpoint']\n"
         "b.OPS['checkpoint'] = lambda args: {'skipped': [], 'blob': 'A' * (8 << 20)}\n",
     )
@@ -568,7 +569,7 @@ def test_extra_args_the_engine_refuses_are_a_typed_error_naming_the_cause(image,
 TAMPER = r"""
 import errno, glob, os
 tried = {}
-for path in ("/opt/dockerrepl/dockerrepl_bootstrap.py", "/opt/dockerrepl/evil.py"):
+for path in ("/opt/dockerrepl/dockerrepl_bootstrap/supervisor.py", "/opt/dockerrepl/evil.py"):
     try:
         open(path, "a").write("\nraise SystemExit('owned')\n")
         tried[path] = "written"
@@ -579,6 +580,10 @@ forge = "import sys\nsys.stdout.write('FORGED')\n"
 for name in ("dockerrepl_bootstrap.py", "json.py", "struct.py", "socket.py", "select.py"):
     open("/workspace/.dockerrepl/" + name, "w").write(forge)
     open("/workspace/" + name, "w").write(forge)
+for where in ("/workspace/", "/workspace/.dockerrepl/"):
+    os.makedirs(where + "dockerrepl_bootstrap", exist_ok=True)
+    for name in ("__init__.py", "main.py", "supervisor.py"):
+        open(where + "dockerrepl_bootstrap/" + name, "w").write(forge)
 os.makedirs("/workspace/.dockerrepl/lib/dill", exist_ok=True)
 open("/workspace/.dockerrepl/lib/dill/__init__.py", "w").write(forge)
 print(sorted(tried.items()))
@@ -594,7 +599,7 @@ def test_cell_code_cannot_change_what_the_next_container_runs(repl):
     repl.checkpoint()
     out = run_ok(repl, TAMPER)
     assert out == (
-        "[('/opt/dockerrepl/dockerrepl_bootstrap.py', 'EROFS'),"
+        "[('/opt/dockerrepl/dockerrepl_bootstrap/supervisor.py', 'EROFS'),"
         " ('/opt/dockerrepl/evil.py', 'EROFS')]\n"
     )
     first = repl.container_name
@@ -603,8 +608,8 @@ def test_cell_code_cannot_change_what_the_next_container_runs(repl):
     assert (r.status, r.stdout) == ("ok", "yes\n"), r.stderr
     assert repl.container_name != first
     assert "FORGED" not in r.stdout + r.stderr
-    code = "import dockerrepl_bootstrap as b\nprint(b.__file__)"
-    assert run_ok(repl, code) == "/opt/dockerrepl/dockerrepl_bootstrap.py\n"
+    code = "import dockerrepl_bootstrap.main as b\nprint(b.__file__)"
+    assert run_ok(repl, code) == "/opt/dockerrepl/dockerrepl_bootstrap/main.py\n"
 
 
 # --------------------------------------------------------------------------- no engine

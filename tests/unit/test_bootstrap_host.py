@@ -13,9 +13,10 @@ import sys
 import time
 
 import pytest
-from bootstrap_process import BOOTSTRAP, BOOTSTRAP_FILE, Boot, frame, hello
+from bootstrap_process import BOOTSTRAP, Boot, frame, hello, stage
 
 from dockerrepl import LMHandler
+from dockerrepl._bootstrap import protocol
 from dockerrepl._proxy import ProxyServer, ProxyState
 from dockerrepl.clients import EchoClient
 
@@ -40,37 +41,53 @@ def pid_gone(pid: int, timeout: float = 10.0) -> bool:
 
 
 # --------------------------------------------------------------------------- static
+def modules() -> list:
+    return sorted(BOOTSTRAP.glob("*.py"))
+
+
 def test_compiles_under_python_38_grammar():
-    src = BOOTSTRAP_FILE.read_text("utf-8")
-    ast.parse(src, feature_version=(3, 8))
+    for path in modules():
+        ast.parse(path.read_text("utf-8"), filename=str(path), feature_version=(3, 8))
 
 
-def test_imports_only_the_stdlib():
-    tree = ast.parse(BOOTSTRAP_FILE.read_text("utf-8"))
+def test_imports_only_the_stdlib_and_its_own_modules():
+    siblings = {p.stem for p in modules()}
     names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, "relative import in the bootstrap"
-            names.add((node.module or "").split(".")[0])
-    # dill is optional (the image's, or the host's copied into the mount); the
-    # bootstrap imports itself by module name so dill pickles its helpers by reference
-    extra = names - set(sys.stdlib_module_names) - {"dill", "dockerrepl_bootstrap"}
+    for path in modules():
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level:
+                # relative, so the package works under any name (dockerrepl._bootstrap
+                # on the host, dockerrepl_bootstrap in the container)
+                assert node.level == 1, f"{path.name}: import from outside the package"
+                wanted = {node.module} if node.module else {a.name for a in node.names}
+                assert wanted <= siblings, f"{path.name}: {wanted}"
+            elif isinstance(node, ast.ImportFrom):
+                names.add((node.module or "").split(".")[0])
+    # dill is optional (the image's, or the host's copied into the mount)
+    extra = names - set(sys.stdlib_module_names) - {"dill"}
     assert extra == set()
-    assert "dockerrepl" not in names
+    assert "dockerrepl" not in names and "dockerrepl_bootstrap" not in names
 
 
-def test_only_one_file_in_the_bootstrap_dir():
-    files = sorted(p.name for p in BOOTSTRAP.iterdir() if p.suffix == ".py")
-    assert files == ["dockerrepl_bootstrap.py"]
+def test_the_package_is_staged_whole_with_its_bytecode(tmp_path):
+    pkg = stage(tmp_path / "code")
+    assert sorted(p.name for p in pkg.glob("*.py")) == [p.name for p in modules()]
+    cached = {p.name.split(".")[0] for p in (pkg / "__pycache__").glob("*.pyc")}
+    assert cached == {p.stem for p in modules()}
+
+
+def test_modules_of_one_job_each():
+    for path in modules():
+        assert len(path.read_text("utf-8").splitlines()) <= 600, path.name
 
 
 # --------------------------------------------------------------------------- handshake
 def test_handshake(boot):
     r = boot.ready
     assert r["type"] == "ready"
-    assert r["version"] == 1
+    assert r["version"] == protocol.VERSION
     assert r["python"] == ".".join(map(str, sys.version_info[:3]))
     assert r["pid"] == boot.proc.pid
     assert r["uid"] == os.getuid()
@@ -368,3 +385,20 @@ def test_stdin_close_right_after_start(tmp_path):
             assert b.ready["type"] == "ready"
             b.proc.stdin.close()
             assert b.proc.wait(10) == 0
+
+
+def test_a_checkpoint_naming_the_helpers_as_before_the_package_split_restores(tmp_path):
+    """dill pickles the helpers by reference; checkpoints written before the bootstrap
+    became a package name them ``dockerrepl_bootstrap.llm_query``."""
+    state = tmp_path / "ws" / ".dockerrepl"
+    state.mkdir(parents=True)
+    # protocol 0: {"g": <global dockerrepl_bootstrap.llm_query>}
+    (tmp_path / "ws" / "state.dill").write_bytes(
+        b"(dp0\nVg\np1\ncdockerrepl_bootstrap\nllm_query\np2\ns."
+    )
+    (state / "state.meta.json").write_text(
+        json.dumps({"cell": 5, "order": [1, 1], "skipped": [], "file_backed": {}})
+    )
+    with Boot(tmp_path, hello(restore=True)) as b:
+        r = b.exec("print(g is llm_query, g.__module__)", 6)
+        assert r["stdout"] == "True dockerrepl_bootstrap.scaffold\n", r

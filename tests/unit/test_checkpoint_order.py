@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from bootstrap_process import BOOTSTRAP_FILE, Boot, hello
+from bootstrap_process import Boot, hello, stage
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -87,38 +87,37 @@ ORDER_SCRIPT = textwrap.dedent(
     """
     import json, sys
     sys.path.insert(0, sys.argv[1])
-    import dockerrepl_bootstrap as b
+    from dockerrepl_bootstrap import paths, store
 
     def meta():
-        with open(b.META_FILE) as f:
+        with open(paths.META_FILE) as f:
             return json.load(f)
 
     def write(cell, order):
-        return b.write_checkpoint({"x": cell}, {}, cell, order)
+        return store.write_checkpoint({"x": cell}, {}, cell, order)
 
     out = {}
-    b._start_epoch()
-    e = b._ORDER["epoch"]
+    store.start_epoch()
+    e = store.STORE.epoch
     out["first"] = write(2, [e, 2])
     out["older"] = write(1, [e, 1])  # the slow first child, late
     out["same"] = write(3, [e, 2])
     out["cell_after_older"] = meta()["cell"]
-    b._start_epoch()  # a new worker (a restart that restored nothing)
+    store.start_epoch()  # a new worker (a restart that restored nothing)
     out["stale_worker"] = write(9, [e, 99])  # the old worker's late snapshot
     out["new_worker"] = write(1, [e + 1, 1])  # a lower cell, but the newer worker
     out["final"] = meta()["cell"]
-    out["epochs"] = [e, b._ORDER["epoch"]]
+    out["epochs"] = [e, store.STORE.epoch]
     print(json.dumps(out))
     """
 )
 
 
 def test_the_order_key_decides_under_the_lock(tmp_path):
-    boot_dir = tmp_path / "ws" / ".dockerrepl"
-    boot_dir.mkdir(parents=True)
-    (boot_dir / "dockerrepl_bootstrap.py").write_bytes(BOOTSTRAP_FILE.read_bytes())
+    (tmp_path / "ws" / ".dockerrepl").mkdir(parents=True)
+    code = stage(tmp_path / "code").parent
     out = subprocess.run(
-        [sys.executable, "-B", "-c", ORDER_SCRIPT, str(boot_dir)],
+        [sys.executable, "-B", "-c", ORDER_SCRIPT, str(code)],
         env={"PATH": "/usr/bin:/bin", "DOCKERREPL_WORKSPACE": str(tmp_path / "ws")},
         capture_output=True,
         timeout=30,

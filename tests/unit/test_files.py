@@ -8,16 +8,16 @@ regression fails instead of hanging the suite.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
+from pathlib import Path
 
 import pytest
-from bootstrap_process import BOOTSTRAP_FILE
+from bootstrap_process import load_package, stage
 from docker_helpers import skip_or_fail
 
 from dockerrepl import _files
@@ -262,11 +262,7 @@ def test_path_components():
 
 # ------------------------------------------------------------------ remove_tree
 def _bootstrap_remove_tree():
-    spec = importlib.util.spec_from_file_location("dockerrepl_bootstrap_tree", BOOTSTRAP_FILE)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.remove_tree
+    return load_package("dockerrepl_bootstrap_tree").files.remove_tree
 
 
 REMOVERS = {"host": lambda: _files.remove_tree, "bootstrap": _bootstrap_remove_tree}
@@ -326,8 +322,9 @@ def test_remove_tree_undoes_modes_a_cell_set_as_a_non_root_user(tmp_path, which)
         root = os.path.dirname(os.path.dirname(os.path.abspath(_files.__file__)))
         load = f"sys.path.insert(0, {root!r})\nfrom dockerrepl._files import remove_tree\n"
     else:
-        boot = os.path.dirname(BOOTSTRAP_FILE)
-        load = f"sys.path.insert(0, {boot!r})\nfrom dockerrepl_bootstrap import remove_tree\n"
+        code_dir = str(stage(Path(base) / "code").parent)  # as 65534 can read it
+        load = f"sys.path.insert(0, {code_dir!r})\n"
+        load += "from dockerrepl_bootstrap.files import remove_tree\n"
     code = (
         "import os, sys\n" + load + "os.setgid(65534); os.setuid(65534)\n"
         "top = os.path.join(sys.argv[1], 't')\n"

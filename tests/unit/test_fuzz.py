@@ -2,7 +2,7 @@
 
 * the frame parsers: ``dockerrepl._wire`` (LM Handler protocol), the host's
   parser of container frames (``Container._parse``) and the bootstrap's
-  ``FrameReader`` (imported from the file under the host Python);
+  ``FrameReader`` (its ``protocol`` module, which the host imports too);
 * the proxy's request handling, over real sockets to a real ``ProxyServer``;
 * the LM Handler, over real sockets;
 * the bootstrap's message handling: the supervisor run under the host Python,
@@ -14,14 +14,13 @@ documented error type) and checks that the server still serves afterwards.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
-from bootstrap_process import BOOTSTRAP_FILE, Boot, hello
+from bootstrap_process import Boot, hello
 from docker_helpers import import_or_skip
 
 hypothesis = import_or_skip("hypothesis", "the fuzz tests need hypothesis (the [test] extra)")
@@ -29,6 +28,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from dockerrepl import LMHandler  # noqa: E402
+from dockerrepl._bootstrap import procs, protocol  # noqa: E402
 from dockerrepl._container import Container, ContainerConfig  # noqa: E402
 from dockerrepl._proxy import ProxyServer, ProxyState  # noqa: E402
 from dockerrepl._wire import HEADER, decode_body, encode_frame, recv_frame  # noqa: E402
@@ -78,15 +78,6 @@ frame_streams = st.lists(
 ).map(b"".join)
 
 
-@pytest.fixture(scope="module")
-def boot_module():
-    spec = importlib.util.spec_from_file_location("dockerrepl_bootstrap_fuzzed", BOOTSTRAP_FILE)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 # --------------------------------------------------------------------------- frame parsers
 @FAST
 @given(data=frame_streams)
@@ -122,11 +113,11 @@ def test_wire_round_trip(value):
 @given(data=frame_streams, cut=st.integers(1, 16))
 def test_host_parser_of_container_frames(tmp_path, data, cut):
     """Container._parse: a dict with a str 'type', None (need more), or ProtocolError."""
-    c = Container(ContainerConfig(image="x", workspace=str(tmp_path)), str(tmp_path / "log"))
-    c.max_frame = 1 << 16
+    config = ContainerConfig(image="x", workspace=str(tmp_path))
+    c = Container(config, str(tmp_path / "log"), max_frame=1 << 16)
     c.kill = lambda: None  # type: ignore[method-assign]  # no process to kill here
     for i in range(0, len(data), cut):  # arriving in pieces
-        c._buf += data[i : i + cut]
+        c._frames.feed(data[i : i + cut])
         while True:
             try:
                 msg = c._parse()
@@ -143,7 +134,7 @@ def test_host_parser_refuses_a_deeply_nested_frame_and_reads_on(tmp_path):
     c = Container(ContainerConfig(image="x", workspace=str(tmp_path)), str(tmp_path / "log"))
     c.kill = lambda: None  # type: ignore[method-assign]
     deep = b'{"type":"result","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    c._buf += frame(deep) + frame(b'{"type":"ready"}')
+    c._frames.feed(frame(deep) + frame(b'{"type":"ready"}'))
     with pytest.raises(ProtocolError, match="nested too deeply"):
         c._parse()
     assert c._parse() == {"type": "ready"}
@@ -151,9 +142,9 @@ def test_host_parser_refuses_a_deeply_nested_frame_and_reads_on(tmp_path):
 
 @FAST
 @given(data=frame_streams, cut=st.integers(1, 16))
-def test_bootstrap_frame_reader(boot_module, data, cut):
+def test_bootstrap_frame_reader(data, cut):
     """FrameReader: frames, or ValueError/RecursionError (the supervisor kills the worker)."""
-    reader = boot_module.FrameReader(1 << 16)
+    reader = protocol.FrameReader(1 << 16)
     for i in range(0, len(data), cut):
         reader.feed(data[i : i + cut])
         try:
@@ -345,7 +336,7 @@ def test_supervisor_message_handling(supervisor, msg):
     supervisor.ping(id(msg))
 
 
-def test_sweep_never_runs_outside_a_container(boot_module):
+def test_sweep_never_runs_outside_a_container():
     """The supervisor's sweep kills every other process it can see: on a host, nothing."""
-    assert boot_module._in_container() is False
-    assert boot_module.sweep_processes() == []
+    assert procs.in_container() is False
+    assert procs.sweep_processes() == []

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "dockerrepl"
-BOOTSTRAP = PKG / "_bootstrap" / "dockerrepl_bootstrap.py"
+BOOTSTRAP = PKG / "_bootstrap"
 
 
 def package_sources() -> list[Path]:
@@ -312,11 +312,11 @@ _VENDORED = textwrap.dedent(
 
     with d.LMHandler(EchoClient()) as h:
         resp = send_lm_request(h.address, "hi")
-    src = _staging._BOOTSTRAP_SRC
+    src = _staging._BOOTSTRAP_DIR
     print(json.dumps({
         "version": d.__version__,
         "bootstrap": src,
-        "bootstrap_exists": os.path.isfile(src),
+        "bootstrap_exists": os.path.isfile(os.path.join(src, "main.py")),
         "response": resp["chat_completion"]["response"],
         "error_is_own": issubclass(d.errors.ProtocolError, d.DockerReplError),
         "real_loaded": [m for m in sys.modules if m.split(".")[0] == "dockerrepl"],
@@ -345,7 +345,7 @@ def test_vendored_under_another_name(tmp_path):
 def test_bootstrap_is_shipped_next_to_the_module_that_copies_it():
     from dockerrepl import _staging
 
-    assert Path(_staging._BOOTSTRAP_SRC).resolve() == BOOTSTRAP.resolve()
+    assert Path(_staging._BOOTSTRAP_DIR).resolve() == BOOTSTRAP.resolve()
 
 
 def test_the_fitness_checks_see_the_subpackages():
@@ -372,3 +372,19 @@ def test_the_proxy_routes_know_nothing_of_http():
 def test_the_split_packages_keep_modules_small(package):
     sizes = {p.name: len(p.read_text("utf-8").splitlines()) for p in (PKG / package).glob("*.py")}
     assert max(sizes.values()) <= 600, sizes
+
+
+
+def test_bootstrap_imports_only_itself_and_the_host_only_its_protocol():
+    """Imports flow host -> bootstrap, and only to the contract: the rest of the
+    bootstrap is code for the container, staged, never imported on the host."""
+    for path in sorted(BOOTSTRAP.glob("*.py")):
+        for mod, level in imported_modules(ast.parse(path.read_text("utf-8"))):
+            assert level in (0, 1), f"{path.name}: {mod}"
+            assert not mod.startswith("dockerrepl"), f"{path.name}: {mod}"
+    taken = set()
+    for path in host_sources():
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(node, ast.ImportFrom) and "_bootstrap" in (node.module or ""):
+                taken.update(f"{node.module}:{alias.name}" for alias in node.names)
+    assert taken == {"_bootstrap:protocol"}

@@ -6,7 +6,6 @@ keep serving. Budgets and abandoned cells are here too (they are the proxy's).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -15,7 +14,7 @@ import time
 import tracemalloc
 
 import pytest
-from bootstrap_process import BOOTSTRAP_FILE
+from bootstrap_process import load_package
 from concurrency import run_threads
 
 from dockerrepl import LMHandler
@@ -539,13 +538,11 @@ def test_a_million_prompt_batch_costs_the_host_little(big_proxy):
 @pytest.fixture
 def cell_client(big_proxy):
     """The in-container client (llm_query_batched of the bootstrap), aimed at the proxy."""
-    spec = importlib.util.spec_from_file_location("dockerrepl_bootstrap_client", BOOTSTRAP_FILE)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    boot = load_package("dockerrepl_bootstrap_client")
     p, where = big_proxy
-    mod.CONFIG.update(proxy={"host": where[0], "port": where[1]}, token=TOKEN, depth=1)
-    return mod
+    config = {"proxy": {"host": where[0], "port": where[1]}, "token": TOKEN, "depth": 1}
+    boot.namespace.REPL.config.update(config)
+    return boot.scaffold
 
 
 def test_what_the_cell_sees_for_a_batch_over_the_limits(cell_client):

@@ -1,0 +1,43 @@
+"""dockerrepl's in-container bootstrap: supervisor + worker.
+
+The host copies this package into a code directory it mounts read-only at
+``/opt/dockerrepl`` (as ``dockerrepl_bootstrap``) and starts ``main.main()`` as the
+container's main process. Its state (checkpoint metadata, locks, the tools and
+compaction list, the proxy's unix socket) lives in ``/workspace/.dockerrepl``,
+which cell code can write; the code it runs from cannot be changed from inside.
+It runs on any Python >= 3.8 with only the standard library (dill is optional,
+found on ``sys.path`` or in ``lib/`` beside the package) and imports nothing from
+the host package; the host imports ``protocol`` from it, nothing else.
+
+Modules, in the order they build on each other:
+
+* ``protocol``: the wire contract (version, caps, names, statuses) and framing;
+* ``hardening``: keeping the supervisor out of the cell's reach;
+* ``paths``: where the code and the state are;
+* ``namespace``: the REPL namespace, running a cell, bounded reprs;
+* ``client``, ``scaffold``: ``llm_query`` & co, ``SHOW_VARS``, custom tools;
+* ``store``, ``checkpoint``: the checkpoint on disk, and the snapshots that write it;
+* ``worker``: the worker process (cells and the host's operations);
+* ``files``, ``procs``, ``output``, ``supervisor``: the supervisor process;
+* ``main``: the entry point.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .protocol import SCAFFOLD_FUNCS
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    """The scaffold helpers under their names from before the package split
+    (``dockerrepl_bootstrap.llm_query``): a checkpoint written then pickled a
+    function that uses one by that name."""
+    if name in SCAFFOLD_FUNCS:
+        # imported here, not at the top: the host imports this package for protocol only
+        return getattr(importlib.import_module(__name__ + ".scaffold"), name)
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))

@@ -1,0 +1,236 @@
+"""The worker's REPL: its namespace, the code run in it, and what a cell's result shows.
+
+``REPL`` is the worker process's state: the namespace (the ``__main__`` module's
+dict), the configuration from the host's hello, and the cell being run.
+"""
+
+from __future__ import annotations
+
+import json
+import linecache
+import os
+import reprlib
+import sys
+import traceback
+import types
+
+from . import paths, protocol
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+#: Never listed in ``locals`` nor checkpointed as variables.
+HIDDEN_LOCALS = frozenset(protocol.SCAFFOLD_FUNCS) | {"__builtins__"}
+_HERE = os.path.abspath(__file__)
+
+
+class Repl:
+    """One worker's REPL state (one instance, :data:`REPL`)."""
+
+    def __init__(self) -> None:
+        #: the namespace cells run in (the ``__main__`` module's dict once the worker runs)
+        self.ns: dict[str, Any] = {}
+        #: the host's configuration, from the hello frame (set once per worker)
+        self.config: dict[str, Any] = {}
+        #: the cell being run, or the last one (the proxy attributes LM calls to it)
+        self.cell_id = 0
+        #: name -> (id(value), path, kind): skipped by checkpoints, reloaded on restore
+        self.file_backed: dict[str, tuple[int, str, str]] = {}
+
+    def new_namespace(self) -> dict[str, Any]:
+        """A fresh ``__main__`` module whose dict becomes the namespace."""
+        mod = types.ModuleType("__main__")
+        b = __builtins__
+        mod.__dict__["__builtins__"] = b if isinstance(b, dict) else b.__dict__
+        sys.modules["__main__"] = mod
+        self.ns = mod.__dict__
+        return self.ns
+
+    def user_names(self) -> list[str]:
+        """The names a cell made (not ``_private`` ones, not the helpers)."""
+        out = []
+        for k in self.ns:
+            # globals()[1] = ... puts a key that is not a str in the namespace
+            if not isinstance(k, str) or k.startswith("_") or k in HIDDEN_LOCALS:
+                continue
+            out.append(k)
+        return out
+
+    def reset_answer(self) -> None:
+        self.ns["answer"] = {"content": "", "ready": False}
+
+    def load_file_var(self, name: str, path: str, kind: str) -> Any:
+        """A variable read from a workspace file (text, or JSON)."""
+        full = os.path.join(paths.WORKSPACE, path)
+        with open(full, "rb") as f:
+            text = f.read().decode("utf-8", "surrogatepass")
+        value = json.loads(text) if kind == "json" else text
+        self.ns[name] = value
+        self.file_backed[name] = (id(value), path, kind)
+        return value
+
+
+REPL = Repl()
+
+
+def exec_cell(code: str, cell_id: int) -> tuple[str, str | None]:
+    """Run ``code`` in the namespace: ``(status, exception name)``; its output and
+    traceback go to the worker's stdout and stderr."""
+    ns = REPL.ns
+    if not isinstance(ns.get("answer"), dict):
+        REPL.reset_answer()
+    status, exc_name = "ok", None
+    filename = "<cell-%d>" % cell_id
+    try:
+        try:
+            compiled = compile(code, filename, "exec", dont_inherit=True)
+        except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError) as e:
+            status, exc_name = "error", type(e).__name__
+            text = "".join(traceback.format_exception_only(type(e), e))
+            sys.stderr.write(text)
+        else:
+            linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+            try:
+                exec(compiled, ns)
+            except SystemExit as e:
+                status, exc_name = "error", "SystemExit"
+                sys.stderr.write("SystemExit: %s\n" % ("" if e.code is None else e.code))
+            except BaseException as e:
+                status, exc_name = "error", type(e).__name__
+                _print_exception(e)
+    except KeyboardInterrupt:  # arrived between exec() and here
+        status, exc_name = "error", "KeyboardInterrupt"
+        sys.stderr.write("KeyboardInterrupt\n")
+    finally:
+        flush_std()
+    return status, exc_name
+
+
+def cell_result(status: str, exc_name: str | None) -> dict[str, Any]:
+    """The worker's "done" frame's fields for a cell that ended so."""
+    return {
+        "status": status,
+        "exception": exc_name,
+        "locals": _locals_snapshot(),
+        "final_answer": _final_answer(),
+    }
+
+
+def flush_std() -> None:
+    for s in (sys.stdout, sys.stderr):
+        try:
+            s.flush()
+        except BaseException:
+            pass
+
+
+def _print_exception(exc: BaseException) -> None:
+    tb = exc.__traceback__
+    # drop the bootstrap's own frame at the top: users see their cell only
+    while tb is not None and tb.tb_frame.f_code.co_filename == _HERE:
+        tb = tb.tb_next
+    try:
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+    except BaseException:
+        text = "%s: <unprintable exception>\n" % type(exc).__name__
+    try:
+        sys.stderr.write(text)
+    except BaseException:
+        os.write(2, text.encode("utf-8", "replace"))
+
+
+def _locals_snapshot() -> dict[str, str]:
+    cap = REPL.config.get("repr_cap", 1000)
+    names = REPL.user_names()
+    listed = [k for k in names if len(k) <= protocol.MAX_NAME][: protocol.MAX_LOCALS]
+    if len(listed) < len(names):
+        try:
+            sys.stderr.write(
+                "dockerrepl: locals lists %d of the %d names (at most %d, each at most %d"
+                " characters long)\n"
+                % (len(listed), len(names), protocol.MAX_LOCALS, protocol.MAX_NAME)
+            )
+            sys.stderr.flush()
+        except BaseException:
+            pass
+    return {k: bounded_repr(REPL.ns[k], cap) for k in listed}
+
+
+def _final_answer() -> str | None:
+    ans = REPL.ns.get("answer")
+    if isinstance(ans, dict) and ans.get("ready"):
+        try:
+            text = str(ans.get("content", ""))
+        except BaseException as e:
+            try:
+                text = "<answer content could not be converted to str: %s>" % (e,)
+            except BaseException:
+                text = "<answer content could not be converted to str>"
+        return protocol.cut(text, protocol.FINAL_ANSWER_CAP, "the final answer")
+    return None
+
+
+# --------------------------------------------------------------------------- bounded reprs
+class _BoundedRepr(reprlib.Repr):
+    def __init__(self, cap: int) -> None:
+        reprlib.Repr.__init__(self)
+        self.maxlevel = 3
+        self.maxtuple = self.maxlist = self.maxarray = self.maxdeque = 30
+        self.maxdict = 20
+        self.maxset = self.maxfrozenset = 30
+        self.maxstring = cap
+        self.maxlong = cap
+        self.maxother = cap
+
+    # reprlib sorts sets, an O(n log n) cost per cell on big sets: show them unsorted
+    def repr_set(self, x: set[Any], level: int) -> str:
+        return self._unsorted(x, level, "{", "}", self.maxset, "set()")
+
+    def repr_frozenset(self, x: frozenset[Any], level: int) -> str:
+        return self._unsorted(x, level, "frozenset({", "})", self.maxfrozenset, "frozenset()")
+
+    def _unsorted(
+        self, x: set[Any] | frozenset[Any], level: int, left: str, right: str, maxn: int, empty: str
+    ) -> str:
+        if not x:
+            return empty
+        if level <= 0:
+            return left + "..." + right
+        import itertools
+
+        pieces = [self.repr1(e, level - 1) for e in itertools.islice(x, maxn)]
+        if len(x) > maxn:
+            pieces.append("...")
+        return left + ", ".join(pieces) + right
+
+    def repr_instance(self, x: object, level: int) -> str:
+        return repr(x)
+
+
+def bounded_repr(value: object, cap: int) -> str:
+    """``repr(value)`` in at most about ``cap`` characters; never raises (but for
+    KeyboardInterrupt and SystemExit)."""
+    try:
+        if isinstance(value, (str, bytes, bytearray)):
+            if len(value) > cap:
+                # escapes (\x00, \U000e0001) make a repr up to 10x longer than its text
+                return repr(value[:cap])[:cap] + "... (%d total)" % len(value)
+            s = repr(value)
+        elif isinstance(value, (list, tuple, dict, set, frozenset)):
+            s = _BoundedRepr(cap).repr(value)
+        else:
+            s = repr(value)
+        if not isinstance(s, str):
+            s = "<%s with a non-str __repr__>" % type(value).__name__
+    except BaseException as e:  # a broken __repr__ must not fail the cell
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        s = "<%s object; repr failed: %s: %s>" % (
+            type(value).__name__[:200],
+            type(e).__name__[:200],
+            str(e)[:200],
+        )
+    if len(s) > cap:
+        s = s[:cap] + "... (%d chars)" % len(s)
+    return s
