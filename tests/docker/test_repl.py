@@ -336,7 +336,7 @@ def test_network_none_with_a_deep_workspace_dir(image, handler, tmp_path):
         network="none",
         workspace_dir=str(deep),
     ) as repl:
-        assert len(os.path.join(repl._code_dir, "proxy.sock")) > 110
+        assert len(os.path.join(repl._session.workspace.code_dir, "proxy.sock")) > 110
         r = repl.execute_code("print(llm_query('deep'))")
         assert r.stdout == "echo:deep\n", r.stderr
         assert [c.response for c in r.rlm_calls] == ["echo:deep"]
