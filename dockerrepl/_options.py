@@ -380,18 +380,19 @@ class ReplOptions:
     extra_args: tuple[str, ...]
     #: custom_tools, checked: what crosses into the container, and the host tools
     tools: ToolSpecs = field(repr=False)
-    #: the arguments given that DockerREPL does not take (rlm's contract: ignored)
-    ignored: tuple[str, ...] = ()
 
     @classmethod
     def build(cls, **kwargs: Any) -> ReplOptions:
         """Check ``kwargs`` (DockerREPL's arguments) and fill in the defaults.
 
-        Names not in :data:`DEFAULTS` are kept in ``ignored``, not checked.
-        Raises ``TypeError``/``ValueError`` naming the option (a missing
+        Raises ``TypeError`` for a name not in :data:`DEFAULTS` (with the option
+        it resembles), then ``TypeError``/``ValueError`` naming the option (a missing
         ``workspace_dir``: ``FileNotFoundError``; one this process cannot write:
         ``PermissionError``). Reads ``$DOCKERREPL_IMAGE`` when no image is given.
         """
+        unknown = set(kwargs) - set(DEFAULTS)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {unknown_arguments(unknown)}")
         a = {**DEFAULTS, **kwargs}
         network = a["network"]
         if not isinstance(network, str):
@@ -487,5 +488,4 @@ class ReplOptions:
             verify_security=verify_security,
             extra_args=extra_args,
             tools=tools,
-            ignored=tuple(sorted(set(kwargs) - set(DEFAULTS))),
         )

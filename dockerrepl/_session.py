@@ -59,16 +59,21 @@ class Session:
     """
 
     def __init__(
-        self,
-        options: ReplOptions,
-        workspace: Workspace,
-        state: ProxyState,
-        prime: Callable[[], None],
+        self, options: ReplOptions, workspace: Workspace, prime: Callable[[], None]
     ) -> None:
         self.options = options
         self.workspace = workspace
-        self.state = state
         self._prime = prime
+        self.state = ProxyState(
+            token="",  # made by start()
+            depth=options.depth,
+            lm_handler_address=options.lm_handler_address,
+            subcall_fn=options.subcall_fn,
+            max_concurrent_subcalls=options.max_concurrent_subcalls,
+            max_llm_calls=options.max_llm_calls,
+            max_llm_tokens=options.max_llm_tokens,
+            host_tools=options.tools.host,
+        )
         self.lock = threading.RLock()
         self.send_lock = threading.Lock()
         self._close_lock = threading.Lock()
@@ -552,6 +557,25 @@ class Session:
                 if locked:
                     self.lock.release()
                 self.done.set()
+
+    def close_at_exit(self, deadline: float, built: threading.Event) -> None:
+        """Close from the atexit hook by ``deadline``; ``built``: the constructor has ended.
+
+        Starts no thread (Python 3.12 refuses them there). A constructor still
+        running in another thread (a pool member starting) has its container
+        stopped, and is waited for: it removes its own workspace as it fails.
+        """
+
+        def left(most: float) -> float:
+            return max(0.1, min(most, deadline - time.monotonic()))
+
+        if not built.is_set():
+            starting = self.container
+            if starting is not None:
+                starting.abort(left(5.0))
+            built.wait(left(EXIT_WAIT))
+        self.close(wait=left(2.0), kill_timeout=left(5.0), lock_timeout=left(EXIT_WAIT))
+        self.done.wait(left(EXIT_WAIT))
 
     def close_now(self) -> None:
         """Close during the interpreter's teardown: no thread, no process, no wait.

@@ -18,26 +18,13 @@ import time
 from typing import Any, Optional
 
 from . import _exit
-from ._options import DEFAULTS, ReplOptions, unknown_arguments
+from ._options import ReplOptions
 from .errors import DockerReplError, ReplClosed
 from .repl import DockerREPL
 
 __all__ = ["DockerREPLPool"]
 
 log = logging.getLogger(__name__)
-
-
-def _check_repl_kwargs(repl_kwargs: dict[str, Any]) -> None:
-    """Fail now, in the caller's thread, on arguments every member would fail on."""
-    unknown = set(repl_kwargs) - set(DEFAULTS)
-    if unknown:
-        # DockerREPL ignores unknown names (rlm passes some); a pool has no such caller,
-        # so an unknown name here is a typo that would otherwise be silently dropped
-        raise TypeError(
-            f"DockerREPLPool got unexpected keyword argument(s) {unknown_arguments(unknown)}"
-            f" (DockerREPL takes: {', '.join(sorted(DEFAULTS))})"
-        )
-    ReplOptions.build(**repl_kwargs)
 
 
 class DockerREPLPool:
@@ -59,7 +46,10 @@ class DockerREPLPool:
     def __init__(self, size: int = 2, **repl_kwargs: Any) -> None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"size must be a positive int, not {size!r}")
-        _check_repl_kwargs(repl_kwargs)
+        # every member would fail on these: fail now, in the caller's thread. Unlike
+        # DockerREPL (rlm passes some), an unknown name is refused: a pool has no such
+        # caller, so it is a typo that would otherwise be silently dropped
+        ReplOptions.build(**repl_kwargs)
         self.size = size
         self.repl_kwargs = repl_kwargs
         self._ready: queue.Queue[DockerREPL] = queue.Queue()

@@ -20,7 +20,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Optional, Union
@@ -37,9 +36,9 @@ from ._options import (
     encode_payload,
     unknown_arguments,
 )
-from ._proxy import ProxyServer, ProxyState
+from ._proxy import ProxyServer
 from ._results import RESULT_STATUSES
-from ._session import EXIT_WAIT, OutputCallback, Session
+from ._session import OutputCallback, Session
 from ._tools import RESERVED_NAMES, HostTool, host_tool
 from ._workspace import MountedWorkspace
 from .errors import SetupCodeError
@@ -168,17 +167,15 @@ class DockerREPL:
         extra_args: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
-        # Every argument is checked before anything starts: typed errors naming the
-        # option, no docker command run, nothing to undo (tests/unit/test_repl_args.py).
-        # locals() here (the first statement) is exactly the named arguments.
-        named = {k: v for k, v in locals().items() if k not in ("self", "kwargs")}
-        options = ReplOptions.build(**named, **kwargs)
-        if options.ignored:
+        if kwargs:
             # rlm's contract: accepted and ignored; said aloud, since a misspelt
             # option (memroy=...) would otherwise silently not apply
-            log.warning(
-                "DockerREPL ignores unknown arguments: %s", unknown_arguments(options.ignored)
-            )
+            log.warning("DockerREPL ignores unknown arguments: %s", unknown_arguments(kwargs))
+        # Every argument is checked before anything starts: typed errors naming the
+        # option, no docker command run, nothing to undo (tests/unit/test_repl_args.py).
+        # locals() here is exactly the named arguments (and self, and kwargs).
+        named = {k: v for k, v in locals().items() if k not in ("self", "kwargs")}
+        options = ReplOptions.build(**named)
         # the encoded context can be large: loaded below, not kept
         context, options = options.context, replace(options, context=None)
         self._options = options
@@ -197,18 +194,8 @@ class DockerREPL:
         self._context_count = 0
         self._history_count = 0
         self._compaction_history: list[Any] = []
-        state = ProxyState(
-            token="",
-            depth=options.depth,
-            lm_handler_address=options.lm_handler_address,
-            subcall_fn=options.subcall_fn,
-            max_concurrent_subcalls=options.max_concurrent_subcalls,
-            max_llm_calls=options.max_llm_calls,
-            max_llm_tokens=options.max_llm_tokens,
-            host_tools=options.tools.host,
-        )
         workspace = MountedWorkspace(options.workspace_dir, shared=options.user is not None)
-        self._session = Session(options, workspace, state, self._prime)
+        self._session = Session(options, workspace, self._prime)
         try:
             self.setup()
             self._prime()
@@ -439,23 +426,8 @@ class DockerREPL:
         self._session.close(wait=10.0, kill_timeout=30.0)
 
     def _close_at_exit(self, deadline: float) -> None:
-        """Close from the atexit hook (see :mod:`dockerrepl._exit`), by ``deadline``.
-
-        Starts no thread (Python 3.12 refuses them there). A constructor still
-        running in another thread (a pool member starting) has its container
-        stopped, and is waited for: it removes its own workspace as it fails.
-        """
-
-        def left(most: float) -> float:
-            return max(0.1, min(most, deadline - time.monotonic()))
-
-        if not self._built.is_set():
-            starting = self._session.container
-            if starting is not None:
-                starting.abort(left(5.0))
-            self._built.wait(left(EXIT_WAIT))
-        self._session.close(wait=left(2.0), kill_timeout=left(5.0), lock_timeout=left(EXIT_WAIT))
-        self._session.done.wait(left(EXIT_WAIT))
+        """Close from the atexit hook (see :mod:`dockerrepl._exit`), by ``deadline``."""
+        self._session.close_at_exit(deadline, self._built)
 
     def _discard(self) -> None:
         """Close from a finaliser: at once during teardown, else with short bounds

@@ -863,7 +863,6 @@ def test_forged_progress_frames_cannot_hold_the_host_past_a_ceiling(monkeypatch)
     clock. The host's deadline moves with them, never past timeout + margin + two restores."""
     import dockerrepl._session as session_mod
     from dockerrepl._options import ReplOptions
-    from dockerrepl._proxy import ProxyState
     from dockerrepl._workspace import MountedWorkspace
 
     clock = [1000.0]
@@ -888,7 +887,7 @@ def test_forged_progress_frames_cannot_hold_the_host_past_a_ceiling(monkeypatch)
     monkeypatch.setattr(session_mod, "time", FakeTime)
     options = ReplOptions.build(image="img", grace=2.0, start_timeout=120.0, max_output_bytes=1000)
     workspace = MountedWorkspace(None, shared=False)  # never created: nothing starts
-    session = session_mod.Session(options, workspace, ProxyState(token=""), lambda: None)
+    session = session_mod.Session(options, workspace, lambda: None)
     session.container = Channel()  # type: ignore[assignment]
     with pytest.raises(TimeoutError):
         session.await_result(7, 10.0, None)

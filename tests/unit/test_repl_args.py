@@ -370,8 +370,8 @@ def test_the_options_object_has_every_default_of_the_signature():
     assert params == dict(DEFAULTS)
     fields = {f.name for f in dataclasses.fields(ReplOptions)}
     renamed = {"context_payload": "context"}  # kept encoded
-    assert {renamed.get(n, n) for n in params} <= fields
-    assert fields - {renamed.get(n, n) for n in params} == {"tools", "ignored"}
+    assert fields - {renamed.get(n, n) for n in params} == {"tools"}
+    assert {renamed.get(n, n) for n in params} - fields == set()
 
 
 def test_the_options_object_is_frozen_and_filled_in(monkeypatch):
@@ -386,8 +386,9 @@ def test_the_options_object_is_frozen_and_filled_in(monkeypatch):
     assert opts.memory == "1g"
     assert opts.max_output_bytes == 1_000_000 and type(opts.max_output_bytes) is int
     assert opts.extra_args == ("--hostname", "h")
-    assert opts.custom_sub_tools == {} and opts.ignored == ()
+    assert opts.custom_sub_tools == {}
     with pytest.raises(dataclasses.FrozenInstanceError):
         opts.memory = "2g"  # type: ignore[misc]
-    assert ReplOptions.build(timeout=math.inf, junk=1).timeout is None
-    assert ReplOptions.build(junk=1, memroy=2).ignored == ("junk", "memroy")
+    assert ReplOptions.build(timeout=math.inf).timeout is None
+    with pytest.raises(TypeError, match=r"junk, memroy \(did you mean 'memory'\?\)"):
+        ReplOptions.build(memroy=2, junk=1)
