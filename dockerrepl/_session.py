@@ -53,17 +53,16 @@ OutputCallback = Callable[[str, str], None]
 class Session:
     """The container side of one DockerREPL (see the module docstring).
 
-    ``prime`` is called after every restart, inside the call that restarted:
-    it tells the new worker what a checkpoint does not hold (tools, compaction).
-    Nothing starts until :meth:`start`.
+    Nothing starts until :meth:`start`. It holds no reference to its facade: a
+    DockerREPL dropped without ``cleanup()`` is finalised at once (``__del__``),
+    also during the interpreter's teardown, where a cycle would wait for a GC.
     """
 
-    def __init__(
-        self, options: ReplOptions, workspace: Workspace, prime: Callable[[], None]
-    ) -> None:
+    def __init__(self, options: ReplOptions, workspace: Workspace) -> None:
         self.options = options
         self.workspace = workspace
-        self._prime = prime
+        #: rlm's compaction ``history``, kept on the host (see DockerREPL.append_compaction_entry)
+        self.compaction_history: list[Any] = []
         self.state = ProxyState(
             token="",  # made by start()
             depth=options.depth,
@@ -110,6 +109,13 @@ class Session:
             self.proxy = ProxyServer(self.state, host=bridge_gateway(opts.docker))
             self.proxy_target = {"host": "host.docker.internal", "port": self.proxy.port}
         self.start_container(restore=False)
+
+    def prime(self) -> None:
+        """Tell a new worker what a checkpoint does not hold: the tools, the compaction history."""
+        if self.options.compaction:
+            self.call("compaction", {"history": self.compaction_history})
+        if self.options.tools.specs:
+            self.call("define_tools", {"tools": self.options.tools.specs})
 
     def hello(self, restore: bool) -> dict[str, Any]:
         opts = self.options
@@ -352,7 +358,7 @@ class Session:
         saved = self.workspace.checkpoint_cell()
         try:
             self.start_container(restore=True)
-            self._prime()
+            self.prime()
         except DockerReplError as exc:
             if self.closed:
                 raise ReplClosed(

@@ -193,12 +193,11 @@ class DockerREPL:
         self._pid = os.getpid()  # a forked child never closes its parent's container
         self._context_count = 0
         self._history_count = 0
-        self._compaction_history: list[Any] = []
         workspace = MountedWorkspace(options.workspace_dir, shared=options.user is not None)
-        self._session = Session(options, workspace, self._prime)
+        self._session = Session(options, workspace)
         try:
             self.setup()
-            self._prime()
+            self._session.prime()
             if context is not None:
                 self._add_context(context, 0)
                 context = None  # the encoded text is in the mount now
@@ -222,13 +221,6 @@ class DockerREPL:
         # closed at exit if still open (registers the atexit hook on the first start)
         _exit.track(self, 1)
         self._session.start()
-
-    def _prime(self) -> None:
-        """Tell a new worker what a checkpoint does not hold (at start, after a restart)."""
-        if self.compaction:
-            self._session.call("compaction", {"history": self._compaction_history})
-        if self._options.tools.specs:
-            self._session.call("define_tools", {"tools": self._options.tools.specs})
 
     # ----------------------------------------------------------------- cells
     def execute_code(
@@ -330,8 +322,9 @@ class DockerREPL:
             json.dumps(entry)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"compaction entry is not JSON-serialisable: {exc}") from None
-        self._compaction_history.append(copy.deepcopy(entry))
-        self._session.call("compaction", {"history": self._compaction_history})
+        history = self._session.compaction_history
+        history.append(copy.deepcopy(entry))
+        self._session.call("compaction", {"history": history})
 
     def update_handler_address(self, address: Address) -> None:
         """Point ``llm_query`` at another LM Handler; also resets ``answer``."""

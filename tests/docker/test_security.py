@@ -887,7 +887,7 @@ def test_forged_progress_frames_cannot_hold_the_host_past_a_ceiling(monkeypatch)
     monkeypatch.setattr(session_mod, "time", FakeTime)
     options = ReplOptions.build(image="img", grace=2.0, start_timeout=120.0, max_output_bytes=1000)
     workspace = MountedWorkspace(None, shared=False)  # never created: nothing starts
-    session = session_mod.Session(options, workspace, lambda: None)
+    session = session_mod.Session(options, workspace)
     session.container = Channel()  # type: ignore[assignment]
     with pytest.raises(TimeoutError):
         session.await_result(7, 10.0, None)
