@@ -51,12 +51,10 @@ OutputCallback = Callable[[str, str], None]
 
 
 class Session:
-    """The container side of one DockerREPL (see the module docstring).
+    """The container side of one DockerREPL; nothing starts until :meth:`start`.
 
-    Nothing starts until :meth:`start`. It holds no reference to its facade: a
-    DockerREPL dropped without ``cleanup()`` is finalised at once (``__del__``),
-    also during the interpreter's teardown, where a cycle would wait for a GC.
-    """
+    It holds no reference to its facade: a DockerREPL dropped without ``cleanup()``
+    is finalised at once, also in the interpreter's teardown (no cycle to wait for)."""
 
     def __init__(self, options: ReplOptions, workspace: Workspace) -> None:
         self.options = options
@@ -565,12 +563,11 @@ class Session:
                 self.done.set()
 
     def close_at_exit(self, deadline: float, built: threading.Event) -> None:
-        """Close from the atexit hook by ``deadline``; ``built``: the constructor has ended.
+        """Close from the atexit hook by ``deadline``, starting no thread (3.12 refuses them).
 
-        Starts no thread (Python 3.12 refuses them there). A constructor still
-        running in another thread (a pool member starting) has its container
-        stopped, and is waited for: it removes its own workspace as it fails.
-        """
+        A constructor still running in another thread (``built`` unset: a pool member
+        starting) has its container stopped, and is waited for: it removes its own
+        workspace as it fails."""
 
         def left(most: float) -> float:
             return max(0.1, min(most, deadline - time.monotonic()))
