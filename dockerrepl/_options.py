@@ -1,24 +1,32 @@
-"""Checks for DockerREPL's options that docker would otherwise be first to refuse.
+"""Every DockerREPL option: its default, its check, and one frozen typed object.
 
-Each takes the option's name and value and returns the value to use, or raises
-``TypeError`` (wrong type) or ``ValueError`` (impossible value) with a message
-that names both. They run before anything starts: no docker command, no
-directory, no thread (issue #10: ``memory="lots"`` used to come back as
-docker's usage text, and a context that is not JSON only after a container had
-started).
+:meth:`ReplOptions.build` takes DockerREPL's keyword arguments (the pool's and
+the CLI's too) and returns a :class:`ReplOptions`, or raises ``TypeError``
+(wrong type) or ``ValueError`` (impossible value) with a message that names the
+option. It runs before anything starts: no docker command, no directory, no
+thread (issue #10: ``memory="lots"`` used to come back as docker's usage text,
+and a context that is not JSON only after a container had started).
+
+Each ``check_*`` takes the option's name and value and returns the value to use.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import numbers
 import os
 import re
-from collections.abc import Mapping
-from typing import Any, Optional
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Optional, Union
 
-from ._container import DEFAULT_CPUS, MIN_CPUS, MIN_MEMORY, memory_bytes
+from ._container import DEFAULT_CPUS, MIN_CPUS, MIN_MEMORY, check_extra_args, memory_bytes
+from ._tools import ToolSpecs, tool_specs
+
+Address = tuple[str, int]
 
 #: The image when none is given and ``$DOCKERREPL_IMAGE`` is unset.
 DEFAULT_IMAGE = "python:3.11-slim"
@@ -28,23 +36,82 @@ DEFAULT_CELL_TIMEOUT = 900.0
 DEFAULT_MEMORY = "2g"
 #: Processes + threads in the container.
 DEFAULT_PIDS_LIMIT = 512
+#: Per-cell cap on each of stdout/stderr, in characters (head and tail kept).
+DEFAULT_MAX_OUTPUT = 1_000_000
+#: The longest repr kept per variable in ``REPLResult.locals``.
+DEFAULT_REPR_CAP = 1000
+#: Seconds a cell gets between its interrupt and the kill of its worker.
+DEFAULT_GRACE = 2.0
+#: Seconds a container may take to become ready.
+DEFAULT_START_TIMEOUT = 120.0
+#: The longest finite timeout accepted (about 115 days); ``None`` or ``inf`` means no limit.
+MAX_TIMEOUT = 1e7
+
+#: Every argument DockerREPL takes, with its default (rlm's environment contract first).
+DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "image": None,  # then $DOCKERREPL_IMAGE, then DEFAULT_IMAGE (read by build())
+        "lm_handler_address": None,
+        "context_payload": None,
+        "setup_code": None,
+        "persistent": False,
+        "depth": 1,
+        "subcall_fn": None,
+        "custom_tools": None,
+        "custom_sub_tools": None,
+        "compaction": False,
+        "max_concurrent_subcalls": 4,
+        "timeout": DEFAULT_CELL_TIMEOUT,
+        "memory": DEFAULT_MEMORY,
+        "cpus": DEFAULT_CPUS,
+        "pids_limit": DEFAULT_PIDS_LIMIT,
+        "network": "bridge",
+        "user": None,
+        "read_only": False,
+        "workspace_dir": None,
+        "docker": "docker",
+        "runtime": None,
+        "max_output_bytes": DEFAULT_MAX_OUTPUT,
+        "repr_cap": DEFAULT_REPR_CAP,
+        "max_llm_calls": None,
+        "max_llm_tokens": None,
+        "auto_checkpoint": True,
+        "grace": DEFAULT_GRACE,
+        "start_timeout": DEFAULT_START_TIMEOUT,
+        "verify_security": True,
+        "extra_args": (),
+    }
+)
 
 __all__ = [
+    "DEFAULTS",
     "DEFAULT_CELL_TIMEOUT",
     "DEFAULT_CPUS",
+    "DEFAULT_GRACE",
     "DEFAULT_IMAGE",
+    "DEFAULT_MAX_OUTPUT",
     "DEFAULT_MEMORY",
     "DEFAULT_PIDS_LIMIT",
+    "DEFAULT_REPR_CAP",
+    "DEFAULT_START_TIMEOUT",
+    "MAX_TIMEOUT",
+    "Address",
+    "ReplOptions",
+    "check_address",
+    "check_count",
     "check_cpus",
     "check_docker",
     "check_flag",
     "check_image",
+    "check_index",
+    "check_limit",
     "check_mapping",
     "check_memory",
     "check_runtime",
     "check_user",
     "check_workspace_dir",
     "encode_payload",
+    "unknown_arguments",
 ]
 
 # docker's image reference grammar (distribution/reference): [domain/]path[:tag][@digest]
@@ -189,3 +256,236 @@ def encode_payload(name: str, payload: Any) -> tuple[str, str]:
         return json.dumps(payload, ensure_ascii=False), "json"
     except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"{name} is not JSON-serialisable: {exc}") from None
+
+
+def check_number(name: str, value: Any) -> float:
+    """``value`` as a float: a real number, not a bool (``True`` is not a duration)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, not {_kind(value)}")
+    out = float(value)
+    if math.isnan(out):
+        raise ValueError(f"{name} must not be NaN")
+    return out
+
+
+def check_limit(name: str, value: Any) -> Optional[float]:
+    """A wall-clock limit in seconds: positive, at most MAX_TIMEOUT; ``None`` or ``inf``: none."""
+    if value is None:
+        return None
+    out = check_number(name, value)
+    if out == math.inf:
+        return None
+    if not 0 < out <= MAX_TIMEOUT:
+        raise ValueError(
+            f"{name} must be > 0 and <= {MAX_TIMEOUT:g} seconds, or None for no limit (got {out!r})"
+        )
+    return out
+
+
+def check_count(name: str, value: Any, *, minimum: int = 1, hint: str = "") -> int:
+    """A whole number >= ``minimum`` (an integral float such as 1e6 is accepted)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be an int, not {_kind(value)}")
+    if isinstance(value, numbers.Integral):
+        out = int(value)
+    elif math.isfinite(float(value)) and float(value).is_integer():
+        out = int(float(value))
+    else:
+        raise TypeError(f"{name} must be a whole number, not {value!r}")
+    if out < minimum:
+        raise ValueError(f"{name} must be >= {minimum}{hint}, not {out}")
+    return out
+
+
+def check_address(name: str, value: Any) -> Address:
+    """An LM Handler address: ``(host, port)`` with a str host and a port in 1-65535."""
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"{name} must be a (host, port) tuple, not {_kind(value)}")
+    if len(value) != 2:
+        raise ValueError(f"{name} must be a (host, port) pair, not {len(value)} items")
+    host, port = value
+    if not isinstance(host, str) or not host:
+        raise TypeError(f"{name}: the host must be a non-empty str, not {host!r}")
+    if isinstance(port, bool) or not isinstance(port, numbers.Integral):
+        raise TypeError(f"{name}: the port must be an int, not {_kind(port)}")
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"{name}: the port must be in 1-65535, not {port}")
+    return host, int(port)
+
+
+def check_index(name: str, value: Any, count: int) -> int:
+    """A ``context_N`` / ``history_N`` index: the next free one, or one already used."""
+    if value is None:
+        return count
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int or None, not {_kind(value)}")
+    index = int(value)
+    if not 0 <= index <= count:
+        raise ValueError(
+            f"{name} must be between 0 and {count} (replace one or add the next), not {index}"
+        )
+    return index
+
+
+def _optional(check: Callable[..., Any], name: str, value: Any, **kwargs: Any) -> Any:
+    return None if value is None else check(name, value, **kwargs)
+
+
+def unknown_arguments(names: Iterable[str]) -> str:
+    """``names`` sorted, each with the option it is probably a misspelling of:
+    ``"memroy (did you mean 'memory'?)"``."""
+    out = []
+    for name in sorted(names):
+        close = difflib.get_close_matches(name, DEFAULTS, n=1)
+        out.append(f"{name} (did you mean {close[0]!r}?)" if close else name)
+    return ", ".join(out)
+
+
+@dataclass(frozen=True)
+class ReplOptions:
+    """DockerREPL's arguments, checked, with every default filled in: see :meth:`build`."""
+
+    image: str
+    lm_handler_address: Optional[Address]
+    #: the context as :func:`encode_payload` made it; dropped once loaded (it can be large)
+    context: Optional[tuple[str, str]] = field(repr=False)
+    setup_code: Optional[str] = field(repr=False)
+    # rlm's environment contract
+    persistent: bool
+    depth: int
+    subcall_fn: Optional[Callable[[Any, Optional[str]], Any]]
+    custom_tools: dict[str, Any]
+    custom_sub_tools: dict[str, Any]
+    compaction: bool
+    max_concurrent_subcalls: int
+    # dockerrepl's own
+    timeout: Optional[float]
+    memory: Optional[str]
+    cpus: Optional[float]
+    pids_limit: Optional[int]
+    network: str
+    user: Optional[str]
+    read_only: bool
+    workspace_dir: Optional[str]
+    docker: str
+    runtime: Optional[str]
+    max_output_bytes: int
+    repr_cap: int
+    max_llm_calls: Optional[int]
+    max_llm_tokens: Optional[int]
+    auto_checkpoint: Union[bool, str]
+    grace: float
+    start_timeout: float
+    verify_security: bool
+    extra_args: tuple[str, ...]
+    #: custom_tools, checked: what crosses into the container, and the host tools
+    tools: ToolSpecs = field(repr=False)
+
+    @classmethod
+    def build(cls, **kwargs: Any) -> ReplOptions:
+        """Check ``kwargs`` (DockerREPL's arguments) and fill in the defaults.
+
+        Raises ``TypeError`` for a name not in :data:`DEFAULTS` (with the option
+        it resembles), then ``TypeError``/``ValueError`` naming the option (a missing
+        ``workspace_dir``: ``FileNotFoundError``; one this process cannot write:
+        ``PermissionError``). Reads ``$DOCKERREPL_IMAGE`` when no image is given.
+        """
+        unknown = set(kwargs) - set(DEFAULTS)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {unknown_arguments(unknown)}")
+        a = {**DEFAULTS, **kwargs}
+        network = a["network"]
+        if not isinstance(network, str):
+            raise TypeError(f"network must be a str, not {_kind(network)}")
+        if network not in ("bridge", "none"):
+            raise ValueError(f"network must be 'bridge' or 'none', not {network!r}")
+        timeout = check_limit("timeout", a["timeout"])
+        setup_code = a["setup_code"]
+        if setup_code is not None and not isinstance(setup_code, str):
+            raise TypeError(f"setup_code must be a str, not {_kind(setup_code)}")
+        image = _optional(check_image, "image", a["image"]) or check_image(
+            "$DOCKERREPL_IMAGE", os.environ.get("DOCKERREPL_IMAGE") or DEFAULT_IMAGE
+        )
+        memory = check_memory("memory", a["memory"])
+        cpus = check_cpus("cpus", a["cpus"])
+        pids_limit = _optional(check_count, "pids_limit", a["pids_limit"], hint=" (None: no limit)")
+        user = check_user("user", a["user"])
+        read_only = check_flag("read_only", a["read_only"])
+        runtime = check_runtime("runtime", a["runtime"])
+        docker = check_docker("docker", a["docker"])
+        verify_security = check_flag("verify_security", a["verify_security"])
+        max_output_bytes = check_count("max_output_bytes", a["max_output_bytes"])
+        repr_cap = check_count("repr_cap", a["repr_cap"])
+        grace = check_number("grace", a["grace"])
+        if not 0 <= grace <= MAX_TIMEOUT:
+            raise ValueError(f"grace must be >= 0 seconds, not {grace!r}")
+        start_timeout = check_limit("start_timeout", a["start_timeout"])
+        if start_timeout is None:
+            raise ValueError("start_timeout must be a finite number of seconds")
+        workspace_dir = check_workspace_dir("workspace_dir", a["workspace_dir"])
+        address = _optional(check_address, "lm_handler_address", a["lm_handler_address"])
+        budget = " (None: no budget)"
+        max_llm_calls = _optional(
+            check_count, "max_llm_calls", a["max_llm_calls"], minimum=0, hint=budget
+        )
+        max_llm_tokens = _optional(
+            check_count, "max_llm_tokens", a["max_llm_tokens"], minimum=0, hint=budget
+        )
+        auto_checkpoint = a["auto_checkpoint"]
+        if (
+            auto_checkpoint is not True
+            and auto_checkpoint is not False
+            and (not isinstance(auto_checkpoint, str) or auto_checkpoint != "sync")
+        ):
+            raise ValueError(
+                f"auto_checkpoint must be True, False or 'sync', not {auto_checkpoint!r}"
+            )
+        # rlm's environment contract
+        persistent = check_flag("persistent", a["persistent"])
+        compaction = check_flag("compaction", a["compaction"])
+        depth = check_count("depth", a["depth"], minimum=0)
+        max_concurrent_subcalls = check_count(
+            "max_concurrent_subcalls", a["max_concurrent_subcalls"]
+        )
+        subcall_fn = a["subcall_fn"]
+        if subcall_fn is not None and not callable(subcall_fn):
+            raise TypeError(f"subcall_fn must be callable or None, not {_kind(subcall_fn)}")
+        custom_tools = check_mapping("custom_tools", a["custom_tools"])
+        sub_tools = _optional(check_mapping, "custom_sub_tools", a["custom_sub_tools"])
+        # encoded now, so that a context JSON cannot hold fails before anything starts
+        context = _optional(encode_payload, "context_payload", a["context_payload"])
+        tools = tool_specs(custom_tools)
+        extra_args = check_extra_args(a["extra_args"], allow_widening=not verify_security)
+        return cls(
+            image=image,
+            lm_handler_address=address,
+            context=context,
+            setup_code=setup_code,
+            persistent=persistent,
+            depth=depth,
+            subcall_fn=subcall_fn,
+            custom_tools=custom_tools,
+            custom_sub_tools=dict(custom_tools) if sub_tools is None else sub_tools,
+            compaction=compaction,
+            max_concurrent_subcalls=max_concurrent_subcalls,
+            timeout=timeout,
+            memory=memory,
+            cpus=cpus,
+            pids_limit=pids_limit,
+            network=network,
+            user=user,
+            read_only=read_only,
+            workspace_dir=workspace_dir,
+            docker=docker,
+            runtime=runtime,
+            max_output_bytes=max_output_bytes,
+            repr_cap=repr_cap,
+            max_llm_calls=max_llm_calls,
+            max_llm_tokens=max_llm_tokens,
+            auto_checkpoint=auto_checkpoint,
+            grace=grace,
+            start_timeout=start_timeout,
+            verify_security=verify_security,
+            extra_args=extra_args,
+            tools=tools,
+        )

@@ -11,7 +11,6 @@ pool is garbage-collected, and, like every DockerREPL, when the process exits
 
 from __future__ import annotations
 
-import inspect
 import logging
 import queue
 import threading
@@ -19,51 +18,13 @@ import time
 from typing import Any, Optional
 
 from . import _exit
+from ._options import ReplOptions
 from .errors import DockerReplError, ReplClosed
 from .repl import DockerREPL
 
 __all__ = ["DockerREPLPool"]
 
 log = logging.getLogger(__name__)
-
-
-class _ArgumentsOK(Exception):
-    """Raised by :class:`_Probe` once DockerREPL has checked its arguments."""
-
-
-class _Probe(DockerREPL):
-    """Runs DockerREPL's own argument checks, and stops before anything starts."""
-
-    def setup(self) -> None:
-        raise _ArgumentsOK
-
-    def cleanup(self) -> None:
-        self._closed = True
-
-
-def _check_repl_kwargs(repl_kwargs: dict[str, Any]) -> None:
-    """Fail now, in the caller's thread, on arguments every member would fail on."""
-    params = inspect.signature(DockerREPL).parameters
-    known = {
-        name
-        for name, p in params.items()
-        if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
-    }
-    unknown = sorted(set(repl_kwargs) - known)
-    if unknown:
-        # DockerREPL ignores unknown names (rlm passes some); a pool has no such caller,
-        # so an unknown name here is a typo that would otherwise be silently dropped
-        raise TypeError(
-            f"DockerREPLPool got unexpected keyword argument(s) {', '.join(map(repr, unknown))}"
-            f" (DockerREPL takes: {', '.join(sorted(known))})"
-        )
-    payload = repl_kwargs.get("context_payload")
-    if payload is not None and not isinstance(payload, (str, dict, list)):
-        raise TypeError(f"context must be str, dict or list, not {type(payload).__name__}")
-    try:
-        _Probe(**repl_kwargs)
-    except _ArgumentsOK:
-        return
 
 
 class DockerREPLPool:
@@ -85,7 +46,10 @@ class DockerREPLPool:
     def __init__(self, size: int = 2, **repl_kwargs: Any) -> None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"size must be a positive int, not {size!r}")
-        _check_repl_kwargs(repl_kwargs)
+        # every member would fail on these: fail now, in the caller's thread. Unlike
+        # DockerREPL (rlm passes some), an unknown name is refused: a pool has no such
+        # caller, so it is a typo that would otherwise be silently dropped
+        ReplOptions.build(**repl_kwargs)
         self.size = size
         self.repl_kwargs = repl_kwargs
         self._ready: queue.Queue[DockerREPL] = queue.Queue()
@@ -212,5 +176,5 @@ class DockerREPLPool:
 
 
 def _alive(repl: DockerREPL) -> bool:
-    container = repl._container
+    container = repl._session.container
     return container is not None and container.alive()

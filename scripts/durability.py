@@ -55,13 +55,13 @@ def measure(image: str, mb: int, cells: int) -> tuple[float, list[float]]:
         r = repl.execute_code(make)
         assert r.status == "ok", r.stderr
         done = time.monotonic()
-        first = landed(meta, repl._cell) - done
+        first = landed(meta, repl._session.cell) - done
         windows = []
         for _ in range(cells):
             r = repl.execute_code("n += 1")
             assert r.status == "ok", r.stderr
             done = time.monotonic()
-            windows.append(landed(meta, repl._cell) - done)
+            windows.append(landed(meta, repl._session.cell) - done)
         return first, windows
 
 

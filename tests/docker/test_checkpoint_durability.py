@@ -68,7 +68,7 @@ def settle(repl: DockerREPL) -> None:
     while True:
         try:
             with open(os.path.join(state, "state.meta.json")) as f:
-                if json.load(f)["cell"] >= repl._cell:
+                if json.load(f)["cell"] >= repl._session.cell:
                     break
         except (OSError, ValueError, KeyError):
             pass

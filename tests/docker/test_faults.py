@@ -18,7 +18,7 @@ import time
 import pytest
 from docker_helpers import container_ids, docker, skip_or_fail, wait_gone
 
-import dockerrepl.repl as repl_mod
+import dockerrepl._session as session_mod
 from dockerrepl import DockerREPL, LMHandler
 from dockerrepl._labels import owner_label
 from dockerrepl._proxy import BATCH_CHUNK, BATCH_WINDOW
@@ -121,7 +121,7 @@ def test_interrupt_from_another_thread(frepl):
 
 @pytest.mark.parametrize("how", ["docker-pause", "sigstop-supervisor"])
 def test_unresponsive_container_is_replaced_and_restored(frepl, how, monkeypatch):
-    monkeypatch.setattr(repl_mod, "HOST_MARGIN", 2.0)
+    monkeypatch.setattr(session_mod, "HOST_MARGIN", 2.0)
     seed(frepl)
     name = frepl.container_name
     assert name
@@ -418,7 +418,7 @@ def test_sync_checkpoints_survive_a_kill_right_after_the_cell(image, handler):
 def test_background_checkpoint_restores_once_it_landed_or_says_what_is_missing(frepl):
     seed(frepl)
     ok(frepl, "w = 'landed'")
-    cell = frepl._cell
+    cell = frepl._session.cell
     meta = os.path.join(frepl.temp_dir, ".dockerrepl", "state.meta.json")
     deadline = time.monotonic() + 10
     while True:  # background snapshots land within milliseconds of the cell

@@ -272,6 +272,22 @@ def test_lifecycle_labels_and_cleanup(image, handler):
         repl.execute_code("1")
 
 
+def test_a_dropped_repl_is_closed_at_once_without_the_gc(image):
+    """No reference cycle through the REPL: dropping the last reference closes it (the
+    interpreter's teardown relies on it: test_exit.py's "teardown" script)."""
+    import gc
+
+    repl = DockerREPL(image=image, custom_tools={"f": "def f(): return 1"}, compaction=True)
+    session, temp_dir = repl._session, repl.temp_dir
+    gc.disable()
+    try:
+        del repl
+        assert session.closed and session.done.is_set()
+        assert not os.path.exists(temp_dir)
+    finally:
+        gc.enable()
+
+
 def test_proxy_not_on_all_interfaces(repl):
     host = repl.proxy.host
     assert host not in ("0.0.0.0", "", "::")
@@ -336,7 +352,7 @@ def test_network_none_with_a_deep_workspace_dir(image, handler, tmp_path):
         network="none",
         workspace_dir=str(deep),
     ) as repl:
-        assert len(os.path.join(repl._code_dir, "proxy.sock")) > 110
+        assert len(os.path.join(repl._session.workspace.code_dir, "proxy.sock")) > 110
         r = repl.execute_code("print(llm_query('deep'))")
         assert r.stdout == "echo:deep\n", r.stderr
         assert [c.response for c in r.rlm_calls] == ["echo:deep"]

@@ -16,7 +16,7 @@ import time
 import pytest
 from docker_helpers import docker, our_containers
 
-import dockerrepl.repl as repl_mod
+import dockerrepl._session as session_mod
 from dockerrepl import DockerREPL, REPLResult
 from dockerrepl.errors import BootstrapError, DockerReplError, ReplClosed
 
@@ -83,7 +83,7 @@ def test_an_infinite_timeout_means_no_limit(repl):
 def test_a_big_frame_to_a_paused_container_times_out_and_interrupt_does_not_hang(
     image, handler, monkeypatch
 ):
-    monkeypatch.setattr(repl_mod, "HOST_MARGIN", 2.0)
+    monkeypatch.setattr(session_mod, "HOST_MARGIN", 2.0)
     with DockerREPL(
         image=image, lm_handler_address=handler.address, grace=0.5, auto_checkpoint="sync"
     ) as r:

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def inspect(repl: DockerREPL) -> dict:
-    return repl._container.inspect()  # type: ignore[union-attr]
+    return repl._session.container.inspect()  # type: ignore[union-attr]
 
 
 def run_ok(repl: DockerREPL, code: str) -> str:
@@ -167,7 +167,7 @@ def test_network_none_proxy_is_a_unix_socket_outside_the_workspace(image, handle
         image=image, lm_handler_address=handler.address, network="none", timeout=30
     ) as repl:
         assert repl.proxy_port == 0
-        sock = os.path.join(repl._code_dir, "proxy.sock")
+        sock = os.path.join(repl._session.workspace.code_dir, "proxy.sock")
         assert stat.S_ISSOCK(os.lstat(sock).st_mode)
         assert not os.path.lexists(os.path.join(repl.temp_dir, ".dockerrepl", "proxy.sock"))
         r = repl.execute_code("print(llm_query_batched(['a', 'b']))")
@@ -205,7 +205,7 @@ def test_cleanup_never_follows_a_state_dir_the_cell_swapped_for_a_symlink(image,
             "open('/workspace/state.dill', 'wb').close()",
         )
         assert os.path.islink(os.path.join(repl.temp_dir, ".dockerrepl"))
-        read = repl._checkpoint_cell()
+        read = repl._session.workspace.checkpoint_cell()
     finally:
         repl.cleanup()
     assert (host_dir / "proxy.sock").read_text() == "a host file"
@@ -390,9 +390,9 @@ def test_daemons_named_like_snapshot_writers_do_not_survive_a_timeout_kill(image
         # and snapshots are still taken and restored: a crash brings y back. The
         # background snapshot runs at nice 10: on a busy host it can take seconds
         run_ok(repl, "y = 7")
-        cell = repl._cell
+        cell = repl._session.cell
         end = time.monotonic() + 30
-        while (repl._checkpoint_cell() or 0) < cell and time.monotonic() < end:
+        while (repl._session.workspace.checkpoint_cell() or 0) < cell and time.monotonic() < end:
             time.sleep(0.1)
         assert repl.execute_code("import os\nos._exit(1)").status == "crashed"
         assert run_ok(repl, "print(x, y)") == "41 7\n"
@@ -424,7 +424,7 @@ def inject_later(repl: DockerREPL, data: bytes, delay: float = 0.5) -> threading
     so these tests write into the pipe the host reads, through this process's own
     /proc/self/fd: the bytes arrive exactly as if the supervisor had sent them.
     """
-    fileno = repl._container.proc.stdout.fileno()  # type: ignore[union-attr]
+    fileno = repl._session.container.proc.stdout.fileno()  # type: ignore[union-attr]
 
     def write() -> None:
         fd = os.open(f"/proc/self/fd/{fileno}", os.O_WRONLY)
@@ -474,7 +474,7 @@ def test_forged_result_is_schema_checked_and_bounded(repl):
     repl.checkpoint()
     forged = {
         "type": "result",
-        "id": repl._cell + 1,
+        "id": repl._session.cell + 1,
         "status": "pwned",
         "stdout": "F" * (20 << 20),
         "stderr": 5,
@@ -487,15 +487,15 @@ def test_forged_result_is_schema_checked_and_bounded(repl):
     r = repl.execute_code("import time\ntime.sleep(3)\n")
     timer.join()
     assert r.status == "crashed"  # not a status the REPL knows
-    assert repl._max_output <= len(r.stdout) < repl._max_output + 200
+    assert repl._options.max_output_bytes <= len(r.stdout) < repl._options.max_output_bytes + 200
     assert r.stdout.startswith("F") and r.stdout.endswith("F")
-    assert r.output_truncated == {"stdout": (20 << 20) - repl._max_output}
+    assert r.output_truncated == {"stdout": (20 << 20) - repl._options.max_output_bytes}
     assert r.stderr == ""
     assert len(r.exception) == 200
     assert (16 << 20) <= len(r.final_answer) < (16 << 20) + 200
     assert len(r.locals) == 10_000
     assert "a" not in r.locals and "x" * 2000 not in r.locals
-    assert max(len(v) for v in r.locals.values()) <= repl._repr_cap + 64
+    assert max(len(v) for v in r.locals.values()) <= repl._options.repr_cap + 64
     # the supervisor is still busy with the real cell: the next cell finds it out, and
     # the host, which cannot trust that container any more, replaces it
     nxt = repl.execute_code("print(kept)")
@@ -774,12 +774,12 @@ def test_cell_code_cannot_reach_the_host_channel(image, handler, user):
     """The supervisor is pid 1 and not dumpable: cell code (root or not, no capabilities)
     cannot open its fds, read or write its memory, ptrace it, or stop or kill it."""
     with DockerREPL(image=image, lm_handler_address=handler.address, timeout=30, user=user) as r:
-        info = r._container.info  # type: ignore[union-attr]
+        info = r._session.container.info  # type: ignore[union-attr]
         assert info["pid"] == 1
         assert info["nondumpable"] is True
         assert info["channel_private"] is True
         name = r.container_name
-        res = r.execute_code(REACH_SUPERVISOR.replace("CELL", str(r._cell + 1)))
+        res = r.execute_code(REACH_SUPERVISOR.replace("CELL", str(r._session.cell + 1)))
         assert res.status == "ok", res.stderr
         out = json.loads(res.stdout)
         assert out.pop("ppid") == 1
@@ -866,7 +866,9 @@ def test_crash_restore_llm_query_and_orphans_still_work(repl):
 def test_forged_progress_frames_cannot_hold_the_host_past_a_ceiling(monkeypatch):
     """No engine: a channel that sends nothing but progress frames, 30 s apart on a fake
     clock. The host's deadline moves with them, never past timeout + margin + two restores."""
-    import dockerrepl.repl as repl_mod
+    import dockerrepl._session as session_mod
+    from dockerrepl._options import ReplOptions
+    from dockerrepl._workspace import MountedWorkspace
 
     clock = [1000.0]
     deadlines: list[float] = []
@@ -887,13 +889,14 @@ def test_forged_progress_frames_cannot_hold_the_host_past_a_ceiling(monkeypatch)
             state = "restoring" if len(deadlines) % 2 else "running"
             return {"type": "progress", "id": 7, "state": state}
 
-    monkeypatch.setattr(repl_mod, "time", FakeTime)
-    r = DockerREPL.__new__(DockerREPL)
-    r._container = Channel()  # type: ignore[assignment]
-    r._grace, r._options, r._max_output = 2.0, {"start_timeout": 120.0}, 1000
+    monkeypatch.setattr(session_mod, "time", FakeTime)
+    options = ReplOptions.build(image="img", grace=2.0, start_timeout=120.0, max_output_bytes=1000)
+    workspace = MountedWorkspace(None, shared=False)  # never created: nothing starts
+    session = session_mod.Session(options, workspace)
+    session.container = Channel()  # type: ignore[assignment]
     with pytest.raises(TimeoutError):
-        r._await_result(7, 10.0, None)
-    margin = 2.0 + repl_mod.HOST_MARGIN
+        session.await_result(7, 10.0, None)
+    margin = 2.0 + session_mod.HOST_MARGIN
     assert max(deadlines) <= 1000.0 + 10.0 + margin + 2 * (120.0 + margin)
     assert len(deadlines) > 3  # the frames did move it (a restore bound each time)
 

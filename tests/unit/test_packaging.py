@@ -106,8 +106,7 @@ def test_nothing_takes_names_from_the_package_init():
     offenders = []
     for path in host_sources():
         rel = path.relative_to(PKG)
-        # repl.py moves to _version/_labels when the repl split merges (issue 11)
-        if rel.name == "__init__.py" or rel == Path("repl.py"):
+        if rel.name == "__init__.py":
             continue
         for node in ast.walk(ast.parse(path.read_text("utf-8"))):
             if (

@@ -330,4 +330,65 @@ def test_unknown_arguments_are_ignored_with_a_warning(tmp_path, caplog):
     with pytest.raises(DockerNotFound):
         DockerREPL(image="img", docker=str(tmp_path / "no-docker"), memroy="1g")
     warned = [r for r in caplog.records if r.levelname == "WARNING"]
-    assert [r.getMessage() for r in warned] == ["DockerREPL ignores unknown arguments: memroy"]
+    assert [r.getMessage() for r in warned] == [
+        "DockerREPL ignores unknown arguments: memroy (did you mean 'memory'?)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("names", "said"),
+    [
+        (["memroy"], "memroy (did you mean 'memory'?)"),
+        (["time_out", "zzz"], "time_out (did you mean 'timeout'?), zzz"),
+        (["some_future_rlm_option"], "some_future_rlm_option"),
+        (["cpu", "read_onyl"], "cpu (did you mean 'cpus'?), read_onyl (did you mean 'read_only'?)"),
+    ],
+)
+def test_an_unknown_argument_is_named_with_the_option_it_resembles(names, said):
+    from dockerrepl._options import unknown_arguments
+
+    assert unknown_arguments(names) == said
+
+
+def test_a_misspelt_pool_argument_is_refused_with_a_suggestion():
+    with pytest.raises(TypeError, match=r"memroy \(did you mean 'memory'\?\)"):
+        DockerREPLPool(size=1, image="img", memroy="1g")
+
+
+def test_the_options_object_has_every_default_of_the_signature():
+    """One list of arguments: DockerREPL's signature, the options' DEFAULTS and the object."""
+    import dataclasses
+    import inspect
+
+    from dockerrepl._options import DEFAULTS, ReplOptions
+
+    params = {
+        name: p.default
+        for name, p in inspect.signature(DockerREPL.__init__).parameters.items()
+        if name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD
+    }
+    assert params == dict(DEFAULTS)
+    fields = {f.name for f in dataclasses.fields(ReplOptions)}
+    renamed = {"context_payload": "context"}  # kept encoded
+    assert fields - {renamed.get(n, n) for n in params} == {"tools"}
+    assert {renamed.get(n, n) for n in params} - fields == set()
+
+
+def test_the_options_object_is_frozen_and_filled_in(monkeypatch):
+    import dataclasses
+
+    from dockerrepl._options import DEFAULT_CELL_TIMEOUT, DEFAULT_IMAGE, ReplOptions
+
+    monkeypatch.delenv("DOCKERREPL_IMAGE", raising=False)
+    opts = ReplOptions.build(memory=" 1g ", max_output_bytes=1e6, extra_args=["--hostname", "h"])
+    assert opts.image == DEFAULT_IMAGE
+    assert opts.timeout == DEFAULT_CELL_TIMEOUT
+    assert opts.memory == "1g"
+    assert opts.max_output_bytes == 1_000_000 and type(opts.max_output_bytes) is int
+    assert opts.extra_args == ("--hostname", "h")
+    assert opts.custom_sub_tools == {}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.memory = "2g"  # type: ignore[misc]
+    assert ReplOptions.build(timeout=math.inf).timeout is None
+    with pytest.raises(TypeError, match=r"junk, memroy \(did you mean 'memory'\?\)"):
+        ReplOptions.build(memroy=2, junk=1)

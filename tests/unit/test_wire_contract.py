@@ -21,7 +21,7 @@ import pytest
 from bootstrap_process import BOOTSTRAP, Boot, hello, stage
 from docker_helpers import interpreter
 
-from dockerrepl import _container, _proxy, _staging, _wire, repl
+from dockerrepl import _container, _proxy, _results, _staging, _tools, _wire, repl
 from dockerrepl._bootstrap import protocol
 
 pytestmark = pytest.mark.timeout(60)
@@ -85,13 +85,14 @@ def test_the_staged_bootstrap_holds_the_hosts_contract(tmp_path, version):
 
 
 def test_the_host_takes_every_contract_value_from_protocol():
-    assert repl.RESERVED_NAMES is protocol.RESERVED_NAMES
-    assert repl.RESULT_STATUSES is protocol.RESULT_STATUSES
-    assert repl._MAX_LOCALS is protocol.MAX_LOCALS
-    assert repl._MAX_NAME is protocol.MAX_NAME
-    assert repl._FINAL_ANSWER_CAP is protocol.FINAL_ANSWER_CAP
-    assert repl._REPR_SLACK is protocol.REPR_SLACK
-    assert repl._TEXT_SLACK is protocol.TEXT_SLACK
+    assert repl.RESERVED_NAMES is _tools.RESERVED_NAMES is protocol.RESERVED_NAMES
+    assert repl.RESULT_STATUSES is _results.RESULT_STATUSES is protocol.RESULT_STATUSES
+    assert _results._MAX_LOCALS is protocol.MAX_LOCALS
+    assert _results._MAX_NAME is protocol.MAX_NAME
+    assert _results._FINAL_ANSWER_CAP is protocol.FINAL_ANSWER_CAP
+    assert _results._REPR_SLACK is protocol.REPR_SLACK
+    assert _results._TEXT_SLACK is protocol.TEXT_SLACK
+    assert _proxy.MAX_CONNECTIONS is protocol.PROXY_CONNECTIONS
     assert _staging.PROTOCOL_VERSION is protocol.VERSION
     assert _wire.HEADER is protocol.HEADER
     # the proxy serves as many connections per session as the client pools
