@@ -377,9 +377,14 @@ class Session:
 
     # ----------------------------------------------------------------- cells
     def execute(
-        self, code: str, limit: Optional[float], on_output: Optional[OutputCallback]
+        self,
+        code: str,
+        limit: Optional[float],
+        on_output: Optional[OutputCallback],
+        filename: Optional[str] = None,
+        display: bool = False,
     ) -> REPLResult:
-        """Run one cell (see DockerREPL.execute_code); ``limit`` is checked already."""
+        """Run one cell (see DockerREPL.execute_code); the arguments are checked already."""
         start = time.perf_counter()
         with self.lock:
             self.check_open()
@@ -395,6 +400,10 @@ class Session:
                 "timeout": limit,
                 "stream": on_output is not None,
             }
+            if filename is not None:
+                msg["filename"] = filename
+            if display:
+                msg["display"] = True
             notes: list[str] = []
             try:
                 res = self.run_cell(msg, limit, on_output, notes)

@@ -62,6 +62,10 @@ DEFAULT_IMAGE = _options.DEFAULT_IMAGE
 DEFAULT_CELL_TIMEOUT = _options.DEFAULT_CELL_TIMEOUT
 
 
+#: The longest ``filename`` :meth:`DockerREPL.execute_code` takes.
+MAX_FILENAME = 255
+
+
 class DockerREPL:
     """A Python REPL in a Docker container, with ``llm_query()`` to the host.
 
@@ -229,6 +233,8 @@ class DockerREPL:
         *,
         timeout: Union[float, str, None] = "default",
         on_output: Optional[OutputCallback] = None,
+        filename: Optional[str] = None,
+        display: bool = False,
     ) -> REPLResult:
         """Run one cell; state persists between cells.
 
@@ -236,6 +242,11 @@ class DockerREPL:
         crashes and memory exhaustion come back as a :class:`REPLResult` with
         ``status`` set and a message in ``stderr``. ``on_output(stream, text)``
         receives stdout/stderr chunks as they are printed.
+
+        ``filename`` is what tracebacks call this code (default ``<cell-N>``),
+        e.g. the script's path when the code came from a file. With
+        ``display=True`` a trailing expression's value is printed through
+        ``sys.displayhook``, as at Python's prompt (``2+2`` prints ``4``).
 
         Raises :class:`~dockerrepl.errors.ReplClosed` when the REPL was cleaned
         up, also when :meth:`cleanup` is called from another thread while the
@@ -248,8 +259,19 @@ class DockerREPL:
         """
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
+        if filename is not None:
+            if not isinstance(filename, str):
+                raise TypeError(f"filename must be a str or None, not {type(filename).__name__}")
+            if not 0 < len(filename) <= MAX_FILENAME or any(c in filename for c in "\n\r\0"):
+                raise ValueError(
+                    f"filename must be 1-{MAX_FILENAME} characters on one line, not {filename!r}"
+                )
+        if not isinstance(display, bool):
+            raise TypeError(f"display must be True or False, not {type(display).__name__}")
         limit = self.timeout if isinstance(timeout, str) and timeout == "default" else timeout
-        return self._session.execute(code, check_limit("timeout", limit), on_output)
+        return self._session.execute(
+            code, check_limit("timeout", limit), on_output, filename, display
+        )
 
     def interrupt(self) -> None:
         """Interrupt the running cell (KeyboardInterrupt inside it; state kept). Thread-safe.

@@ -6,6 +6,7 @@ dict), the configuration from the host's hello, and the cell being run.
 
 from __future__ import annotations
 
+import ast
 import json
 import linecache
 import os
@@ -74,17 +75,26 @@ class Repl:
 REPL = Repl()
 
 
-def exec_cell(code: str, cell_id: int) -> tuple[str, str | None]:
+def exec_cell(
+    code: str, cell_id: int, filename: str | None = None, display: bool = False
+) -> tuple[str, str | None]:
     """Run ``code`` in the namespace: ``(status, exception name)``; its output and
-    traceback go to the worker's stdout and stderr."""
+    traceback go to the worker's stdout and stderr.
+
+    ``filename`` is what tracebacks call the code (default ``<cell-N>``). With
+    ``display``, a trailing expression statement's value goes to sys.displayhook,
+    as at Python's prompt: it is compiled in "single" mode on its own, from the
+    same parse, so every line keeps its number in tracebacks.
+    """
     ns = REPL.ns
     if not isinstance(ns.get("answer"), dict):
         REPL.reset_answer()
     status, exc_name = "ok", None
-    filename = "<cell-%d>" % cell_id
+    if not filename:
+        filename = "<cell-%d>" % cell_id
     try:
         try:
-            compiled = compile(code, filename, "exec", dont_inherit=True)
+            parts = _compile(code, filename, display)
         except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError) as e:
             status, exc_name = "error", type(e).__name__
             text = "".join(traceback.format_exception_only(type(e), e))
@@ -92,7 +102,8 @@ def exec_cell(code: str, cell_id: int) -> tuple[str, str | None]:
         else:
             linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
             try:
-                exec(compiled, ns)
+                for part in parts:
+                    exec(part, ns)
             except SystemExit as e:
                 status, exc_name = "error", "SystemExit"
                 sys.stderr.write("SystemExit: %s\n" % ("" if e.code is None else e.code))
@@ -105,6 +116,21 @@ def exec_cell(code: str, cell_id: int) -> tuple[str, str | None]:
     finally:
         flush_std()
     return status, exc_name
+
+
+def _compile(code: str, filename: str, display: bool) -> list[Any]:
+    """The code objects to run in order: the cell, or its body and then its trailing
+    expression in "single" mode (which prints the value through sys.displayhook)."""
+    if not display:
+        return [compile(code, filename, "exec", dont_inherit=True)]
+    tree = ast.parse(code, filename, "exec")
+    if not tree.body or not isinstance(tree.body[-1], ast.Expr):
+        return [compile(tree, filename, "exec", dont_inherit=True)]
+    last = tree.body.pop()
+    return [
+        compile(tree, filename, "exec", dont_inherit=True),
+        compile(ast.Interactive(body=[last]), filename, "single", dont_inherit=True),
+    ]
 
 
 def cell_result(status: str, exc_name: str | None) -> dict[str, Any]:

@@ -83,14 +83,16 @@ OPS: dict[str, Callable[[dict[str, Any]], Any]] = {
 }
 
 
-def run_cell(code: str, cell_id: int) -> dict[str, Any]:
+def run_cell(
+    code: str, cell_id: int, filename: str | None = None, display: bool = False
+) -> dict[str, Any]:
     """Run one cell; the "done" frame's fields."""
     REPL.cell_id = cell_id
     try:
         CHECKPOINTER.report()
     except Exception:
         pass
-    status, exc_name = exec_cell(code, cell_id)
+    status, exc_name = exec_cell(code, cell_id, filename, display)
     install_scaffold()
     return cell_result(status, exc_name)
 
@@ -192,7 +194,13 @@ def _serve(ctrl: socket.socket, auto: Any) -> None:
         try:
             kind = msg.get("type")
             if kind == "exec":
-                res = run_cell(msg.get("code", ""), int(msg.get("id", 0)))
+                name = msg.get("filename")
+                res = run_cell(
+                    msg.get("code", ""),
+                    int(msg.get("id", 0)),
+                    name if isinstance(name, str) else None,
+                    msg.get("display") is True,
+                )
                 res["type"] = "done"
                 res["id"] = msg.get("id")
                 if auto == "sync" and res["status"] in protocol.WORKER_STATUSES:

@@ -11,7 +11,6 @@ leaves and removes the container.
 from __future__ import annotations
 
 import argparse
-import ast
 import builtins
 import codeop
 import keyword
@@ -26,12 +25,11 @@ from .._version import __version__
 from ..repl import RESERVED_NAMES
 from .sandbox import Output, PromptNudge, Sandbox
 
-__all__ = ["cmd_repl", "is_complete", "with_display"]
+__all__ = ["cmd_repl", "is_complete"]
 
 log = logging.getLogger(__name__)
 
 HISTORY_LENGTH = 1000
-_DISPLAY = "__import__('sys').displayhook"
 _EXIT_WORDS = frozenset({"exit", "quit", "exit()", "quit()"})
 
 
@@ -48,37 +46,6 @@ def is_complete(source: str) -> bool:
             return codeop.compile_command(source, "<stdin>", "exec") is not None
         except (SyntaxError, ValueError, OverflowError):
             return True  # let the container's Python report the error
-
-
-def _offset(lines: list[str], lineno: int, col: int) -> int:
-    """A string index for an ast (1-based line, UTF-8 byte column) position."""
-    line = lines[lineno - 1] if lineno - 1 < len(lines) else ""
-    return sum(len(x) for x in lines[: lineno - 1]) + len(
-        line.encode("utf-8")[:col].decode("utf-8", "replace")
-    )
-
-
-def with_display(source: str) -> str:
-    """Show a trailing top-level expression's value with ``sys.displayhook``, as Python's REPL.
-
-    The expression keeps its own line(s) (the wrapper goes on the lines around
-    it), so a traceback quotes what was typed.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return source
-    if not tree.body or not isinstance(tree.body[-1], ast.Expr):
-        return source
-    node = tree.body[-1].value
-    if node.end_lineno is None or node.end_col_offset is None:
-        return source
-    lines = source.splitlines(keepends=True)
-    start = _offset(lines, node.lineno, node.col_offset)
-    end = _offset(lines, node.end_lineno, node.end_col_offset)
-    return f"{source[:start]}{_DISPLAY}((\n{source[start:end]}\n)){source[end:]}"
 
 
 class _Completer:
@@ -169,7 +136,7 @@ def cmd_repl(args: argparse.Namespace) -> int:
                     sys.stdout.write("\n")
                 elif buf:  # piped input ended inside a block: run it, as python does
                     out.reset()
-                    out.finish(box.run_cell(with_display("\n".join(buf)), out))
+                    out.finish(box.run_cell("\n".join(buf), out, "<stdin>", display=True))
                 return 0
             except KeyboardInterrupt:
                 sys.stdout.write("\nKeyboardInterrupt\n")
@@ -187,7 +154,7 @@ def cmd_repl(args: argparse.Namespace) -> int:
                 continue
             try:
                 out.reset()
-                res = box.run_cell(with_display(source), out)
+                res = box.run_cell(source, out, "<stdin>", display=True)
                 out.finish(res)
                 completer.names = set(res.locals)
             except KeyboardInterrupt:

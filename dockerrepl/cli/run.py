@@ -10,6 +10,7 @@ from typing import BinaryIO
 
 from .._container import MOUNT_POINT
 from .._files import DEFAULT_MAX_FILE, write_new
+from ..repl import MAX_FILENAME
 from ..types import REPLResult
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OOM, EXIT_TIMEOUT, CliError
 from .sandbox import Output, Sandbox
@@ -108,13 +109,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"dockerrepl: note: {' '.join(misplaced)} after FILE went to the code (sys.argv), "
             "as with python; put dockerrepl's options before FILE\n"
         )
+    # tracebacks name the code as python would: the script's path, <string>, <stdin>
     if args.code is not None:
-        code = args.code
+        code, filename = args.code, "<string>"
     elif args.file in (None, "-"):
         if sys.stdin.isatty():
             sys.stderr.write("dockerrepl: reading code from the terminal; end it with Ctrl-D\n")
-        code = sys.stdin.read()
+        code, filename = sys.stdin.read(), "<stdin>"
     else:
+        filename = args.file if 0 < len(args.file) <= MAX_FILENAME else "<file>"
         try:
             with open(args.file, encoding="utf-8") as f:
                 code = f.read()
@@ -126,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         box.open()
         _prepare(box, _argv(args), args.stdin)
         out = Output(sys.stdout, sys.stderr)
-        res = box.run_cell(code, out)
+        res = box.run_cell(code, out, filename=filename)
         out.finish(res)
         log.debug("cell finished: status=%s in %.3fs", res.status, res.execution_time)
         if out.broken:

@@ -352,8 +352,11 @@ class Sandbox:
         )
         return self.repl
 
-    def run_cell(self, code: str, out: Output) -> REPLResult:
-        """Run ``code``, streaming to ``out``.
+    def run_cell(
+        self, code: str, out: Output, filename: Optional[str] = None, display: bool = False
+    ) -> REPLResult:
+        """Run ``code``, streaming to ``out`` (``filename``, ``display``: as
+        :meth:`DockerREPL.execute_code`'s).
 
         While it runs, Ctrl-C interrupts the cell (a third press abandons the
         sandbox) and SIGTERM/SIGHUP interrupt it and then raise
@@ -390,7 +393,7 @@ class Sandbox:
             for sig in (signal.SIGTERM, signal.SIGHUP):
                 saved[sig] = signal.signal(sig, on_term)
         try:
-            res = repl.execute_code(code, on_output=out)
+            res = repl.execute_code(code, on_output=out, filename=filename, display=display)
         finally:
             for signum, handler in saved.items():
                 signal.signal(signum, handler)

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from bootstrap_process import load_package
 
 from dockerrepl import REPLResult
 from dockerrepl._labels import owner_label, pid_namespace
 from dockerrepl.cli.gc import looks_like_workspace, owner_status, stale_workspaces
-from dockerrepl.cli.repl import is_complete, with_display
+from dockerrepl.cli.repl import is_complete
 from dockerrepl.cli.run import exit_status
 from dockerrepl.cli.sandbox import Output, _remainder, read_context
 
@@ -43,13 +44,19 @@ def test_is_complete(source: str, complete: bool) -> None:
     assert is_complete(source) is complete
 
 
+_NS = load_package("bootstrap_for_display").namespace
+
+
 def _displayed(source: str) -> str:
+    """What the bootstrap prints for a cell run with ``display=True``."""
     out = io.StringIO()
     old_out, old_hook = sys.stdout, sys.displayhook
     sys.stdout = out
     sys.displayhook = sys.__displayhook__
+    ns: dict[str, object] = {}
     try:
-        exec(compile(with_display(source), "<cell>", "exec"), {})
+        for part in _NS._compile(source, "<stdin>", True):
+            exec(part, ns)
     finally:
         sys.stdout, sys.displayhook = old_out, old_hook
     return out.getvalue()
@@ -71,14 +78,22 @@ def _displayed(source: str) -> str:
         ("for i in range(2):\n    i\n", ""),  # only a trailing top-level expression
     ],
 )
-def test_with_display(source: str, shown: str) -> None:
+def test_display_shows_a_trailing_expression(source: str, shown: str) -> None:
     assert _displayed(source) == shown
 
 
-def test_with_display_keeps_the_typed_line_in_tracebacks() -> None:
-    wrapped = with_display("1/0")
-    assert "1/0" in wrapped.splitlines()  # the expression keeps a line of its own
-    assert with_display("def f(:") == "def f(:"  # broken code is sent as typed
+def test_display_keeps_every_line_number() -> None:
+    """A one-line expression's error is on line 1 of <stdin>, as at Python's prompt
+    (the old source rewrite put it on line 2)."""
+    parts = _NS._compile("x = 1\n1/x\n1/0", "<stdin>", True)
+    ns: dict[str, object] = {}
+    exec(parts[0], ns)
+    with pytest.raises(ZeroDivisionError) as info:
+        exec(parts[1], ns)
+    assert info.traceback[-1].lineno + 1 == 3  # pytest counts from 0
+    assert info.traceback[-1].frame.code.raw.co_filename == "<stdin>"
+    with pytest.raises(SyntaxError):
+        _NS._compile("def f(:", "<stdin>", True)  # reported as typed
 
 
 @pytest.mark.parametrize(

@@ -169,3 +169,12 @@ def test_piped_stdin_runs_without_prompts(image: str) -> None:
     assert done.rc == 0, done.err
     assert done.out == "200\n"
     assert containers_of(done.pid) == []
+
+
+def test_a_one_line_expressions_error_is_on_line_1(image: str) -> None:
+    env = base_env(DOCKERREPL_IMAGE=image)
+    done = cli("repl", "--backend", "echo", env=env, stdin="1/0\n2 + 2\n")
+    assert done.rc == 0, done.err
+    assert 'File "<stdin>", line 1, in <module>' in done.err, done.err
+    assert "<cell-" not in done.err
+    assert done.out == "4\n"

@@ -231,3 +231,21 @@ def test_version_and_console_script() -> None:
         skip_or_fail("the package is not pip-installed here (scripts/test.sh installs it)")
     done = cli("--version", argv0=[script])
     assert (done.rc, done.out.strip()) == (0, f"dockerrepl {__version__}")
+
+
+def test_tracebacks_name_what_the_user_wrote(env: dict[str, str], tmp_path: Any) -> None:
+    """`run job.py` says job.py (python's <string> for -c, <stdin> for stdin), never
+    <cell-N>: the cell that set sys.argv is not the user's."""
+    job = tmp_path / "job.py"
+    job.write_text("x = 1\n\ndef f():\n    return 1 / 0\n\nf()\n")
+    done = cli("run", "--backend", "echo", str(job), env=env)
+    assert done.rc == 1, done.err
+    assert f'File "{job}", line 6, in <module>' in done.err, done.err
+    assert f'File "{job}", line 4, in f' in done.err
+    assert "    return 1 / 0" in done.err  # the line quoted from the user's file
+    assert "<cell-" not in done.err
+    done = cli("run", "--backend", "echo", "-c", "1/0", env=env)
+    assert 'File "<string>", line 1, in <module>' in done.err, done.err
+    done = cli("run", "--backend", "echo", env=env, stdin="import sys\n\nsys.exit(1/0)\n")
+    assert 'File "<stdin>", line 3, in <module>' in done.err, done.err
+    assert "<cell-" not in done.err

@@ -389,3 +389,25 @@ def test_upload_and_download_refuse_a_fifo_the_cell_planted(repl, tmp_path):
     assert repl.upload(str(local), "sub/ok.txt") == len("from the host")
     r = repl.execute_code("print(open('/workspace/sub/ok.txt').read())")
     assert r.stdout == "from the host\n", r.stderr
+
+
+def test_filename_and_display(repl):
+    r = repl.execute_code("x = 6\nx * 7", display=True)
+    assert (r.status, r.stdout) == ("ok", "42\n")
+    assert repl.execute_code("x * 7").stdout == ""  # display is per call, off by default
+    r = repl.execute_code("y = 1\n\n1/0", filename="job.py")
+    assert 'File "job.py", line 3, in <module>' in r.stderr, r.stderr
+    assert "<cell-" not in r.stderr
+    r = repl.execute_code("1/0")
+    assert '"<cell-' in r.stderr  # the default name
+    for bad, exc in (
+        ("", ValueError),
+        ("a\nb", ValueError),
+        ("x" * 256, ValueError),
+        (3, TypeError),
+    ):
+        with pytest.raises(exc, match="filename"):
+            repl.execute_code("1", filename=bad)
+    with pytest.raises(TypeError, match="display"):
+        repl.execute_code("1", display=1)
+    assert repl.execute_code("print(x)").stdout == "6\n"  # nothing above broke the session
