@@ -5,8 +5,10 @@ stdout carry length-prefixed JSON frames to and from the bootstrap supervisor.
 Closing stdin is the dead-man switch: the supervisor exits, and ``--rm`` removes
 the container, even when the host process was killed with SIGKILL.
 
-Local-engine assumptions (bind mounts, ``host.docker.internal``) live here and
-in :mod:`dockerrepl.repl` only.
+What the container is told (mounts, limits, hardening) is in
+:mod:`dockerrepl._runspec`; the local-engine assumptions (bind mounts,
+``host.docker.internal``) live there, in :mod:`dockerrepl._workspace` and in
+:mod:`dockerrepl._session` only.
 """
 
 from __future__ import annotations
@@ -15,18 +17,31 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import secrets
 import select
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import IO, Any, Optional
 
 from . import _docker
 from ._bootstrap import protocol
 from ._labels import owner_label, pid_namespace, process_start_time
+from ._runspec import (
+    BOOTSTRAP_LAUNCHER,
+    BOOTSTRAP_PACKAGE,
+    CODE_MOUNT,
+    DEFAULT_CPUS,
+    MIN_CPUS,
+    MIN_MEMORY,
+    MOUNT_POINT,
+    PROXY_SOCKET,
+    ContainerConfig,
+    bootstrap_launcher,
+    check_extra_args,
+    cpus_arg,
+    memory_bytes,
+    tmpfs_size,
+)
 from ._wire import FrameBuffer, decode_body, encode_frame
 from .errors import (
     BootstrapError,
@@ -40,49 +55,31 @@ from .errors import (
     SecurityCheckError,
 )
 
-# owner_label, pid_namespace and process_start_time live in _labels; re-exported here
-# for the modules that still import them from _container
+# The labels live in _labels and the run options in _runspec; re-exported here for
+# the modules that import them from _container
 __all__ = [
+    "BOOTSTRAP_LAUNCHER",
+    "BOOTSTRAP_PACKAGE",
+    "CODE_MOUNT",
+    "DEFAULT_CPUS",
+    "MIN_CPUS",
+    "MIN_MEMORY",
+    "MOUNT_POINT",
+    "PROXY_SOCKET",
     "Container",
     "ContainerConfig",
+    "bootstrap_launcher",
     "bridge_gateway",
+    "check_extra_args",
+    "cpus_arg",
+    "memory_bytes",
     "owner_label",
     "pid_namespace",
     "process_start_time",
+    "tmpfs_size",
 ]
 
 log = logging.getLogger(__name__)
-
-#: The bootstrap package's name inside the container (dockerrepl/_bootstrap, staged).
-BOOTSTRAP_PACKAGE = "dockerrepl_bootstrap"
-MOUNT_POINT = "/workspace"
-# The bootstrap's code (and the host's dill, when the image has none), mounted
-# read-only from a host directory outside the workspace: cell code can write the
-# workspace, and code kept there would run as the next container's supervisor.
-CODE_MOUNT = "/opt/dockerrepl"
-# With network="none" the LM proxy's unix socket sits in that directory too: the
-# host binds and unlinks it in a directory no cell can swap for a symlink.
-PROXY_SOCKET = "proxy.sock"
-
-
-def bootstrap_launcher(code_dir: str = CODE_MOUNT) -> str:
-    """The ``python -c`` code that starts the bootstrap staged in ``code_dir``.
-
-    sys.path[0] is the code directory (the workspace, the cwd, is not on the path:
-    a cell could put modules there).
-    """
-    return (
-        f"import sys; sys.path[0] = {code_dir!r}; from {BOOTSTRAP_PACKAGE}.main import main; main()"
-    )
-
-
-BOOTSTRAP_LAUNCHER = bootstrap_launcher()
-#: The smallest memory limit the engine accepts ("Minimum memory limit allowed is 6MB").
-MIN_MEMORY = 6 << 20
-#: The default CPU limit of a container (see DockerREPL's ``cpus``).
-DEFAULT_CPUS = 1.0
-#: The smallest CPU limit the engine accepts (docker's own range starts at 0.01).
-MIN_CPUS = 0.01
 
 # Which interpreter name works in an image (python3 or python), learned once per image.
 _PYTHON_FOR_IMAGE: dict[tuple[str, str], str] = {}
@@ -124,193 +121,6 @@ def bridge_gateway(docker: str = "docker") -> str:
     with _cache_lock:
         _GATEWAY_CACHE[key] = gateway
     return gateway
-
-
-@dataclass
-class ContainerConfig:
-    """Everything ``docker run`` needs to know (see :class:`dockerrepl.DockerREPL`)."""
-
-    image: str
-    workspace: str
-    docker: str = "docker"
-    memory: Optional[str] = "2g"
-    cpus: Optional[float] = DEFAULT_CPUS
-    pids_limit: Optional[int] = 512
-    network: str = "bridge"
-    user: Optional[str] = None
-    read_only: bool = False
-    runtime: Optional[str] = None
-    labels: dict[str, str] = field(default_factory=dict)
-    extra_args: Sequence[str] = ()
-    #: host directory with the bootstrap, mounted read-only at CODE_MOUNT
-    code_dir: str = ""
-    start_timeout: float = 120.0
-    tmpfs_size: str = "256m"
-
-    def run_argv(self, name: str, python: str) -> list[str]:
-        """The ``docker run`` arguments (without the leading ``docker``)."""
-        # --sig-proxy=false: a Ctrl-C in the user's terminal reaches the docker CLI (same
-        # process group) and must not be forwarded into the container; interrupts are
-        # sent deliberately, as frames, by DockerREPL.interrupt()
-        # No --init: the bootstrap supervisor is pid 1 and reaps orphans itself. An
-        # init process would hold the host channel (its fds 0/1) where cell code can
-        # open it through /proc/1/fd; the supervisor makes itself non-dumpable so that
-        # /proc/<it>/fd is closed to cell code, and pid 1 ignores signals sent from
-        # inside the container that it has no handler for (SIGKILL, SIGSTOP included).
-        argv = ["run", "-i", "--rm", "--sig-proxy=false", "--name", name]
-        argv += ["--pull", "missing"]
-        for k, v in sorted(self.labels.items()):
-            argv += ["--label", f"{k}={v}"]
-        argv += ["-v", f"{self.workspace}:{MOUNT_POINT}", "-w", MOUNT_POINT]
-        if self.code_dir:
-            argv += ["-v", f"{self.code_dir}:{CODE_MOUNT}:ro"]
-        if self.network == "none":
-            argv += ["--network", "none"]
-        elif self.network == "bridge":
-            argv += ["--network", "bridge", "--add-host", "host.docker.internal:host-gateway"]
-        else:
-            raise ValueError(f"network must be 'bridge' or 'none', not {self.network!r}")
-        argv += ["--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
-        if self.pids_limit:
-            argv += ["--pids-limit", str(int(self.pids_limit))]
-        if self.memory:
-            # swap off: --memory-swap equal to --memory
-            argv += ["--memory", str(self.memory), "--memory-swap", str(self.memory)]
-        if self.cpus:
-            argv += ["--cpus", cpus_arg(self.cpus)]
-        if self.user:
-            argv += ["--user", str(self.user)]
-        if self.read_only:
-            size = tmpfs_size(self.tmpfs_size, self.memory)
-            argv += ["--read-only", "--tmpfs", f"/tmp:rw,nosuid,nodev,size={size}"]
-        if self.runtime:
-            argv += ["--runtime", self.runtime]
-        argv += list(self.extra_args)
-        argv += ["--entrypoint", python, self.image, "-B", "-c", BOOTSTRAP_LAUNCHER]
-        return argv
-
-
-# docker run options extra_args may not carry. The channel and lifecycle need -i without
-# a tty, attached, under our name and entrypoint, removed on exit; the host's
-# environment never goes in; limits and hardening have their own arguments.
-_CHANNEL_FLAGS = {
-    "-t": "a tty would corrupt the framed channel",
-    "--tty": "a tty would corrupt the framed channel",
-    "-d": "the container must stay attached to its owner",
-    "--detach": "the container must stay attached to its owner",
-    "-a": "the container must stay attached to its owner",
-    "--attach": "the container must stay attached to its owner",
-    "--name": "dockerrepl names its containers",
-    "--entrypoint": "the bootstrap is the entrypoint",
-    "--rm": "already given",
-    "-i": "already given",
-    "--interactive": "already given",
-    "--sig-proxy": "interrupts are sent as frames",
-    "--init": "an init process would share the supervisor's host channel",
-    "-e": "the host's environment never goes in; set variables with setup_code",
-    "--env": "the host's environment never goes in; set variables with setup_code",
-    "--env-file": "the host's environment never goes in; set variables with setup_code",
-}
-_OWN_OPTION = {
-    "--network": "network=",
-    "--net": "network=",
-    "-u": "user=",
-    "--user": "user=",
-    "--read-only": "read_only=",
-    "-m": "memory=",
-    "--memory": "memory=",
-    "--memory-swap": "memory= (swap is always off)",
-    "--cpus": "cpus=",
-    "--pids-limit": "pids_limit=",
-    "--runtime": "runtime=",
-}
-# they widen what cell code may do past the documented defaults (docs/security.md)
-_WIDENING = {
-    "--privileged",
-    "--cap-add",
-    "--security-opt",
-    "--pid",
-    "--ipc",
-    "--uts",
-    "--userns",
-    "--cgroupns",
-    "--device-cgroup-rule",
-}
-
-
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-# docker's RAMInBytes: a number, an optional space, a binary unit, then "i" and "b"
-# (each optional): "2g", "1.5g", "256mb", "512MiB", "1073741824"
-_SIZE = re.compile(r"(\d+(?:\.\d+)?) ?([kmgtp]?)i?b?", re.IGNORECASE)
-
-
-def memory_bytes(value: Optional[str]) -> Optional[int]:
-    """Docker's size notation (``"256m"``, ``"2g"``, ``"1.5g"``, bytes) in bytes, or None.
-
-    None too for what docker would refuse (``"lots"``, ``"1e3g"``, ``"-1g"``) and for 0.
-    """
-    if value is None:
-        return None
-    match = _SIZE.fullmatch(str(value).strip())
-    if match is None:
-        return None
-    n = int(float(match.group(1)) * _UNITS[match.group(2).lower()])  # as docker computes it
-    return n if n > 0 else None
-
-
-def cpus_arg(cpus: float) -> str:
-    """``--cpus``'s value, exact to the nanocpu that ``docker inspect`` shows (NanoCpus).
-
-    ``str(0.1 + 0.2)`` is "0.30000000000000004", which docker refuses as too precise.
-    """
-    nano = round(cpus * 1e9)
-    whole, frac = divmod(nano, 10**9)
-    return f"{whole}.{frac:09d}".rstrip("0").rstrip(".")
-
-
-def tmpfs_size(default: str, memory: Optional[str]) -> str:
-    """The read-only mode's ``/tmp`` size: ``default``, but at most a quarter of the
-    memory limit. tmpfs pages count against the container's memory: a /tmp as large as
-    the limit let a cell fill it until no worker could start again (3 minutes wedged
-    with memory="256m" before the host replaced the container)."""
-    limit = memory_bytes(memory)
-    want = memory_bytes(default) or 256 << 20
-    if limit is None:
-        return default
-    return f"{max(1, min(want, limit // 4) >> 20)}m"
-
-
-def check_extra_args(extra_args: Any, allow_widening: bool) -> tuple[str, ...]:
-    """Validate ``DockerREPL(extra_args=...)``: a sequence of str, no option we own.
-
-    Raises ``TypeError`` for anything but a list/tuple of str and ``ValueError``
-    for an option that would break the channel, pass the host's environment, or
-    duplicate one of DockerREPL's own arguments. Options that widen the sandbox
-    (``--privileged``, ``--cap-add``, ...) are refused unless ``allow_widening``
-    (``verify_security=False``).
-    """
-    if isinstance(extra_args, (str, bytes)) or not isinstance(extra_args, (list, tuple)):
-        raise TypeError(f"extra_args must be a list of str, not {type(extra_args).__name__}")
-    for arg in extra_args:
-        if not isinstance(arg, str):
-            raise TypeError(f"extra_args must be a list of str; got {arg!r}")
-        if arg.startswith("--"):
-            names = [arg.split("=", 1)[0]]
-        elif arg.startswith("-") and len(arg) > 1:
-            names = ["-" + c for c in arg[1:].split("=", 1)[0]]  # -it is -i and -t
-        else:
-            names = []
-        for name in names:
-            if name in _CHANNEL_FLAGS:
-                raise ValueError(f"extra_args may not contain {name}: {_CHANNEL_FLAGS[name]}")
-            if name in _OWN_OPTION:
-                raise ValueError(f"extra_args may not contain {name}: use {_OWN_OPTION[name]}")
-            if name in _WIDENING and not allow_widening:
-                raise ValueError(
-                    f"extra_args may not contain {name}: it widens the sandbox past its"
-                    " defaults (pass verify_security=False to take that on yourself)"
-                )
-    return tuple(extra_args)
 
 
 class Container:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Optional, Union
 
-from ._container import DEFAULT_CPUS, MIN_CPUS, MIN_MEMORY, check_extra_args, memory_bytes
+from ._runspec import DEFAULT_CPUS, MIN_CPUS, MIN_MEMORY, check_extra_args, memory_bytes
 from ._tools import ToolSpecs, tool_specs
 
 Address = tuple[str, int]

@@ -13,7 +13,7 @@ import os
 import shutil
 
 from ._bootstrap import protocol
-from ._container import BOOTSTRAP_PACKAGE, CODE_MOUNT
+from ._runspec import BOOTSTRAP_PACKAGE, CODE_MOUNT
 
 __all__ = ["PROTOCOL_VERSION", "stage_code"]
 

@@ -25,8 +25,8 @@ import stat
 import tempfile
 from typing import Any, Optional, Protocol
 
-from ._container import CODE_MOUNT, PROXY_SOCKET
 from ._files import DEFAULT_MAX_FILE, copy_in, copy_out, open_dir, remove_tree, write_new
+from ._runspec import CODE_MOUNT, PROXY_SOCKET
 from ._staging import stage_code
 
 __all__ = ["MountedWorkspace", "Workspace"]

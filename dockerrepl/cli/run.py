@@ -8,8 +8,8 @@ import os
 import sys
 from typing import BinaryIO
 
-from .._container import MOUNT_POINT
 from .._files import DEFAULT_MAX_FILE, write_new
+from .._runspec import MOUNT_POINT
 from ..repl import MAX_FILENAME
 from ..types import REPLResult
 from .errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OOM, EXIT_TIMEOUT, CliError
