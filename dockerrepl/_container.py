@@ -25,23 +25,7 @@ from typing import IO, Any, Optional
 
 from . import _docker
 from ._bootstrap import protocol
-from ._labels import owner_label, pid_namespace, process_start_time
-from ._runspec import (
-    BOOTSTRAP_LAUNCHER,
-    BOOTSTRAP_PACKAGE,
-    CODE_MOUNT,
-    DEFAULT_CPUS,
-    MIN_CPUS,
-    MIN_MEMORY,
-    MOUNT_POINT,
-    PROXY_SOCKET,
-    ContainerConfig,
-    bootstrap_launcher,
-    check_extra_args,
-    cpus_arg,
-    memory_bytes,
-    tmpfs_size,
-)
+from ._runspec import ContainerConfig, memory_bytes, tmpfs_size
 from ._wire import FrameBuffer, decode_body, encode_frame
 from .errors import (
     BootstrapError,
@@ -55,29 +39,7 @@ from .errors import (
     SecurityCheckError,
 )
 
-# The labels live in _labels and the run options in _runspec; re-exported here for
-# the modules that import them from _container
-__all__ = [
-    "BOOTSTRAP_LAUNCHER",
-    "BOOTSTRAP_PACKAGE",
-    "CODE_MOUNT",
-    "DEFAULT_CPUS",
-    "MIN_CPUS",
-    "MIN_MEMORY",
-    "MOUNT_POINT",
-    "PROXY_SOCKET",
-    "Container",
-    "ContainerConfig",
-    "bootstrap_launcher",
-    "bridge_gateway",
-    "check_extra_args",
-    "cpus_arg",
-    "memory_bytes",
-    "owner_label",
-    "pid_namespace",
-    "process_start_time",
-    "tmpfs_size",
-]
+__all__ = ["Container", "bridge_gateway"]
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,12 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from . import _exit
-from ._container import Container, ContainerConfig, bridge_gateway
+from ._container import Container, bridge_gateway
 from ._labels import repl_labels
 from ._options import ReplOptions
 from ._proxy import ProxyServer, ProxyState
 from ._results import _TEXT_SLACK, bound_result
+from ._runspec import ContainerConfig
 from ._staging import PROTOCOL_VERSION
 from ._workspace import Workspace
 from .errors import ContainerDied, DockerReplError, ProtocolError, ReplClosed

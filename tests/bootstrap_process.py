@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dockerrepl._bootstrap import protocol
-from dockerrepl._container import BOOTSTRAP_PACKAGE, bootstrap_launcher
+from dockerrepl._runspec import BOOTSTRAP_PACKAGE, bootstrap_launcher
 from dockerrepl._staging import stage_code
 
 #: The bootstrap package's source directory (staged under the name BOOTSTRAP_PACKAGE).

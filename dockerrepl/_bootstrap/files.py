@@ -1,31 +1,33 @@
 """Removing what a cell left in the workspace, whatever it did to it.
 
-The host's ``dockerrepl._files.remove_tree`` is the same walk (the bootstrap may
-import nothing of the host's); tests/unit/test_files.py runs both.
+The host removes trees a cell built too (cleanup, gc, a planted context file): it
+imports :func:`remove_tree` from here (imports flow host -> bootstrap, never back),
+so there is one walk. Stdlib only, Python 3.8+.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-
-from . import paths
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Callable
+import stat
+from typing import Callable, Optional
 
 
 def purge_workspace() -> None:
     """Empty the workspace (the host asked: it may not delete what root made here)."""
+    # imported here: paths reads the container's environment, and the host imports
+    # this module for remove_tree (nothing may happen at the host's import time)
+    from . import paths
+
     try:
         names = os.listdir(paths.WORKSPACE)
     except OSError:
         return
     for name in names:
-        remove_tree(os.path.join(paths.WORKSPACE, name))
+        remove_tree(os.path.join(paths.WORKSPACE, name), ignore_errors=True)
 
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
 def _ident(fd: int) -> tuple[int, int]:
@@ -33,73 +35,88 @@ def _ident(fd: int) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _gone(op: Callable[..., None], name: str, dfd: int, chmod: bool) -> bool:
-    """op(name, dir_fd=dfd) (os.unlink or os.rmdir); on EACCES/EPERM make dfd writable
-    (a cell may have set 0500; with --cap-drop ALL even root needs that), try again."""
+def _retry_writable(
+    op: Callable[..., None], name: str, dfd: int, chmod: bool, errors: list[OSError]
+) -> bool:
+    """``op(name, dir_fd=dfd)`` (``os.unlink`` or ``os.rmdir``); on EACCES/EPERM make
+    ``dfd`` writable (a cell may have set its mode to 0500; ``chmod``: it is not the
+    caller's) and try once more. True: the entry is gone."""
     for attempt in (0, 1):
         try:
             op(name, dir_fd=dfd)
             return True
         except FileNotFoundError:
             return True
-        except PermissionError:
+        except PermissionError as exc:
             if attempt or not chmod:
+                errors.append(exc)
                 return False
             try:
                 os.fchmod(dfd, 0o700)
             except OSError:
+                errors.append(exc)
                 return False
-        except OSError:
+        except OSError as exc:
+            errors.append(exc)
             return False
     return False
 
 
-def _open_child(dfd: int, name: str) -> int | None:
-    """The directory name in dfd, opened without following a link (a mode 000 the
-    cell set is undone through an O_PATH descriptor); None if it cannot be."""
+def _open_child(dfd: int, name: str, errors: list[OSError]) -> Optional[int]:
+    """Open the directory ``name`` in ``dfd`` (never a symlink); None if it cannot be."""
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=dfd)
+        return os.open(name, _DIR, dir_fd=dfd)
     except PermissionError:
-        pass
-    except OSError:
+        pass  # a mode the cell set (000): undone below
+    except OSError as exc:
+        # ELOOP, ENOTDIR: swapped for a symlink or a file since it was listed; the
+        # next listing sees what it is now
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            errors.append(exc)
         return None
+    # chmod it through an O_PATH descriptor, which names that very directory
+    # (O_NOFOLLOW: never a link's target), then open it again
+    o_path = getattr(os, "O_PATH", 0)
     try:
-        pfd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+        if not o_path:
+            raise PermissionError(errno.EACCES, "cannot open a directory", name)
+        pfd = os.open(name, o_path | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         try:
-            os.chmod("/proc/self/fd/%d" % pfd, 0o700)
+            os.chmod(f"/proc/self/fd/{pfd}", 0o700)
         finally:
             os.close(pfd)
-        return os.open(name, _DIR_FLAGS, dir_fd=dfd)
-    except (OSError, AttributeError):
+        return os.open(name, _DIR, dir_fd=dfd)
+    except OSError as exc:
+        errors.append(exc)
         return None
 
 
-def remove_tree(path: str) -> None:
-    """rm -rf path, best effort: no recursion (a cell nests directories thousands
-    deep; shutil.rmtree dies of RecursionError there), no symlink followed, two
-    descriptors at most (down by name with O_NOFOLLOW, up through '..' checked
-    against the inode it came down from). The host's dockerrepl._files.remove_tree
-    is the same walk."""
-    parent, name = os.path.split(os.path.abspath(path))
+def _remove_in(pfd: int, name: str, errors: list[OSError]) -> None:
+    """Remove ``name`` in the (trusted) directory ``pfd``, whatever is under it.
+
+    Depth first without recursion, holding two descriptors at most: it goes down by
+    opening a child (``O_NOFOLLOW``) and back up through ``..``, checked against the
+    device and inode it came down from, so a directory moved meanwhile stops the
+    walk instead of leading it elsewhere. Entries are removed with ``unlinkat`` /
+    ``rmdir`` relative to their directory: a symlink is removed, never followed.
+    An entry that cannot be removed is skipped (and its error kept), never retried.
+    """
     try:
-        pfd = os.open(parent or "/", os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+    except FileNotFoundError:
         return
-    fd = -1
+    except OSError as exc:
+        errors.append(exc)
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        _retry_writable(os.unlink, name, pfd, False, errors)
+        return
+    fd = _open_child(pfd, name, errors)
+    if fd is None:
+        return
+    path = [(name, _ident(fd))]  # the directories from the top down to fd
+    skip: list[set[str]] = [set()]  # per level: names that could not be removed
     try:
-        try:
-            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-        except OSError:
-            return
-        if not _is_dir_mode(st.st_mode):
-            _gone(os.unlink, name, pfd, False)
-            return
-        top = _open_child(pfd, name)
-        if top is None:
-            return
-        fd = top
-        stack = [(name, _ident(fd))]
-        skip: list[set[str]] = [set()]
         while True:
             child = None
             try:
@@ -114,41 +131,63 @@ def remove_tree(path: str) -> None:
                         if is_dir:
                             child = entry.name
                             break
-                        if not _gone(os.unlink, entry.name, fd, True):
+                        if not _retry_writable(os.unlink, entry.name, fd, True, errors):
                             skip[-1].add(entry.name)
-            except OSError:
-                pass
+            except OSError as exc:
+                errors.append(exc)  # cannot be listed: what is left in it stays
             if child is not None:
-                cfd = _open_child(fd, child)
+                cfd = _open_child(fd, child, errors)
                 if cfd is None:
                     skip[-1].add(child)
                     continue
                 os.close(fd)
                 fd = cfd
-                stack.append((child, _ident(fd)))
+                path.append((child, _ident(fd)))
                 skip.append(set())
                 continue
-            done = stack.pop()[0]
+            done, _ = path.pop()
             skip.pop()
-            if not stack:
+            if not path:
                 os.close(fd)
                 fd = -1
-                _gone(os.rmdir, done, pfd, False)
+                _retry_writable(os.rmdir, done, pfd, False, errors)
                 return
-            up = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            up = os.open("..", _DIR, dir_fd=fd)
             os.close(fd)
             fd = up
-            if _ident(fd) != stack[-1][1]:
-                return  # moved while it was removed: stop rather than follow it
-            if not _gone(os.rmdir, done, fd, True):
+            if _ident(fd) != path[-1][1]:
+                errors.append(OSError(errno.ESTALE, "a directory was moved while it was removed"))
+                return
+            if not _retry_writable(os.rmdir, done, fd, True, errors):
                 skip[-1].add(done)
-    except OSError:
-        pass
+    except OSError as exc:
+        errors.append(exc)
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def remove_tree(path: str, *, ignore_errors: bool = False) -> None:
+    """Remove ``path`` (a directory tree, a file or a symlink) like ``rm -rf``.
+
+    Iterative, so depth is no limit; never follows a symlink, at the top or below;
+    undoes the permission bits a cell set on its directories. The parent of
+    ``path`` is the caller's and is trusted (it is never chmod'ed). Everything that
+    can be removed is; then the first error is raised unless ``ignore_errors``.
+    """
+    errors: list[OSError] = []
+    parent, name = os.path.split(os.path.abspath(path))
+    try:
+        pfd = os.open(parent or "/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError:
+        if ignore_errors:
+            return
+        raise
+    try:
+        _remove_in(pfd, name, errors)
+    finally:
         os.close(pfd)
-
-
-def _is_dir_mode(mode: int) -> bool:
-    return (mode & 0o170000) == 0o040000
+    if errors and not ignore_errors:
+        raise errors[0]

@@ -20,8 +20,9 @@ from collections.abc import Callable
 from typing import IO, Any, Optional
 
 from .. import _docker
-from .._container import CODE_MOUNT, PROXY_SOCKET, bridge_gateway
+from .._container import bridge_gateway
 from .._labels import probe_labels
+from .._runspec import CODE_MOUNT, PROXY_SOCKET
 from .._version import __version__
 from ..clients import EchoClient
 from ..errors import DockerError, DockerReplError, DockerTimeout, NoSuchImage

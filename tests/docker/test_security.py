@@ -21,7 +21,8 @@ import pytest
 from docker_helpers import docker
 
 from dockerrepl import DockerREPL
-from dockerrepl._container import Container, ContainerConfig, bridge_gateway
+from dockerrepl._container import Container, bridge_gateway
+from dockerrepl._runspec import ContainerConfig
 from dockerrepl.errors import DockerCommandError, DockerReplError, SecurityCheckError
 
 pytestmark = pytest.mark.timeout(120)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from dockerrepl import _docker
-from dockerrepl._container import ContainerConfig
 from dockerrepl._labels import owner_label, process_start_time
+from dockerrepl._runspec import ContainerConfig
 from dockerrepl.errors import (
     DockerCommandError,
     DockerDaemonError,

@@ -29,8 +29,9 @@ from hypothesis import strategies as st  # noqa: E402
 
 from dockerrepl import LMHandler  # noqa: E402
 from dockerrepl._bootstrap import procs, protocol  # noqa: E402
-from dockerrepl._container import Container, ContainerConfig  # noqa: E402
+from dockerrepl._container import Container  # noqa: E402
 from dockerrepl._proxy import ProxyServer, ProxyState  # noqa: E402
+from dockerrepl._runspec import ContainerConfig  # noqa: E402
 from dockerrepl._wire import HEADER, decode_body, encode_frame, recv_frame  # noqa: E402
 from dockerrepl.clients import EchoClient  # noqa: E402
 from dockerrepl.errors import ProtocolError  # noqa: E402

@@ -21,7 +21,7 @@ import pytest
 from bootstrap_process import BOOTSTRAP, Boot, hello, stage
 from docker_helpers import interpreter
 
-from dockerrepl import _container, _proxy, _results, _staging, _tools, _wire, repl
+from dockerrepl import _proxy, _results, _runspec, _staging, _tools, _wire, repl
 from dockerrepl._bootstrap import protocol
 
 pytestmark = pytest.mark.timeout(60)
@@ -176,5 +176,5 @@ def test_no_module_keeps_a_literal_copy_of_a_contract_value():
 
 def test_the_container_runs_what_is_staged():
     """The launcher imports the package stage_code copies, under the name it copies it to."""
-    assert _container.bootstrap_launcher(_container.CODE_MOUNT) == _container.BOOTSTRAP_LAUNCHER
-    assert f"from {_container.BOOTSTRAP_PACKAGE}.main import main" in _container.BOOTSTRAP_LAUNCHER
+    assert _runspec.bootstrap_launcher(_runspec.CODE_MOUNT) == _runspec.BOOTSTRAP_LAUNCHER
+    assert f"from {_runspec.BOOTSTRAP_PACKAGE}.main import main" in _runspec.BOOTSTRAP_LAUNCHER
