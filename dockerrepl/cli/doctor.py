@@ -29,7 +29,7 @@ from ..errors import DockerError, DockerReplError, DockerTimeout, NoSuchImage
 from ..lm_handler import LMHandler
 from ..repl import DockerREPL
 from .options import default_image
-from .sandbox import BUILD_HINT, ensure_image
+from .sandbox import BUILD_HINT, check_image_name, ensure_image
 
 __all__ = ["cmd_doctor"]
 
@@ -204,6 +204,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     out = sys.stdout
     docker: str = args.docker
     image = args.image or default_image()
+    check_image_name(image)  # a malformed name is about the name, before any check runs
     doc = Doctor(out)
     out.write(f"dockerrepl {__version__} doctor: image {image}\n")
     facts: dict[str, Any] = {}

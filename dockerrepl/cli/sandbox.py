@@ -21,12 +21,13 @@ from typing import IO, Any, Optional, Protocol, Union
 
 from .. import _docker
 from .._files import remove_tree
+from .._options import check_image
 from ..clients import EchoClient, OpenAIClient
 from ..errors import DockerReplError, DockerTimeout, NoSuchImage
 from ..lm_handler import LMHandler
 from ..repl import DockerREPL
 from ..types import REPLResult
-from .errors import EXIT_INTERRUPTED, CliError, Terminated
+from .errors import EXIT_INTERRUPTED, EXIT_SETUP, CliError, Terminated
 from .options import DEFAULT_MODEL, default_image
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "Output",
     "PromptNudge",
     "Sandbox",
+    "check_image_name",
     "ensure_image",
     "make_client",
     "read_context",
@@ -92,11 +94,28 @@ def read_context(path: str) -> Union[str, dict[str, Any], list[Any]]:
     return text
 
 
+def check_image_name(image: str) -> None:
+    """Raise :class:`CliError` (exit 125) when ``image`` is not an image reference:
+    said about the name, before docker tries a registry and answers about that."""
+    try:
+        check_image("--image", image)
+    except (TypeError, ValueError) as exc:
+        raise CliError(
+            str(exc),
+            "an image reference is [registry/]name[:tag][@digest], the name in lower case,"
+            " e.g. python:3.11-slim or dockerrepl/python:3.11-bookworm",
+            EXIT_SETUP,
+        ) from None
+
+
 def ensure_image(image: str, docker: str, err: TextSink, pull_timeout: float = PULL_TIMEOUT) -> str:
     """Make sure ``image`` is present: ``"present"``, or pull it with progress: ``"pulled"``.
 
-    Raises :class:`NoSuchImage` (with what to do offline) when it cannot be pulled.
+    Raises :class:`NoSuchImage` (with what to do offline) when it cannot be pulled,
+    and :class:`CliError` for a name that is not an image reference at all (before
+    any docker call: docker would try a registry and answer about that).
     """
+    check_image_name(image)
     try:
         _docker.run(["image", "inspect", "--format", "{{.Id}}", image], timeout=30, docker=docker)
         return "present"

@@ -96,3 +96,19 @@ def test_missing_image(env: dict[str, str]) -> None:
     assert image in image_line
     assert "build-image.sh" in doctor.out
     assert "DOCKERREPL_IMAGE" in doctor.out
+
+
+@pytest.mark.parametrize("image", ["Bad Name", "Python:3.11", "-rm", "python::3"])
+def test_a_malformed_image_name_is_refused_for_its_name(docker_cli: str, image: str) -> None:
+    """docker would try a registry and answer about that ("invalid reference format ...
+    could not be pulled"); nothing is asked of docker (the daemon here is dead)."""
+    done = cli("run", f"--image={image}", "-c", "1", env=base_env(DOCKER_HOST=DEAD_SOCKET))
+    assert_clean_failure(done)
+    assert done.rc == 125
+    assert "error: --image " in done.err, done.err  # about the name
+    assert "pull" not in done.err and "DOCKER_HOST" not in done.err
+    done = cli("doctor", f"--image={image}", env=base_env(DOCKER_HOST=DEAD_SOCKET))
+    assert_clean_failure(done)
+    assert done.rc == 125
+    assert "error: --image " in done.err, done.out + done.err
+    assert "daemon" not in done.out + done.err  # no check ran
