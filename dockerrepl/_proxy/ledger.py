@@ -98,6 +98,11 @@ class ProxyState:
     abandoned_below: int = 0
     taken_through: Optional[int] = None  # the latest cell whose completions were taken
     completions: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    # each completion's place in its cell's rlm_calls: (batch, index) for a batch's,
+    # (arrival, 0) otherwise, so a batch lists its prompts' answers in prompt order
+    # whatever order they finished in (rlm's contract)
+    _keys: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    _seq: int = 0
     unrecorded: int = 0  # completions not kept: past MAX_RECORDED or MAX_RECORDED_BYTES
     lock: threading.Lock = field(default_factory=threading.Lock)
     _subcall_sem: Optional[threading.BoundedSemaphore] = None
@@ -139,10 +144,25 @@ class ProxyState:
                 return None
             return current
 
-    def record(self, cell: int, completion: dict[str, Any]) -> None:
-        """Count a completion's tokens and keep it for :meth:`take`, within bounds."""
+    def order(self) -> int:
+        """A number that places one batch's completions among the cell's others."""
+        with self.lock:
+            self._seq += 1
+            return self._seq
+
+    def record(
+        self, cell: int, completion: dict[str, Any], key: Optional[tuple[int, int]] = None
+    ) -> None:
+        """Count a completion's tokens and keep it for :meth:`take`, within bounds.
+
+        ``key`` is its place in the cell's ``rlm_calls``: ``(order(), index)`` for the
+        index-th prompt of a batch; by default, after everything recorded so far.
+        """
         size = _approx_size(completion)  # outside the lock: it may walk a message list
         with self.lock:
+            if key is None:
+                self._seq += 1
+                key = (self._seq, 0)
             self.tokens += call_tokens(completion)
             if cell < self.abandoned_below:
                 return  # never attributed: its cell timed out or crashed
@@ -161,15 +181,18 @@ class ProxyState:
                     )
                 return
             self.completions.setdefault(cell, []).append(completion)
+            self._keys.setdefault(cell, []).append(key)
             self._sizes[cell] = self._sizes.get(cell, 0) + size
             self._kept += 1
             self._kept_bytes += size
 
     def _drop(self, cell: int) -> list[dict[str, Any]]:
         out = self.completions.pop(cell, [])
+        keys = self._keys.pop(cell, [])
         self._kept -= len(out)
         self._kept_bytes -= self._sizes.pop(cell, 0)
-        return out
+        order = sorted(range(len(out)), key=keys.__getitem__)  # stable: ties keep arrival
+        return [out[i] for i in order]
 
     def take(self, cell: int) -> list[dict[str, Any]]:
         """The completions a cell made; older cells' leftovers are dropped. Later

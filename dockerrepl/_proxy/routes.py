@@ -167,13 +167,17 @@ class Routes:
         # Bounded chunks, each checked against abandonment (its cell timed out) and
         # the budget when it is dispatched: a batch whose cell is gone stops costing.
         # Each chunk is an ordinary batched request, so rlm's handler serves it too.
-        chunks = [prompts[i : i + BATCH_CHUNK] for i in range(0, len(prompts), BATCH_CHUNK)]
+        batch = state.order()  # rlm_calls lists the answers in prompt order
+        starts = range(0, len(prompts), BATCH_CHUNK)
+        chunks = [(prompts[i : i + BATCH_CHUNK], (batch, i)) for i in starts]
         if len(chunks) == 1:
-            return {"responses": self._batch_chunk(chunks[0], model, cell)}
-        results = self.run_windowed(chunks, lambda ch: self._batch_chunk(ch, model, cell))
+            return {"responses": self._batch_chunk(chunks[0][0], model, cell, chunks[0][1])}
+        results = self.run_windowed(chunks, lambda ch: self._batch_chunk(ch[0], model, cell, ch[1]))
         return {"responses": [r for chunk in results for r in chunk]}
 
-    def _batch_chunk(self, prompts: list[Any], model: Optional[str], cell: int) -> list[str]:
+    def _batch_chunk(
+        self, prompts: list[Any], model: Optional[str], cell: int, key: tuple[int, int]
+    ) -> list[str]:
         """One chunk's answers. Its prompts go as the ledger lets them (all at once
         when there is room, else in smaller requests as room comes back); once the
         budget is spent, or the cell abandoned, the rest are answered at once."""
@@ -191,13 +195,18 @@ class Routes:
             part = prompts[len(out) : len(out) + got]
             used: list[int] = []
             try:
-                out += self._send_batch(part, model, cell, used)
+                out += self._send_batch(part, model, cell, used, (key[0], key[1] + len(out)))
             finally:
                 state.release_calls(got, used)
         return out
 
     def _send_batch(
-        self, prompts: list[Any], model: Optional[str], cell: int, used: list[int]
+        self,
+        prompts: list[Any],
+        model: Optional[str],
+        cell: int,
+        used: list[int],
+        key: tuple[int, int],
     ) -> list[str]:
         state = self.state
         resp = self._ask_lm({"prompts": prompts}, model)
@@ -207,13 +216,13 @@ class Routes:
                 prompts
             )
         out: list[str] = []
-        for c in comps[: len(prompts)]:
+        for i, c in enumerate(comps[: len(prompts)]):
             if not isinstance(c, dict):
                 out.append("Error: malformed completion")
             elif c.get("error"):
                 out.append(f"Error: {c['error']}")
             else:
-                state.record(cell, c)
+                state.record(cell, c, (key[0], key[1] + i))
                 used.append(call_tokens(c))
                 out.append(str(c.get("response") or ""))
         out += ["Error: LM handler sent too few completions"] * (len(prompts) - len(out))
@@ -226,7 +235,13 @@ class Routes:
             req["model"] = model
         return self.pooled_lm_request(req)
 
-    def _subcall(self, prompt: Any, model: Optional[str], cell: int) -> tuple[str, Optional[str]]:
+    def _subcall(
+        self,
+        prompt: Any,
+        model: Optional[str],
+        cell: int,
+        key: Optional[tuple[int, int]] = None,
+    ) -> tuple[str, Optional[str]]:
         """One rlm_query: (response, error). Bounded by max_concurrent_subcalls per REPL."""
         state = self.state
         fn = state.subcall_fn
@@ -236,7 +251,7 @@ class Routes:
                 comp = _completion_dict(fn(prompt, model))
             except Exception as exc:
                 return "", f"RLM query failed - {exc}"
-        state.record(cell, comp)
+        state.record(cell, comp, key)
         return str(comp.get("response") or ""), None
 
     def _rlm_single(self, body: dict[str, Any], cell: int) -> dict[str, Any]:
@@ -254,14 +269,15 @@ class Routes:
         if isinstance(prompts, dict):
             return prompts
         _, model = self._prompt_fields(body)
+        batch = state.order()  # rlm_calls lists the answers in prompt order
 
-        def one(p: Any) -> str:
+        def one(item: tuple[int, Any]) -> str:
             if state.is_abandoned(cell):
                 return f"Error: {ABANDONED}"
-            resp, err = self._subcall(p, model, cell)
+            resp, err = self._subcall(item[1], model, cell, (batch, item[0]))
             return f"Error: {err}" if err else resp
 
-        return {"responses": list(self.executor().map(one, prompts))}
+        return {"responses": list(self.executor().map(one, enumerate(prompts)))}
 
     def _host_tool(self, body: dict[str, Any], cell: int) -> dict[str, Any]:
         if self.state.is_abandoned(cell):

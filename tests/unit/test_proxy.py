@@ -532,3 +532,56 @@ def test_exactly_one_of_host_or_unix_path(tmp_path):
         ProxyServer(ProxyState(token=TOKEN))
     with pytest.raises(ValueError):
         ProxyServer(ProxyState(token=TOKEN), host="127.0.0.1", unix_path=str(tmp_path / "s"))
+
+
+def test_a_batchs_rlm_calls_are_in_prompt_order_whatever_order_they_finish(tmp_path, kind):
+    """rlm's contract: rlm_calls lists a batch's completions in the order of its prompts.
+    Here the first prompt's child RLM finishes last."""
+    import time as _time
+
+    def subcall(prompt, model):
+        _time.sleep(0.05 * (5 - int(prompt)))  # "0" is the slowest
+        return _completion(prompt, f"sub:{prompt}")
+
+    state = ProxyState(token=TOKEN, subcall_fn=subcall, max_concurrent_subcalls=5)
+    proxy, conn = make_proxy(tmp_path, kind, state)
+    try:
+        assert post(conn, "/rlm_query", {"prompt": "4"}, cell=1) == {"response": "sub:4"}
+        prompts = [str(i) for i in range(5)]
+        data = post(conn, "/rlm_query_batched", {"prompts": prompts}, cell=1)
+        assert data["responses"] == [f"sub:{p}" for p in prompts]
+        assert post(conn, "/rlm_query", {"prompt": "3"}, cell=1) == {"response": "sub:3"}
+        taken = [c["prompt"] for c in state.take(1)]
+        assert taken == ["4", *prompts, "3"]  # the batch in prompt order, between the two
+    finally:
+        conn.close()
+        proxy.close()
+
+
+def test_llm_query_batched_chunks_keep_prompt_order(tmp_path, kind, monkeypatch):
+    """Chunks of a large batch run concurrently and finish in any order; the later
+    chunks are made to answer first here."""
+    from dockerrepl._proxy import routes
+
+    monkeypatch.setattr(routes, "BATCH_CHUNK", 2)
+    client = ScriptedClient(lambda prompt: f"a:{prompt}")
+    real = client.completion
+
+    def slow_first(prompt, *args, **kwargs):
+        import time as _time
+
+        _time.sleep(0.2 if prompt in ("p0", "p1") else 0.0)
+        return real(prompt, *args, **kwargs)
+
+    client.completion = slow_first
+    with LMHandler(client) as handler:
+        state = ProxyState(token=TOKEN, lm_handler_address=handler.address)
+        proxy, conn = make_proxy(tmp_path, kind, state)
+        try:
+            prompts = [f"p{i}" for i in range(6)]
+            data = post(conn, "/llm_query_batched", {"prompts": prompts}, cell=2)
+            assert data["responses"] == [f"a:{p}" for p in prompts]
+            assert [c["prompt"] for c in state.take(2)] == prompts
+        finally:
+            conn.close()
+            proxy.close()
