@@ -207,6 +207,15 @@ class Checkpointer:
         if fp is not None and fp == self.last_fp:
             return  # nothing can have changed since the last snapshot: skip the fork
         self.last_fp = fp
+        if "dill" not in sys.modules:
+            # once per worker, here (the cell's result is already sent) and not in
+            # the snapshot child: a child inherits dill and lands in ~5 ms, where one
+            # importing it at nice 10 on a busy host took up to ~0.9 s, the window
+            # in which a killed container loses the worker's first completed cell
+            try:
+                dill()
+            except Exception:
+                pass
         order = STORE.next_order()
         state, fb = _checkpoint_state()
         flush_std()
@@ -263,15 +272,6 @@ class Checkpointer:
         # only now that the child exists: an older child that gives up for it must
         # be sure a newer snapshot is really on its way
         self.wanted.set(order[1])
-        if "dill" not in sys.modules:
-            # once per worker, after the first snapshot is on its way: later
-            # snapshot children inherit dill and land in ~5 ms instead of ~50 ms
-            # (importing it is most of a small snapshot's time), which shrinks the
-            # window in which a killed container loses the last completed cell
-            try:
-                dill()
-            except Exception:
-                pass
 
     def sync_changed(self, cell_id: int) -> None:
         """``sync`` unless nothing can have changed; a failure is reported in stderr."""

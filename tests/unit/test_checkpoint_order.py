@@ -25,6 +25,11 @@ pytestmark = pytest.mark.timeout(60)
 # at once): the first snapshot child of a worker imports dill itself, which is what
 # made it reach its write after the second child in the field. Here it is late by
 # seconds, so the order is the same on every run.
+# A dill that makes the worker's FIRST snapshot child slow to reach its write, both
+# ways a child can be late: importing dill itself (imported in the child, as before
+# the worker imported dill ahead of its first fork), or being slow before the lock
+# (the worker imported it first: os.nice, which a child calls on its way to the
+# write, sleeps once, in the first snapshot process that calls it).
 SLOW_DILL = textwrap.dedent(
     """
     import importlib, os, sys, time
@@ -36,9 +41,25 @@ SLOW_DILL = textwrap.dedent(
         except OSError:
             return ""
 
-    if _comm() == "drepl-snapshot":
-        time.sleep({delay})
     _here = os.path.dirname(os.path.abspath(__file__))
+
+    def _first_time():
+        try:
+            os.close(os.open(os.path.join(_here, "slept"), os.O_CREAT | os.O_EXCL))
+            return True
+        except FileExistsError:
+            return False
+
+    if _comm() == "drepl-snapshot" and _first_time():
+        time.sleep({delay})
+    _nice = os.nice
+
+    def _slow_nice(n):
+        if _comm() == "drepl-snapshot" and _first_time():
+            time.sleep({delay})
+        return _nice(n)
+
+    os.nice = _slow_nice
     _path = list(sys.path)
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     try:
