@@ -24,7 +24,7 @@ from ..errors import (
     SecurityCheckError,
 )
 from .errors import EXIT_SETUP, CliError, Terminated
-from .options import add_sandbox_options
+from .options import add_sandbox_options, engine_from
 
 __all__ = ["build_parser", "main"]
 
@@ -61,7 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--docker",
         default=argparse.SUPPRESS,
         metavar="PATH",
-        help="the docker CLI to use (default: docker on PATH)",
+        help="the docker CLI to use, e.g. podman (default: docker on PATH)",
+    )
+    common.add_argument(
+        "--docker-host",
+        default=argparse.SUPPRESS,
+        metavar="URL",
+        help="the engine to use (unix://, tcp://, ssh://, npipe://): docker --host URL",
+    )
+    common.add_argument(
+        "--docker-context",
+        dest="docker_context",
+        default=argparse.SUPPRESS,
+        metavar="NAME",
+        help="the docker context to use: docker --context NAME",
     )
     p = argparse.ArgumentParser(
         prog="dockerrepl",
@@ -74,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", parents=[common], help="check that everything works here")
     d.add_argument(
         "--image", help="image to check (default: $DOCKERREPL_IMAGE or python:3.11-slim)"
+    )
+    d.add_argument(
+        "--context",
+        dest="docker_context",
+        default=argparse.SUPPRESS,
+        metavar="NAME",
+        help="the docker context to use (as --docker-context)",
     )
 
     r = sub.add_parser(
@@ -115,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         "containers without an owner are kept unless --all.",
     )
     g.add_argument("--dry-run", "-n", action="store_true", help="only say what would be removed")
+    g.add_argument(
+        "--context",
+        dest="docker_context",
+        default=argparse.SUPPRESS,
+        metavar="NAME",
+        help="the docker context to use (as --docker-context)",
+    )
     g.add_argument(
         "--all", action="store_true", help="remove every dockerrepl container, live ones too"
     )
@@ -203,6 +230,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.verbose = getattr(args, "verbose", False)
     args.docker = getattr(args, "docker", None) or "docker"
+    args.docker_host = getattr(args, "docker_host", None)
+    args.docker_context = getattr(args, "docker_context", None)
     if not args.command:
         parser.print_help(sys.stderr)
         return 2
@@ -221,6 +250,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         sys.argv[1:] if argv is None else argv,
     )
     try:
+        args.engine = engine_from(args)
         if args.command == "run":
             from .run import cmd_run
 

@@ -21,6 +21,7 @@ from typing import IO, Any, Optional
 
 from .. import _docker
 from .._container import bridge_gateway
+from .._docker import Engine
 from .._labels import probe_labels
 from .._runspec import CODE_MOUNT, PROXY_SOCKET
 from .._version import __version__
@@ -110,13 +111,14 @@ class Doctor:
         return ok
 
 
-def _engine_endpoint(docker: str) -> str:
-    host = os.environ.get("DOCKER_HOST")
+def _engine_endpoint(docker: Engine) -> str:
+    host = docker.host or (None if docker.context else os.environ.get("DOCKER_HOST"))
     if host:
         return host
     try:
         res = _docker.run(
-            ["context", "inspect", "--format", "{{.Endpoints.docker.Host}}"],
+            ["context", "inspect", "--format", "{{.Endpoints.docker.Host}}"]
+            + ([docker.context] if docker.context else []),
             timeout=15,
             docker=docker,
         )
@@ -161,7 +163,7 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", v)[:2])
 
 
-def _python_in(image: str, docker: str) -> str:
+def _python_in(image: str, docker: Engine) -> str:
     """Start a throw-away container and return its Python version and interpreter name."""
     probe = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
     last = ""
@@ -202,14 +204,14 @@ def _ask(repl: DockerREPL, prompt: str) -> tuple[str, float]:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     out = sys.stdout
-    docker: str = args.docker
+    docker: Engine = args.engine
     image = args.image or default_image()
     doc = Doctor(out)
     out.write(f"dockerrepl {__version__} doctor: image {image}\n")
     facts: dict[str, Any] = {}
 
     def cli() -> str:
-        path = _docker.resolve_docker(docker)
+        path = _docker.resolve_docker(docker.binary)
         res = _docker.run(["--version"], timeout=15, docker=docker)
         return f"{path} ({res.stdout.strip()})"
 
@@ -274,7 +276,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             image=image,
             lm_handler_address=handler.address,
             network=network,
-            docker=docker,
+            docker=docker.binary,
+            docker_host=docker.host,
+            context=docker.context,
             timeout=60,
             start_timeout=90,
         )
@@ -349,7 +353,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_python_images(docker: str) -> list[str]:
+def _local_python_images(docker: Engine) -> list[str]:
     """Local images that run Python 3.8+, to suggest when the asked-for one is missing.
 
     Only images with "python" in their name are candidates, and only those that

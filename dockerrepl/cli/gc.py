@@ -27,9 +27,10 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from .. import _docker
+from .._docker import Engine
 from .._files import remove_tree, tree_size
 from .._labels import (
     LABEL_OWNER,
@@ -72,7 +73,7 @@ class Found:
     pidns: str = ""  # the owner's PID namespace (containers from before 0.1.0 have none)
 
 
-def list_containers(docker: str, labels: Sequence[str] = ()) -> list[Found]:
+def list_containers(docker: Union[str, Engine], labels: Sequence[str] = ()) -> list[Found]:
     """Every container with ``dockerrepl.version`` (and all of ``labels``), any state."""
     argv = ["ps", "-a", "--no-trunc", "--filter", f"label={LABEL_VERSION}"]
     for label in labels:
@@ -252,7 +253,7 @@ def _confirm(n: int, live: int) -> bool:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    docker: str = args.docker
+    docker: Engine = args.engine
     out = sys.stdout
     verb = "would remove" if args.dry_run else "removed"
     hostname = socket.gethostname()
