@@ -58,6 +58,11 @@ CLAIMED = "a container still uses it"
 _FIELDS = ["{{json .ID}}", "{{json .Names}}", "{{json .State}}", "{{json .RunningFor}}"]
 _FIELDS += ['{{json (.Label "' + k + '")}}' for k in (LABEL_OWNER, LABEL_WORKSPACE, LABEL_PIDNS)]
 _FORMAT = "[" + ",".join(_FIELDS) + "]"  # one JSON row per container, as Found takes it
+# Podman's ps has no .Label method; its .Labels is a map (docker's is a string)
+_PODMAN_FIELDS = _FIELDS[:4] + [
+    '{{json (index .Labels "' + k + '")}}' for k in (LABEL_OWNER, LABEL_WORKSPACE, LABEL_PIDNS)
+]
+_PODMAN_FORMAT = "[" + ",".join(_PODMAN_FIELDS) + "]"
 
 
 @dataclass
@@ -78,7 +83,8 @@ def list_containers(docker: Union[str, Engine], labels: Sequence[str] = ()) -> l
     argv = ["ps", "-a", "--no-trunc", "--filter", f"label={LABEL_VERSION}"]
     for label in labels:
         argv += ["--filter", f"label={label}"]
-    res = _docker.run([*argv, "--format", _FORMAT], timeout=60, docker=docker)
+    fmt = _PODMAN_FORMAT if _docker.as_engine(docker).podman else _FORMAT
+    res = _docker.run([*argv, "--format", fmt], timeout=60, docker=docker)
     found = []
     for line in res.stdout.splitlines():
         try:

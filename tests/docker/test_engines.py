@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import shutil
+import socket
 import subprocess
+import sys
 import time
 
 import pytest
 from docker_helpers import skip_or_fail
 
 from dockerrepl import DockerREPL
-from dockerrepl._labels import owner_label
+from dockerrepl._labels import owner_label, pid_namespace
 from dockerrepl.errors import TransportUnavailable
 
 pytestmark = pytest.mark.timeout(180)
@@ -162,3 +166,37 @@ def test_podman_with_the_bridge_fails_at_once(podman, image, handler):
     with pytest.raises(TransportUnavailable, match="network='none'"):
         DockerREPL(image=image, lm_handler_address=handler.address, docker=podman)
     assert time.monotonic() - t0 < 1
+
+
+def test_gc_sweeps_podman(podman, image):
+    tag = f"dockerrepl.test={secrets.token_hex(4)}"
+    dead_owner = f"{socket.gethostname()}:999999999:1"  # no such pid
+    started = subprocess.run(
+        [
+            *("podman", "run", "-d", "--label", "dockerrepl.version=0", "--label", tag),
+            *("--label", f"dockerrepl.owner={dead_owner}"),
+            *("--label", f"dockerrepl.pidns={pid_namespace()}", image, "sleep", "300"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode == 0, started.stderr
+    try:
+        done = subprocess.run(
+            [
+                *(sys.executable, "-m", "dockerrepl", "gc", "--docker", podman),
+                *("--label", tag, "--min-age", "1e9"),  # its workspaces: none old enough
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=os.environ,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "removed" in done.stdout and "is gone" in done.stdout
+        assert podman_containers(tag) == []
+    finally:
+        subprocess.run(
+            ["podman", "rm", "-f", started.stdout.strip()], capture_output=True, timeout=60
+        )
