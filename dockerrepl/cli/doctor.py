@@ -80,6 +80,10 @@ class Doctor:
             self.out.write("\n")
             self._partial = False
 
+    def not_applicable(self, name: str, why: str) -> None:
+        """A check this engine cannot have: said, not counted as passed or failed."""
+        self.out.write(f"{(name + ' ').ljust(WIDTH, '.')} n/a   {why}\n")
+
     def check(
         self, key: str, name: str, fn: Callable[[], str], needs: tuple[str, ...] = ()
     ) -> bool:
@@ -216,6 +220,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         return f"{path} ({res.stdout.strip()})"
 
     def daemon() -> str:
+        if docker.podman:
+            # Podman (not remote) has no daemon: the CLI runs the containers itself
+            res = _docker.run(["version", "--format", "{{json .}}"], timeout=30, docker=docker)
+            try:
+                both = json.loads(res.stdout) or {}
+            except ValueError:
+                both = {}
+            facts["server"] = both.get("Server") or both.get("Client") or {}
+            if docker.host or docker.context:
+                return f"answers at {docker.host or docker.context}"
+            return "podman runs containers itself (no daemon)"
         res = _docker.run(["version", "--format", "{{json .Server}}"], timeout=30, docker=docker)
         try:
             facts["server"] = json.loads(res.stdout) or {}
@@ -235,6 +250,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             ),
             None,
         )
+        if docker.podman:
+            if _version_tuple(version) < (4, 0):
+                raise Fail(f"podman {version} is older than 4.0", "upgrade Podman to 4.0+")
+            return f"podman {version}; network='none' only (docs/engines.md)"
         if os_name and os_name != "linux":
             raise Fail(f"engine {version} runs {os_name} containers", "switch to Linux containers")
         if _version_tuple(version) < (20, 10):
@@ -322,7 +341,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     try:
         doc.check("cli", "docker CLI", cli)
         doc.check("daemon", "daemon reachable", daemon, ("cli",))
-        if doc.results.get("cli"):
+        if docker.podman and not (docker.host or docker.context):
+            doc.not_applicable("permission on the engine socket", "podman needs no socket")
+        elif doc.results.get("cli"):
             doc.check(
                 "socket",
                 "permission on the engine socket",
@@ -333,7 +354,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         doc.check("engine", "engine version", engine, ("daemon",))
         doc.check("image", "image present or pullable", image_check, ("engine",))
         doc.check("container", "a container starts", container, ("image",))
-        doc.check("proxy", "llm_query via host.docker.internal", proxy, ("container",))
+        if docker.podman:
+            doc.not_applicable(
+                "llm_query via host.docker.internal",
+                "Podman: network='none' only until the channel transport (docs/engines.md)",
+            )
+        else:
+            doc.check("proxy", "llm_query via host.docker.internal", proxy, ("container",))
         doc.check("dill", "dill in the container", dill, ("container",))
         doc.check("unix", "network=none: llm_query via unix socket", unix_socket, ("container",))
     finally:

@@ -200,3 +200,16 @@ def test_gc_sweeps_podman(podman, image):
         subprocess.run(
             ["podman", "rm", "-f", started.stdout.strip()], capture_output=True, timeout=60
         )
+
+
+def test_doctor_on_podman(podman, image):
+    done = subprocess.run(
+        [sys.executable, "-m", "dockerrepl", "doctor", "--docker", podman, "--image", image],
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "podman runs containers itself" in done.stdout
+    assert "n/a   Podman: network='none' only" in done.stdout
+    assert "llm_query() answered through /opt/dockerrepl/proxy.sock" in done.stdout
