@@ -213,3 +213,16 @@ def test_doctor_on_podman(podman, image):
     assert "podman runs containers itself" in done.stdout
     assert "n/a   Podman: network='none' only" in done.stdout
     assert "llm_query() answered through /opt/dockerrepl/proxy.sock" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"read_only": True}, {"user": "65534:65534"}], ids=["read_only", "user"]
+)
+def test_podman_hardening_options_pass_verify(podman, image, handler, kwargs):
+    with DockerREPL(
+        image=image, lm_handler_address=handler.address, docker=podman, network="none", **kwargs
+    ) as r:
+        res = r.execute_code("import os\nprint(os.getuid(), llm_query('x'))")
+        assert res.status == "ok", res.stderr
+        uid = "65534" if "user" in kwargs else "0"
+        assert res.stdout == f"{uid} echo:x\n"
