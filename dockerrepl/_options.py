@@ -202,15 +202,23 @@ def check_user(name: str, value: Any) -> Optional[str]:
     return text
 
 
-def check_runtime(name: str, value: Any) -> Optional[str]:
-    """An OCI runtime's name as the engine knows it (``runsc``, ``io.containerd.runc.v2``)."""
+def _matching(
+    name: str, value: Any, pattern: re.Pattern[str], a_str: str, what: str, limit: int = 2048
+) -> Optional[str]:
+    """``value`` if it is None or a str that ``pattern`` matches in full (at most ``limit``
+    characters); else ``TypeError`` ("must be <a_str>") or ``ValueError`` ("must be <what>")."""
     if value is None:
         return None
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str or None, not {_kind(value)}")
-    if not _RUNTIME.fullmatch(value):
-        raise ValueError(f"{name} must be a runtime's name, such as 'runsc', not {value!r}")
+        raise TypeError(f"{name} must be {a_str}, not {_kind(value)}")
+    if len(value) > limit or not pattern.fullmatch(value):
+        raise ValueError(f"{name} must be {what}, not {value!r}")
     return value
+
+
+def check_runtime(name: str, value: Any) -> Optional[str]:
+    """An OCI runtime's name as the engine knows it (``runsc``, ``io.containerd.runc.v2``)."""
+    return _matching(name, value, _RUNTIME, "a str or None", "a runtime's name, such as 'runsc'")
 
 
 def check_docker(name: str, value: Any) -> str:
@@ -227,26 +235,25 @@ def check_docker(name: str, value: Any) -> str:
 def check_docker_host(name: str, value: Any) -> Optional[str]:
     """An engine URL for the CLI's ``--host``: ``unix://``, ``tcp://``, ``ssh://`` or
     ``npipe://`` followed by an address; or None (the CLI's own default)."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise TypeError(
-            f"{name} must be a str such as 'unix:///var/run/docker.sock', not {_kind(value)}"
-        )
-    if len(value) > 2048 or not _HOST_URL.fullmatch(value):
-        raise ValueError(f"{name} must be a unix://, tcp://, ssh:// or npipe:// URL, not {value!r}")
-    return value
+    return _matching(
+        name,
+        value,
+        _HOST_URL,
+        "a str such as 'unix:///var/run/docker.sock'",
+        "a unix://, tcp://, ssh:// or npipe:// URL",
+    )
 
 
 def check_context(name: str, value: Any) -> Optional[str]:
     """A docker context's name for the CLI's ``--context`` (``default``, ``remote-1``); or None."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a docker context's name (a str), not {_kind(value)}")
-    if len(value) > 256 or not _CONTEXT.fullmatch(value):
-        raise ValueError(f"{name} must be a docker context's name such as 'default', not {value!r}")
-    return value
+    return _matching(
+        name,
+        value,
+        _CONTEXT,
+        "a docker context's name (a str)",
+        "a docker context's name such as 'default'",
+        limit=256,
+    )
 
 
 def check_workspace_dir(name: str, value: Any) -> Optional[str]:

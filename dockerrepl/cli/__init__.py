@@ -48,6 +48,16 @@ _HINTS: list[tuple[type[BaseException], str]] = [
 ]
 
 
+def _add_engine_context(parser: argparse.ArgumentParser, flag: str) -> None:
+    parser.add_argument(
+        flag,
+        dest="docker_context",
+        default=argparse.SUPPRESS,
+        metavar="NAME",
+        help="the docker context to use: docker --context NAME",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -69,13 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="the engine to use (unix://, tcp://, ssh://, npipe://): docker --host URL",
     )
-    common.add_argument(
-        "--docker-context",
-        dest="docker_context",
-        default=argparse.SUPPRESS,
-        metavar="NAME",
-        help="the docker context to use: docker --context NAME",
-    )
+    _add_engine_context(common, "--docker-context")
     p = argparse.ArgumentParser(
         prog="dockerrepl",
         description="Run Python in a Docker sandbox with llm_query() to the host.",
@@ -88,13 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--image", help="image to check (default: $DOCKERREPL_IMAGE or python:3.11-slim)"
     )
-    d.add_argument(
-        "--context",
-        dest="docker_context",
-        default=argparse.SUPPRESS,
-        metavar="NAME",
-        help="the docker context to use (as --docker-context)",
-    )
+    _add_engine_context(d, "--context")  # run/repl: --context is the payload FILE
 
     r = sub.add_parser(
         "run",
@@ -135,13 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         "containers without an owner are kept unless --all.",
     )
     g.add_argument("--dry-run", "-n", action="store_true", help="only say what would be removed")
-    g.add_argument(
-        "--context",
-        dest="docker_context",
-        default=argparse.SUPPRESS,
-        metavar="NAME",
-        help="the docker context to use (as --docker-context)",
-    )
+    _add_engine_context(g, "--context")  # run/repl: --context is the payload FILE
     g.add_argument(
         "--all", action="store_true", help="remove every dockerrepl container, live ones too"
     )
