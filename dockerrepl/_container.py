@@ -21,7 +21,7 @@ import secrets
 import select
 import threading
 import time
-from typing import IO, Any, Optional
+from typing import IO, Any, Optional, Union
 
 from . import _docker
 from ._bootstrap import protocol
@@ -37,6 +37,7 @@ from .errors import (
     ProtocolError,
     ProxyError,
     SecurityCheckError,
+    TransportUnavailable,
 )
 
 __all__ = ["Container", "bridge_gateway"]
@@ -44,25 +45,39 @@ __all__ = ["Container", "bridge_gateway"]
 log = logging.getLogger(__name__)
 
 # Which interpreter name works in an image (python3 or python), learned once per image.
-_PYTHON_FOR_IMAGE: dict[tuple[str, str], str] = {}
-_GATEWAY_CACHE: dict[tuple[str, str], str] = {}
+_PYTHON_FOR_IMAGE: dict[tuple[_docker.Engine, str], str] = {}
+_GATEWAY_CACHE: dict[tuple[str, ...], str] = {}
 _cache_lock = threading.Lock()
 
+#: Linux capability sets the bootstrap reports (ready["caps"]); all must be empty.
+_CAP_SETS = ("CapEff", "CapPrm", "CapBnd", "CapAmb")
 
-def bridge_gateway(docker: str = "docker") -> str:
+
+def bridge_gateway(docker: Union[str, _docker.Engine] = "docker") -> str:
     """The host address that ``host-gateway`` maps to: the default bridge's gateway.
 
-    Cached per docker binary and ``DOCKER_HOST``.
+    Cached per engine (binary and ``--host``/``--context``; without those, the
+    ``DOCKER_HOST`` / ``DOCKER_CONTEXT`` the CLI reads). Podman has no such bridge
+    for our proxy: :class:`TransportUnavailable` at once, before any command runs.
     """
-    key = (docker, os.environ.get("DOCKER_HOST", ""))
+    engine = _docker.as_engine(docker)
+    if engine.podman:
+        raise TransportUnavailable(_docker.PODMAN_BRIDGE)
+    key = engine.cache_key()
     with _cache_lock:
         if key in _GATEWAY_CACHE:
             return _GATEWAY_CACHE[key]
-    res = _docker.run(
-        ["network", "inspect", "bridge", "--format", "{{json .IPAM.Config}}"],
-        timeout=20,
-        docker=docker,
-    )
+    try:
+        res = _docker.run(
+            ["network", "inspect", "bridge", "--format", "{{json .IPAM.Config}}"],
+            timeout=20,
+            docker=engine,
+        )
+    except DockerError as exc:
+        # Podman behind a `docker` name (podman-docker) has no network called bridge
+        if "network not found" in exc.stderr or "unable to find network" in exc.stderr:
+            raise TransportUnavailable(_docker.PODMAN_BRIDGE + f" ({exc})") from None
+        raise
     gateway = ""
     try:
         for cfg in json.loads(res.stdout.strip() or "[]") or []:
@@ -110,7 +125,7 @@ class Container:
     # -- start ---------------------------------------------------------------
     def start(self, hello: dict[str, Any]) -> dict[str, Any]:
         """Start the container, send ``hello`` and wait for the bootstrap's ``ready``."""
-        key = (self.config.docker, self.config.image)
+        key = (_docker.as_engine(self.config.docker), self.config.image)
         with _cache_lock:
             candidates = (
                 [_PYTHON_FOR_IMAGE[key]] if key in _PYTHON_FOR_IMAGE else ["python3", "python"]
@@ -324,9 +339,7 @@ class Container:
         """Fail closed if the engine did not apply the hardening that was asked for."""
         hc = attrs.get("HostConfig") or {}
         problems = []
-        caps = [c.upper() for c in (hc.get("CapDrop") or [])]
-        if "ALL" not in caps and "CAP_ALL" not in caps:
-            problems.append(f"CapDrop is {hc.get('CapDrop')!r}, not ALL")
+        problems += self._capability_problems(hc)
         if not any("no-new-privileges" in s for s in (hc.get("SecurityOpt") or [])):
             problems.append("no-new-privileges is not set")
         cfg = self.config
@@ -354,6 +367,38 @@ class Container:
             problems.append(f"User is {(attrs.get('Config') or {}).get('User')!r}")
         if problems:
             raise SecurityCheckError("the engine did not apply: " + "; ".join(problems))
+
+    def _capability_problems(self, hc: dict[str, Any]) -> list[str]:
+        """Docker shows ``CapDrop: ["ALL"]``; Podman lists each capability it dropped.
+
+        A list is accepted only with no ``CapAdd`` and the bootstrap's own report
+        (``/proc/self/status`` of pid 1, read before any cell ran) showing every
+        capability set empty; the report, when there is one, is checked on Docker too.
+        """
+        problems = []
+        drop = [str(c).upper() for c in (hc.get("CapDrop") or [])]
+        if hc.get("CapAdd"):
+            problems.append(f"CapAdd is {hc.get('CapAdd')!r}, not empty")
+        reported = self.info.get("caps")
+        if isinstance(reported, dict):
+            for name in _CAP_SETS:
+                try:
+                    value = int(str(reported.get(name)), 16)
+                except ValueError:
+                    problems.append(f"the container reported no {name}")
+                    continue
+                if value:
+                    problems.append(f"the container's {name} is {reported.get(name)}, not 0")
+        if "ALL" in drop or "CAP_ALL" in drop:
+            return problems
+        if not drop:
+            problems.append(f"CapDrop is {hc.get('CapDrop')!r}, not ALL")
+        elif not isinstance(reported, dict):
+            problems.append(
+                f"CapDrop is {hc.get('CapDrop')!r}, not ALL, and the container did not"
+                " report its capability sets"
+            )
+        return problems
 
     # -- stop ----------------------------------------------------------------
     def close(self, timeout: float = 10.0, purge: bool = False, kill_timeout: float = 30.0) -> None:

@@ -13,6 +13,11 @@ Three entry points, all with argv lists (never a shell):
   framed channel to the container: a :class:`Process` handle.
 
 No other module imports :mod:`subprocess`.
+
+Which engine a command goes to is an :class:`Engine` (the CLI binary plus its
+``--host`` / ``--context`` global flags), passed as ``docker=``; a plain string
+is the binary with the CLI's own defaults. The process environment is never
+changed: two REPLs in one process can use two engines.
 """
 
 from __future__ import annotations
@@ -41,9 +46,13 @@ from .errors import (
 )
 
 __all__ = [
+    "PODMAN_BRIDGE",
     "DockerResult",
+    "Engine",
     "Process",
+    "as_engine",
     "classify_error",
+    "is_podman",
     "redact",
     "resolve_docker",
     "run",
@@ -139,6 +148,69 @@ def resolve_docker(docker: str = "docker") -> str:
     return path
 
 
+#: Why Podman cannot have network="bridge" yet (TransportUnavailable's message).
+PODMAN_BRIDGE = (
+    "network='bridge' needs the docker bridge and host.docker.internal, which Podman does"
+    " not give our LM proxy; use network='none' with Podman (llm_query then goes through a"
+    " unix socket) until the channel transport of issue #12 exists"
+)
+
+
+def is_podman(binary: str) -> bool:
+    """Whether ``binary`` names Podman's CLI (``podman``, ``/usr/bin/podman-remote``)."""
+    return os.path.basename(binary).startswith("podman")
+
+
+@dataclass(frozen=True)
+class Engine:
+    """Which engine docker commands go to: the CLI binary and its global flags.
+
+    ``host`` (``unix://``, ``tcp://``, ``ssh://``, ``npipe://``) and ``context`` (a
+    docker context's name) are mutually exclusive; with neither, the CLI picks as
+    it always does (``$DOCKER_HOST``, ``$DOCKER_CONTEXT``, the current context).
+    Podman's CLI spells them ``--url`` and ``--connection``. Hashable: caches
+    keyed by engine keep one engine's answers apart from another's.
+    """
+
+    binary: str = "docker"
+    host: Optional[str] = None
+    context: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.host is not None and self.context is not None:
+            raise ValueError("docker_host and context are mutually exclusive")
+
+    @property
+    def podman(self) -> bool:
+        return is_podman(self.binary)
+
+    def flags(self) -> list[str]:
+        """The global flags that select this engine (they go before the command)."""
+        if self.host is not None:
+            return ["--url" if self.podman else "--host", self.host]
+        if self.context is not None:
+            return ["--connection" if self.podman else "--context", self.context]
+        return []
+
+    def cache_key(self) -> tuple[str, ...]:
+        """What decides which engine answers: the flags, or (without them) the
+        environment the CLI reads, as it is now (read, never changed)."""
+        if self.host is not None or self.context is not None:
+            return (self.binary, *self.flags())
+        env = ("DOCKER_HOST", "DOCKER_CONTEXT", "CONTAINER_HOST", "CONTAINER_CONNECTION")
+        return (self.binary, *(os.environ.get(k, "") for k in env))
+
+
+def as_engine(docker: Union[str, Engine]) -> Engine:
+    """``docker`` as an :class:`Engine` (a string is the binary, with no flags)."""
+    return docker if isinstance(docker, Engine) else Engine(docker)
+
+
+def _argv(docker: Union[str, Engine], args: Sequence[str]) -> list[str]:
+    engine = as_engine(docker)
+    return [resolve_docker(engine.binary), *engine.flags(), *args]
+
+
 @dataclass(frozen=True)
 class DockerResult:
     """What a finished docker command returned."""
@@ -185,12 +257,15 @@ def _popen(
         )
 
 
-def _result(argv: Sequence[str], rc: int, out: bytes, err: bytes, check: bool) -> DockerResult:
+def _result(
+    argv: Sequence[str], args: Sequence[str], rc: int, out: bytes, err: bytes, check: bool
+) -> DockerResult:
     result = DockerResult(
         tuple(argv), rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
     )
     if check and rc != 0:
-        raise classify_error(result.stderr, rc, argv)
+        # the error names the command (`docker run`), not the engine flags before it
+        raise classify_error(result.stderr, rc, [argv[0], *args])
     return result
 
 
@@ -198,7 +273,7 @@ def run(
     args: Sequence[str],
     *,
     timeout: float,
-    docker: str = "docker",
+    docker: Union[str, Engine] = "docker",
     input: Optional[bytes] = None,
     check: bool = True,
     env: Optional[dict[str, str]] = None,
@@ -210,7 +285,7 @@ def run(
     is true, the mapped :class:`DockerError` subclass on a non-zero exit.
     """
     _check_timeout(timeout)
-    argv = [resolve_docker(docker), *args]
+    argv = _argv(docker, args)
     log.debug("docker: %s", redact(argv))
     try:
         with _executing(argv):
@@ -224,7 +299,7 @@ def run(
             )
     except subprocess.TimeoutExpired:
         raise _timed_out(args, timeout) from None
-    return _result(argv, proc.returncode, proc.stdout, proc.stderr, check)
+    return _result(argv, args, proc.returncode, proc.stdout, proc.stderr, check)
 
 
 def stream(
@@ -232,7 +307,7 @@ def stream(
     *,
     timeout: float,
     on_line: Callable[[str], None],
-    docker: str = "docker",
+    docker: Union[str, Engine] = "docker",
     check: bool = True,
     env: Optional[dict[str, str]] = None,
 ) -> DockerResult:
@@ -242,7 +317,7 @@ def stream(
     stdin is empty. On :class:`DockerTimeout` the process is killed and reaped.
     """
     _check_timeout(timeout)
-    argv = [resolve_docker(docker), *args]
+    argv = _argv(docker, args)
     log.debug("docker (stream): %s", redact(argv))
     deadline = time.monotonic() + timeout
     proc = _popen(
@@ -281,7 +356,7 @@ def stream(
             proc.wait(10)
         proc.stdout.close()
         proc.stderr.close()
-    return _result(argv, rc, bytes(got[out_fd]), bytes(got[err_fd]), check)
+    return _result(argv, args, rc, bytes(got[out_fd]), bytes(got[err_fd]), check)
 
 
 class Process:
@@ -341,7 +416,7 @@ class Process:
 def spawn(
     args: Sequence[str],
     *,
-    docker: str = "docker",
+    docker: Union[str, Engine] = "docker",
     stderr: Union[int, IO[bytes], None] = None,
     env: Optional[dict[str, str]] = None,
 ) -> Process:
@@ -350,7 +425,7 @@ def spawn(
     The caller owns the process: it must close stdin (the container's dead-man
     switch) and wait for it with a timeout.
     """
-    argv = [resolve_docker(docker), *args]
+    argv = _argv(docker, args)
     log.debug("docker (spawn): %s", redact(argv))
     return Process(
         _popen(

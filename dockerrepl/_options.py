@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Optional, Union
 
+from ._docker import PODMAN_BRIDGE, Engine, is_podman
 from ._runspec import DEFAULT_CPUS, MIN_CPUS, MIN_MEMORY, check_extra_args, memory_bytes
 from ._tools import ToolSpecs, tool_specs
+from .errors import TransportUnavailable
 
 Address = tuple[str, int]
 
@@ -70,6 +72,8 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "read_only": False,
         "workspace_dir": None,
         "docker": "docker",
+        "docker_host": None,
+        "context": None,
         "runtime": None,
         "max_output_bytes": DEFAULT_MAX_OUTPUT,
         "repr_cap": DEFAULT_REPR_CAP,
@@ -98,9 +102,11 @@ __all__ = [
     "Address",
     "ReplOptions",
     "check_address",
+    "check_context",
     "check_count",
     "check_cpus",
     "check_docker",
+    "check_docker_host",
     "check_flag",
     "check_image",
     "check_index",
@@ -126,6 +132,10 @@ _IMAGE = re.compile(rf"{_NAME}(?::{_TAG})?(?:@{_DIGEST})?")
 _USER_PART = r"[A-Za-z0-9_][A-Za-z0-9_.$-]*"
 _USER = re.compile(rf"{_USER_PART}(?::{_USER_PART})?")
 _RUNTIME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# docker_host: scheme://rest, with no whitespace (it is one argv item, never a shell word)
+_HOST_URL = re.compile(r"(unix|tcp|ssh|npipe)://[^\s\x00]+")
+# a docker context's name (the CLI's own rule: ^[a-zA-Z0-9][a-zA-Z0-9_.+-]+$)
+_CONTEXT = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.+-]*")
 
 
 def _kind(value: Any) -> str:
@@ -192,15 +202,23 @@ def check_user(name: str, value: Any) -> Optional[str]:
     return text
 
 
-def check_runtime(name: str, value: Any) -> Optional[str]:
-    """An OCI runtime's name as the engine knows it (``runsc``, ``io.containerd.runc.v2``)."""
+def _matching(
+    name: str, value: Any, pattern: re.Pattern[str], a_str: str, what: str, limit: int = 2048
+) -> Optional[str]:
+    """``value`` if it is None or a str that ``pattern`` matches in full (at most ``limit``
+    characters); else ``TypeError`` ("must be <a_str>") or ``ValueError`` ("must be <what>")."""
     if value is None:
         return None
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str or None, not {_kind(value)}")
-    if not _RUNTIME.fullmatch(value):
-        raise ValueError(f"{name} must be a runtime's name, such as 'runsc', not {value!r}")
+        raise TypeError(f"{name} must be {a_str}, not {_kind(value)}")
+    if len(value) > limit or not pattern.fullmatch(value):
+        raise ValueError(f"{name} must be {what}, not {value!r}")
     return value
+
+
+def check_runtime(name: str, value: Any) -> Optional[str]:
+    """An OCI runtime's name as the engine knows it (``runsc``, ``io.containerd.runc.v2``)."""
+    return _matching(name, value, _RUNTIME, "a str or None", "a runtime's name, such as 'runsc'")
 
 
 def check_docker(name: str, value: Any) -> str:
@@ -212,6 +230,30 @@ def check_docker(name: str, value: Any) -> str:
     if not value or "\0" in value:
         raise ValueError(f"{name} must name the docker CLI, not {value!r}")
     return value
+
+
+def check_docker_host(name: str, value: Any) -> Optional[str]:
+    """An engine URL for the CLI's ``--host``: ``unix://``, ``tcp://``, ``ssh://`` or
+    ``npipe://`` followed by an address; or None (the CLI's own default)."""
+    return _matching(
+        name,
+        value,
+        _HOST_URL,
+        "a str such as 'unix:///var/run/docker.sock'",
+        "a unix://, tcp://, ssh:// or npipe:// URL",
+    )
+
+
+def check_context(name: str, value: Any) -> Optional[str]:
+    """A docker context's name for the CLI's ``--context`` (``default``, ``remote-1``); or None."""
+    return _matching(
+        name,
+        value,
+        _CONTEXT,
+        "a docker context's name (a str)",
+        "a docker context's name such as 'default'",
+        limit=256,
+    )
 
 
 def check_workspace_dir(name: str, value: Any) -> Optional[str]:
@@ -368,6 +410,9 @@ class ReplOptions:
     read_only: bool
     workspace_dir: Optional[str]
     docker: str
+    docker_host: Optional[str]
+    #: DockerREPL's ``context`` argument (``context`` here is the payload, as rlm names it)
+    docker_context: Optional[str]
     runtime: Optional[str]
     max_output_bytes: int
     repr_cap: int
@@ -381,6 +426,11 @@ class ReplOptions:
     #: custom_tools, checked: what crosses into the container, and the host tools
     tools: ToolSpecs = field(repr=False)
 
+    @property
+    def engine(self) -> Engine:
+        """Where every docker command of this REPL goes (binary and global flags)."""
+        return Engine(self.docker, self.docker_host, self.docker_context)
+
     @classmethod
     def build(cls, **kwargs: Any) -> ReplOptions:
         """Check ``kwargs`` (DockerREPL's arguments) and fill in the defaults.
@@ -389,6 +439,7 @@ class ReplOptions:
         it resembles), then ``TypeError``/``ValueError`` naming the option (a missing
         ``workspace_dir``: ``FileNotFoundError``; one this process cannot write:
         ``PermissionError``). Reads ``$DOCKERREPL_IMAGE`` when no image is given.
+        Podman with ``network="bridge"``: :class:`TransportUnavailable`.
         """
         unknown = set(kwargs) - set(DEFAULTS)
         if unknown:
@@ -413,6 +464,12 @@ class ReplOptions:
         read_only = check_flag("read_only", a["read_only"])
         runtime = check_runtime("runtime", a["runtime"])
         docker = check_docker("docker", a["docker"])
+        docker_host = check_docker_host("docker_host", a["docker_host"])
+        docker_context = check_context("context", a["context"])
+        if docker_host is not None and docker_context is not None:
+            raise ValueError("docker_host and context are mutually exclusive: give one")
+        if network == "bridge" and is_podman(docker):
+            raise TransportUnavailable(PODMAN_BRIDGE)
         verify_security = check_flag("verify_security", a["verify_security"])
         max_output_bytes = check_count("max_output_bytes", a["max_output_bytes"])
         repr_cap = check_count("repr_cap", a["repr_cap"])
@@ -477,6 +534,8 @@ class ReplOptions:
             read_only=read_only,
             workspace_dir=workspace_dir,
             docker=docker,
+            docker_host=docker_host,
+            docker_context=docker_context,
             runtime=runtime,
             max_output_bytes=max_output_bytes,
             repr_cap=repr_cap,

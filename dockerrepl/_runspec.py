@@ -11,7 +11,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+if TYPE_CHECKING:
+    from ._docker import Engine
 
 __all__ = [
     "BOOTSTRAP_LAUNCHER",
@@ -68,7 +71,8 @@ class ContainerConfig:
 
     image: str
     workspace: str
-    docker: str = "docker"
+    #: the CLI binary, or an Engine (binary + --host/--context) to run it against
+    docker: Union[str, Engine] = "docker"
     memory: Optional[str] = "2g"
     cpus: Optional[float] = DEFAULT_CPUS
     pids_limit: Optional[int] = 512

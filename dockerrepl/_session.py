@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 from . import _exit
 from ._container import Container, bridge_gateway
+from ._docker import Engine
 from ._labels import repl_labels
 from ._options import ReplOptions
 from ._proxy import ProxyServer, ProxyState
@@ -47,7 +48,7 @@ INTERRUPT_WAIT = 1.0
 #: At exit, the longest one REPL's constructor or another thread's call is waited for.
 EXIT_WAIT = 10.0
 # Images known to ship dill themselves: no need to copy the host's into the mount.
-_IMAGE_HAS_DILL: dict[tuple[str, str], bool] = {}
+_IMAGE_HAS_DILL: dict[tuple[Engine, str], bool] = {}
 
 OutputCallback = Callable[[str, str], None]
 
@@ -99,14 +100,14 @@ class Session:
     def start(self) -> None:
         """Create the workspace, start the proxy and the container."""
         opts = self.options
-        self.workspace.create(copy_dill=not _IMAGE_HAS_DILL.get((opts.docker, opts.image)))
+        self.workspace.create(copy_dill=not _IMAGE_HAS_DILL.get((opts.engine, opts.image)))
         self.state.token = secrets.token_urlsafe(24)
         if opts.network == "none":
             host_path, container_path = self.workspace.proxy_socket()
             self.proxy = ProxyServer(self.state, unix_path=host_path)
             self.proxy_target = {"unix": container_path}
         else:
-            self.proxy = ProxyServer(self.state, host=bridge_gateway(opts.docker))
+            self.proxy = ProxyServer(self.state, host=bridge_gateway(opts.engine))
             self.proxy_target = {"host": "host.docker.internal", "port": self.proxy.port}
         self.start_container(restore=False)
 
@@ -142,7 +143,7 @@ class Session:
             image=opts.image,
             workspace=workspace,
             code_dir=code_dir,
-            docker=opts.docker,
+            docker=opts.engine,
             memory=opts.memory,
             cpus=opts.cpus,
             pids_limit=opts.pids_limit,
@@ -164,7 +165,7 @@ class Session:
         if self.closed:
             raise ReplClosed("this DockerREPL was cleaned up while its container started")
         if ready.get("dill") == "image":
-            _IMAGE_HAS_DILL[(cfg.docker, cfg.image)] = True
+            _IMAGE_HAS_DILL[(opts.engine, cfg.image)] = True
         elif ready.get("dill") is None:
             log.warning("dill is not available in %s: checkpoints will fail", opts.image)
         if ready.get("channel_private") is False and not restore:

@@ -22,6 +22,7 @@ argument type, an impossible value) stay ``TypeError`` / ``ValueError``.
     ├── ProtocolError               a malformed or oversized frame / message
     │   └── FrameTooLarge           a length prefix above the allowed maximum
     ├── ProxyError                  the HTTP proxy could not start
+    │   └── TransportUnavailable    this engine cannot reach the proxy (Podman + bridge)
     ├── LMHandlerError              the LM Handler could not start or answer
     ├── ClientError                 an LM client call failed (HTTP, decoding, retries exhausted)
     ├── ReplClosed                  the REPL was used after cleanup()
@@ -58,6 +59,7 @@ __all__ = [
     "ReplClosed",
     "SecurityCheckError",
     "SetupCodeError",
+    "TransportUnavailable",
     "WorkspacePathError",
 ]
 
@@ -137,6 +139,12 @@ class FrameTooLarge(ProtocolError):
 
 class ProxyError(DockerReplError):
     """The HTTP proxy could not be started or served."""
+
+
+class TransportUnavailable(ProxyError):
+    """The engine cannot give the container a way to the LM proxy with these options
+    (Podman with ``network="bridge"``: use ``network="none"`` until the channel
+    transport exists). Raised before any container starts."""
 
 
 class LMHandlerError(DockerReplError):

@@ -101,7 +101,13 @@ class DockerREPL:
         read_only: read-only root filesystem with a tmpfs ``/tmp``.
         workspace_dir: an existing directory in which the host temp dir is
             created (default: the system's temp dir).
-        docker: the docker CLI to use.
+        docker: the docker CLI to use (``"podman"`` works with ``network="none"``;
+            with ``"bridge"`` it raises ``TransportUnavailable``: docs/engines.md).
+        docker_host: the engine's URL (``unix://``, ``tcp://``, ``ssh://``,
+            ``npipe://``), given to every docker command as ``--host``; the process
+            environment is not changed.
+        context: a docker context's name, given as ``--context`` (not with
+            ``docker_host``). Neither: the CLI's default (``$DOCKER_HOST``, ...).
         max_output_bytes: per-cell cap on each of stdout/stderr (head and tail
             kept), >= 1.
         repr_cap: the longest repr kept per variable in ``REPLResult.locals``, >= 1.
@@ -159,6 +165,8 @@ class DockerREPL:
         read_only: bool = False,
         workspace_dir: Optional[str] = None,
         docker: str = "docker",
+        docker_host: Optional[str] = None,
+        context: Optional[str] = None,
         runtime: Optional[str] = None,
         max_output_bytes: int = _options.DEFAULT_MAX_OUTPUT,
         repr_cap: int = _options.DEFAULT_REPR_CAP,
@@ -181,7 +189,7 @@ class DockerREPL:
         named = {k: v for k, v in locals().items() if k not in ("self", "kwargs")}
         options = ReplOptions.build(**named)
         # the encoded context can be large: loaded below, not kept
-        context, options = options.context, replace(options, context=None)
+        payload, options = options.context, replace(options, context=None)
         self._options = options
         self.image = options.image
         self.persistent = options.persistent
@@ -202,9 +210,9 @@ class DockerREPL:
         try:
             self.setup()
             self._session.prime()
-            if context is not None:
-                self._add_context(context, 0)
-                context = None  # the encoded text is in the mount now
+            if payload is not None:
+                self._add_context(payload, 0)
+                payload = None  # the encoded text is in the mount now
             if options.setup_code:
                 # not self.execute_code: a subclass may return another result type
                 res = DockerREPL.execute_code(self, options.setup_code)

@@ -34,6 +34,15 @@ if ! timeout 20 docker info >/dev/null 2>&1; then
 fi
 timeout 20 docker info --format 'engine {{.ServerVersion}} ({{.Driver}})'
 
+echo "== podman"
+# rootful Podman for tests/docker/test_engines.py (the tests point CONTAINERS_CONF at a
+# file without default_ulimits themselves; the image is loaded from docker there)
+if ! command -v podman >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman) >/dev/null 2>&1 \
+    || echo "podman could not be installed: the Podman tests will fail" >&2
+fi
+command -v podman >/dev/null 2>&1 && podman --version
+
 echo "== images"
 scripts/build-image.sh
 scripts/build-image.sh --tag dockerrepl/rlm-python:bookworm --packages python3-dill,python3-requests,python-is-python3
@@ -53,6 +62,12 @@ left=$(docker ps -aq --filter label=dockerrepl.version | wc -l)
 if [ "$left" != 0 ]; then
   echo "containers left behind by the tests:" >&2
   docker ps -a --filter label=dockerrepl.version >&2
+  rc=1
+fi
+if command -v podman >/dev/null 2>&1 \
+  && [ "$(podman ps -aq --filter label=dockerrepl.version 2>/dev/null | wc -l)" != 0 ]; then
+  echo "podman containers left behind by the tests:" >&2
+  podman ps -a --filter label=dockerrepl.version >&2
   rc=1
 fi
 exit $rc

@@ -44,6 +44,27 @@ def set_dumpable(flag: bool) -> bool:
         return False
 
 
+def capability_sets() -> dict[str, str] | None:
+    """This process's capability sets as /proc/self/status gives them (hex strings):
+    ``{"CapEff": "0000000000000000", "CapBnd": ..., ...}``; None where there is no /proc.
+
+    Sent in the ``ready`` reply before any cell runs, so the host can check what the
+    engine applied, not only what its inspect output says (Podman lists the dropped
+    capabilities one by one instead of ALL).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    out: dict[str, str] = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            out[key] = value.strip()
+    return out
+
+
 def channel_shared_with_init() -> bool:
     """True when another process (a ``docker run --init`` init) holds this process's
     stdout, the host channel, and can be reached through /proc: then cell code could

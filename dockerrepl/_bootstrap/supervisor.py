@@ -16,7 +16,7 @@ import time
 
 from . import paths, protocol
 from .files import purge_workspace
-from .hardening import channel_shared_with_init
+from .hardening import capability_sets, channel_shared_with_init
 from .output import OutputBuffer, clean_locals, clean_reply
 from .procs import OomCounter, in_container, pids_exhausted
 from .slot import WorkerSlot
@@ -460,6 +460,8 @@ class Supervisor(WorkerSlot):
                 # through /proc, ptrace it or read its memory; no other process holds them
                 "nondumpable": self.nondumpable,
                 "channel_private": self.nondumpable and not channel_shared_with_init(),
+                # what the engine applied, read before any cell ran (verify() checks it)
+                "caps": capability_sets(),
             }
         )
         for m in pending:

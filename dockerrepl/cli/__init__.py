@@ -24,7 +24,7 @@ from ..errors import (
     SecurityCheckError,
 )
 from .errors import EXIT_SETUP, CliError, Terminated
-from .options import add_sandbox_options
+from .options import add_sandbox_options, engine_from
 
 __all__ = ["build_parser", "main"]
 
@@ -48,6 +48,16 @@ _HINTS: list[tuple[type[BaseException], str]] = [
 ]
 
 
+def _add_engine_context(parser: argparse.ArgumentParser, flag: str) -> None:
+    parser.add_argument(
+        flag,
+        dest="docker_context",
+        default=argparse.SUPPRESS,
+        metavar="NAME",
+        help="the docker context to use: docker --context NAME",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -61,8 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--docker",
         default=argparse.SUPPRESS,
         metavar="PATH",
-        help="the docker CLI to use (default: docker on PATH)",
+        help="the docker CLI to use, e.g. podman (default: docker on PATH)",
     )
+    common.add_argument(
+        "--docker-host",
+        default=argparse.SUPPRESS,
+        metavar="URL",
+        help="the engine to use (unix://, tcp://, ssh://, npipe://): docker --host URL",
+    )
+    _add_engine_context(common, "--docker-context")
     p = argparse.ArgumentParser(
         prog="dockerrepl",
         description="Run Python in a Docker sandbox with llm_query() to the host.",
@@ -75,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--image", help="image to check (default: $DOCKERREPL_IMAGE or python:3.11-slim)"
     )
+    _add_engine_context(d, "--context")  # run/repl: --context is the payload FILE
 
     r = sub.add_parser(
         "run",
@@ -115,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         "containers without an owner are kept unless --all.",
     )
     g.add_argument("--dry-run", "-n", action="store_true", help="only say what would be removed")
+    _add_engine_context(g, "--context")  # run/repl: --context is the payload FILE
     g.add_argument(
         "--all", action="store_true", help="remove every dockerrepl container, live ones too"
     )
@@ -203,6 +222,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.verbose = getattr(args, "verbose", False)
     args.docker = getattr(args, "docker", None) or "docker"
+    args.docker_host = getattr(args, "docker_host", None)
+    args.docker_context = getattr(args, "docker_context", None)
     if not args.command:
         parser.print_help(sys.stderr)
         return 2
@@ -221,6 +242,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         sys.argv[1:] if argv is None else argv,
     )
     try:
+        args.engine = engine_from(args)
         if args.command == "run":
             from .run import cmd_run
 

@@ -21,6 +21,7 @@ from typing import IO, Any, Optional
 
 from .. import _docker
 from .._container import bridge_gateway
+from .._docker import Engine
 from .._labels import probe_labels
 from .._runspec import CODE_MOUNT, PROXY_SOCKET
 from .._version import __version__
@@ -79,6 +80,10 @@ class Doctor:
             self.out.write("\n")
             self._partial = False
 
+    def not_applicable(self, name: str, why: str) -> None:
+        """A check this engine cannot have: said, not counted as passed or failed."""
+        self.out.write(f"{(name + ' ').ljust(WIDTH, '.')} n/a   {why}\n")
+
     def check(
         self, key: str, name: str, fn: Callable[[], str], needs: tuple[str, ...] = ()
     ) -> bool:
@@ -110,13 +115,14 @@ class Doctor:
         return ok
 
 
-def _engine_endpoint(docker: str) -> str:
-    host = os.environ.get("DOCKER_HOST")
+def _engine_endpoint(docker: Engine) -> str:
+    host = docker.host or (None if docker.context else os.environ.get("DOCKER_HOST"))
     if host:
         return host
     try:
         res = _docker.run(
-            ["context", "inspect", "--format", "{{.Endpoints.docker.Host}}"],
+            ["context", "inspect", "--format", "{{.Endpoints.docker.Host}}"]
+            + ([docker.context] if docker.context else []),
             timeout=15,
             docker=docker,
         )
@@ -161,7 +167,7 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", v)[:2])
 
 
-def _python_in(image: str, docker: str) -> str:
+def _python_in(image: str, docker: Engine) -> str:
     """Start a throw-away container and return its Python version and interpreter name."""
     probe = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
     last = ""
@@ -202,7 +208,7 @@ def _ask(repl: DockerREPL, prompt: str) -> tuple[str, float]:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     out = sys.stdout
-    docker: str = args.docker
+    docker: Engine = args.engine
     image = args.image or default_image()
     check_image_name(image)  # a malformed name is about the name, before any check runs
     doc = Doctor(out)
@@ -210,11 +216,22 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     facts: dict[str, Any] = {}
 
     def cli() -> str:
-        path = _docker.resolve_docker(docker)
+        path = _docker.resolve_docker(docker.binary)
         res = _docker.run(["--version"], timeout=15, docker=docker)
         return f"{path} ({res.stdout.strip()})"
 
     def daemon() -> str:
+        if docker.podman:
+            # Podman (not remote) has no daemon: the CLI runs the containers itself
+            res = _docker.run(["version", "--format", "{{json .}}"], timeout=30, docker=docker)
+            try:
+                both = json.loads(res.stdout) or {}
+            except ValueError:
+                both = {}
+            facts["server"] = both.get("Server") or both.get("Client") or {}
+            if docker.host or docker.context:
+                return f"answers at {docker.host or docker.context}"
+            return "podman runs containers itself (no daemon)"
         res = _docker.run(["version", "--format", "{{json .Server}}"], timeout=30, docker=docker)
         try:
             facts["server"] = json.loads(res.stdout) or {}
@@ -234,6 +251,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             ),
             None,
         )
+        if docker.podman:
+            if _version_tuple(version) < (4, 0):
+                raise Fail(f"podman {version} is older than 4.0", "upgrade Podman to 4.0+")
+            return f"podman {version}; network='none' only (docs/engines.md)"
         if os_name and os_name != "linux":
             raise Fail(f"engine {version} runs {os_name} containers", "switch to Linux containers")
         if _version_tuple(version) < (20, 10):
@@ -275,7 +296,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             image=image,
             lm_handler_address=handler.address,
             network=network,
-            docker=docker,
+            docker=docker.binary,
+            docker_host=docker.host,
+            context=docker.context,
             timeout=60,
             start_timeout=90,
         )
@@ -319,7 +342,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     try:
         doc.check("cli", "docker CLI", cli)
         doc.check("daemon", "daemon reachable", daemon, ("cli",))
-        if doc.results.get("cli"):
+        if docker.podman and not (docker.host or docker.context):
+            doc.not_applicable("permission on the engine socket", "podman needs no socket")
+        elif doc.results.get("cli"):
             doc.check(
                 "socket",
                 "permission on the engine socket",
@@ -330,7 +355,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         doc.check("engine", "engine version", engine, ("daemon",))
         doc.check("image", "image present or pullable", image_check, ("engine",))
         doc.check("container", "a container starts", container, ("image",))
-        doc.check("proxy", "llm_query via host.docker.internal", proxy, ("container",))
+        if docker.podman:
+            doc.not_applicable(
+                "llm_query via host.docker.internal",
+                "Podman: network='none' only until the channel transport (docs/engines.md)",
+            )
+        else:
+            doc.check("proxy", "llm_query via host.docker.internal", proxy, ("container",))
         doc.check("dill", "dill in the container", dill, ("container",))
         doc.check("unix", "network=none: llm_query via unix socket", unix_socket, ("container",))
     finally:
@@ -350,7 +381,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_python_images(docker: str) -> list[str]:
+def _local_python_images(docker: Engine) -> list[str]:
     """Local images that run Python 3.8+, to suggest when the asked-for one is missing.
 
     Only images with "python" in their name are candidates, and only those that

@@ -27,9 +27,10 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from .. import _docker
+from .._docker import Engine
 from .._files import remove_tree, tree_size
 from .._labels import (
     LABEL_OWNER,
@@ -57,6 +58,11 @@ CLAIMED = "a container still uses it"
 _FIELDS = ["{{json .ID}}", "{{json .Names}}", "{{json .State}}", "{{json .RunningFor}}"]
 _FIELDS += ['{{json (.Label "' + k + '")}}' for k in (LABEL_OWNER, LABEL_WORKSPACE, LABEL_PIDNS)]
 _FORMAT = "[" + ",".join(_FIELDS) + "]"  # one JSON row per container, as Found takes it
+# Podman's ps has no .Label method; its .Labels is a map (docker's is a string)
+_PODMAN_FIELDS = _FIELDS[:4] + [
+    '{{json (index .Labels "' + k + '")}}' for k in (LABEL_OWNER, LABEL_WORKSPACE, LABEL_PIDNS)
+]
+_PODMAN_FORMAT = "[" + ",".join(_PODMAN_FIELDS) + "]"
 
 
 @dataclass
@@ -72,12 +78,13 @@ class Found:
     pidns: str = ""  # the owner's PID namespace (containers from before 0.1.0 have none)
 
 
-def list_containers(docker: str, labels: Sequence[str] = ()) -> list[Found]:
+def list_containers(docker: Union[str, Engine], labels: Sequence[str] = ()) -> list[Found]:
     """Every container with ``dockerrepl.version`` (and all of ``labels``), any state."""
     argv = ["ps", "-a", "--no-trunc", "--filter", f"label={LABEL_VERSION}"]
     for label in labels:
         argv += ["--filter", f"label={label}"]
-    res = _docker.run([*argv, "--format", _FORMAT], timeout=60, docker=docker)
+    fmt = _PODMAN_FORMAT if _docker.as_engine(docker).podman else _FORMAT
+    res = _docker.run([*argv, "--format", fmt], timeout=60, docker=docker)
     found = []
     for line in res.stdout.splitlines():
         try:
@@ -252,7 +259,7 @@ def _confirm(n: int, live: int) -> bool:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    docker: str = args.docker
+    docker: Engine = args.engine
     out = sys.stdout
     verb = "would remove" if args.dry_run else "removed"
     hostname = socket.gethostname()

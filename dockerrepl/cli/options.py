@@ -5,9 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 
-from .._options import DEFAULT_CELL_TIMEOUT, DEFAULT_CPUS, DEFAULT_IMAGE, DEFAULT_MEMORY
+from .._docker import Engine
+from .._options import (
+    DEFAULT_CELL_TIMEOUT,
+    DEFAULT_CPUS,
+    DEFAULT_IMAGE,
+    DEFAULT_MEMORY,
+    check_context,
+    check_docker_host,
+)
+from .errors import CliError
 
-__all__ = ["DEFAULT_MODEL", "add_sandbox_options", "default_image"]
+__all__ = ["DEFAULT_MODEL", "add_sandbox_options", "default_image", "engine_from"]
 
 DEFAULT_MODEL = "gpt-5-mini"
 
@@ -15,6 +24,19 @@ DEFAULT_MODEL = "gpt-5-mini"
 def default_image() -> str:
     """The image DockerREPL uses when none is given."""
     return os.environ.get("DOCKERREPL_IMAGE") or DEFAULT_IMAGE
+
+
+def engine_from(args: argparse.Namespace) -> Engine:
+    """The engine ``--docker``, ``--docker-host`` and ``--context``/``--docker-context`` name
+    (the library's checks; a bad value is a usage error)."""
+    try:
+        host = check_docker_host("--docker-host", args.docker_host)
+        context = check_context("--context", args.docker_context)
+        if host is not None and context is not None:
+            raise ValueError("--docker-host and --context are mutually exclusive: give one")
+    except (TypeError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    return Engine(args.docker, host, context)
 
 
 def add_sandbox_options(p: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import IO, Any, Optional, Protocol, Union
 
 from .. import _docker
+from .._docker import Engine
 from .._files import remove_tree
 from .._options import check_image
 from ..clients import EchoClient, OpenAIClient
@@ -108,7 +109,9 @@ def check_image_name(image: str) -> None:
         ) from None
 
 
-def ensure_image(image: str, docker: str, err: TextSink, pull_timeout: float = PULL_TIMEOUT) -> str:
+def ensure_image(
+    image: str, docker: Union[str, Engine], err: TextSink, pull_timeout: float = PULL_TIMEOUT
+) -> str:
     """Make sure ``image`` is present: ``"present"``, or pull it with progress: ``"pulled"``.
 
     Raises :class:`NoSuchImage` (with what to do offline) when it cannot be pulled,
@@ -132,7 +135,7 @@ def ensure_image(image: str, docker: str, err: TextSink, pull_timeout: float = P
     return "pulled"
 
 
-def _pull(image: str, docker: str, err: TextSink, timeout: float) -> tuple[int, str]:
+def _pull(image: str, docker: Union[str, Engine], err: TextSink, timeout: float) -> tuple[int, str]:
     """``docker pull`` with its progress lines copied to ``err``; returns (rc, output tail)."""
 
     def show(line: str) -> None:
@@ -330,7 +333,7 @@ class Sandbox:
         self.args = args
         self.err = err
         self.image = args.image or default_image()
-        self.docker: str = args.docker
+        self.docker: Engine = args.engine
         self.handler: Optional[LMHandler] = None
         self.repl: Optional[DockerREPL] = None
         self.backend = ""
@@ -340,7 +343,7 @@ class Sandbox:
         context = read_context(a.context) if a.context else None
         if a.timeout is not None and a.timeout < 0:
             raise CliError("--timeout must be >= 0 (0 means no limit)")
-        _docker.resolve_docker(self.docker)
+        _docker.resolve_docker(self.docker.binary)
         ensure_image(self.image, self.docker, self.err)
         client, self.backend = make_client(a.backend, a.model, self.err)
         memory = None if str(a.memory).lower() in ("0", "none", "") else str(a.memory)
@@ -358,7 +361,9 @@ class Sandbox:
                 memory=memory,
                 cpus=a.cpus or None,
                 network=a.network,
-                docker=self.docker,
+                docker=self.docker.binary,
+                docker_host=self.docker.host,
+                context=self.docker.context,
             )
 
         in_quiet_thread(start)

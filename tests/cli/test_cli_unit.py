@@ -277,3 +277,70 @@ def test_doctor_suggests_only_local_images_that_run_python_3_8(tmp_path: Path) -
     assert probed == {"old/python:2.7", "none/python-less:1", "good/python:3.11"}
     assert len(probed) <= doctor.MAX_PROBED
     assert all("--pull" in a and a[a.index("--pull") + 1] == "never" for a in runs)
+
+
+# --------------------------------------------------------------------------- engine options
+def _fake_docker(tmp_path: Path) -> Path:
+    """A docker that logs its argv and lists no containers."""
+    fake = tmp_path / "docker"
+    fake.write_text(
+        f'#!/bin/sh\nprintf "%s " "$@" >> {tmp_path / "argv"}\necho >> {tmp_path / "argv"}\n'
+    )
+    fake.chmod(0o755)
+    return fake
+
+
+@pytest.mark.parametrize(
+    ("flags", "want"),
+    [
+        (["--docker-host", "tcp://10.1.2.3:2375"], "--host tcp://10.1.2.3:2375 ps -a"),
+        (["--context", "other"], "--context other ps -a"),
+        (["--docker-context", "other"], "--context other ps -a"),
+    ],
+)
+def test_gc_sweeps_the_engine_it_is_pointed_at(tmp_path: Path, flags: list[str], want: str) -> None:
+    from dockerrepl.cli import main
+
+    fake = _fake_docker(tmp_path)
+    rc = main(["gc", "--dry-run", "--docker", str(fake), *flags])
+    assert rc == 0
+    calls = (tmp_path / "argv").read_text().splitlines()
+    assert calls and all(c.startswith(want.rsplit(" ps", 1)[0] + " ") for c in calls)
+    assert calls[0].startswith(want)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--docker-host", "/var/run/docker.sock"],
+        ["--context=-x"],
+        ["--docker-host", "tcp://h:1", "--context", "c"],
+    ],
+)
+def test_bad_engine_options_are_usage_errors(
+    tmp_path: Path, flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dockerrepl.cli import main
+
+    assert main(["gc", "--dry-run", "--docker", str(_fake_docker(tmp_path)), *flags]) == 2
+    assert "dockerrepl: error:" in capsys.readouterr().err
+    assert not (tmp_path / "argv").exists()  # no docker command ran
+
+
+def test_run_and_repl_take_the_engine_options() -> None:
+    from dockerrepl.cli import build_parser
+    from dockerrepl.cli.options import engine_from
+
+    for cmd in ("run", "repl", "doctor"):
+        extra = ["-c", "1"] if cmd == "run" else []
+        args = build_parser().parse_args(
+            [cmd, "--docker", "podman", "--docker-host", "unix:///x", *extra]
+        )
+        args.docker_context = getattr(args, "docker_context", None)
+        engine = engine_from(args)
+        assert (engine.binary, engine.host, engine.context) == ("podman", "unix:///x", None)
+    # run's --context is still the context FILE; the engine's is --docker-context
+    args = build_parser().parse_args(
+        ["run", "--context", "f.json", "--docker-context", "c1", "-c", "1"]
+    )
+    assert (args.context, args.docker_context) == ("f.json", "c1")

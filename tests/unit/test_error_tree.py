@@ -30,6 +30,7 @@ from dockerrepl.errors import (
     ReplClosed,
     SecurityCheckError,
     SetupCodeError,
+    TransportUnavailable,
     WorkspacePathError,
 )
 
@@ -53,6 +54,7 @@ PARENT = {
     ProtocolError: DockerReplError,
     FrameTooLarge: ProtocolError,
     ProxyError: DockerReplError,
+    TransportUnavailable: ProxyError,
     LMHandlerError: DockerReplError,
     ClientError: DockerReplError,
     ReplClosed: DockerReplError,

@@ -369,7 +369,8 @@ def test_the_options_object_has_every_default_of_the_signature():
     }
     assert params == dict(DEFAULTS)
     fields = {f.name for f in dataclasses.fields(ReplOptions)}
-    renamed = {"context_payload": "context"}  # kept encoded
+    # kept encoded; the engine's context (the argument) is docker_context in the object
+    renamed = {"context_payload": "context", "context": "docker_context"}
     assert fields - {renamed.get(n, n) for n in params} == {"tools"}
     assert {renamed.get(n, n) for n in params} - fields == set()
 
