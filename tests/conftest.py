@@ -62,12 +62,19 @@ def image(docker_engine: str) -> str:
 
 
 @pytest.fixture
-def handler() -> Iterator[object]:
+def echo_handler() -> Iterator[object]:
+    """An LMHandler with the echo client ("echo:<prompt>"), on 127.0.0.1."""
     from dockerrepl import LMHandler
     from dockerrepl.clients import EchoClient
 
     with LMHandler(EchoClient()) as h:
         yield h
+
+
+@pytest.fixture
+def handler(echo_handler: object) -> object:
+    """The LM Handler the REPL fixtures use: the echo one."""
+    return echo_handler
 
 
 @pytest.fixture

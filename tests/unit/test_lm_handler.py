@@ -51,9 +51,8 @@ def check_completion(c, prompt, root, response):
 
 
 @pytest.fixture
-def echo():
-    with LMHandler(EchoClient()) as h:
-        yield h
+def echo(echo_handler):
+    return echo_handler  # the shared fixture (tests/conftest.py), by a shorter name
 
 
 # --------------------------------------------------------------------------- dispatch

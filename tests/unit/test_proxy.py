@@ -49,12 +49,6 @@ def post(conn, path, body, cell=None, token=TOKEN):
     return data
 
 
-@pytest.fixture
-def echo_handler():
-    with LMHandler(EchoClient()) as h:
-        yield h
-
-
 def make_proxy(tmp_path, request_kind, state):
     if request_kind == "tcp":
         proxy = ProxyServer(state, host="127.0.0.1")

@@ -30,7 +30,7 @@ from dockerrepl._proxy import (
 )
 from dockerrepl._proxy import http as proxy_http
 from dockerrepl._wire import HEADER, MAX_JSON_UNITS, encode_frame, recv_frame, send_frame
-from dockerrepl.clients import EchoClient, ScriptedClient
+from dockerrepl.clients import ScriptedClient
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -88,12 +88,6 @@ def ask(where, prompt: str = "hi", cell: int = 0) -> dict:
 
 def alive(where) -> None:
     assert ask(where, "still there?") == {"response": "echo:still there?"}
-
-
-@pytest.fixture
-def echo_handler():
-    with LMHandler(EchoClient()) as h:
-        yield h
 
 
 @pytest.fixture(params=["tcp", "unix"])
