@@ -12,7 +12,6 @@ with its pid may remain (``--rm`` is waited for, bounded) and ``TMPDIR`` is empt
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -92,15 +91,12 @@ done()
 @pytest.fixture(scope="module")
 def dill_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A directory holding only this interpreter's dill (pure Python, 3.8+): on the
-    other Pythons' path, so they need nothing installed."""
-    import dill
+    other Pythons' path, so they need nothing installed. Copied as the library copies
+    it into an image that lacks it."""
+    from dockerrepl._staging import _copy_dill
 
     where = tmp_path_factory.mktemp("dill")
-    shutil.copytree(
-        os.path.dirname(dill.__file__),
-        where / "dill",
-        ignore=shutil.ignore_patterns("__pycache__", "tests"),
-    )
+    _copy_dill(str(where))
     return str(where)
 
 
