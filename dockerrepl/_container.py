@@ -21,11 +21,13 @@ import secrets
 import select
 import threading
 import time
+from collections.abc import Callable
 from typing import IO, Any, Optional, Union
 
 from . import _docker
 from ._bootstrap import protocol
 from ._runspec import ContainerConfig, memory_bytes, tmpfs_size
+from ._staging import code_frame, launcher
 from ._wire import FrameBuffer, decode_body, encode_frame
 from .errors import (
     BootstrapError,
@@ -106,8 +108,22 @@ class Container:
     Not thread-safe by itself: :class:`dockerrepl.DockerREPL` serialises use.
     """
 
-    def __init__(self, config: ContainerConfig, log_path: str, max_frame: int = 256 << 20) -> None:
+    def __init__(
+        self,
+        config: ContainerConfig,
+        log_path: str,
+        max_frame: int = 256 << 20,
+        copy_dill: bool = True,
+        on_rpc: Optional[Callable[[dict[str, Any]], None]] = None,
+    ) -> None:
         self.config = config
+        #: send the host's dill with the code (the image may have none)
+        self.copy_dill = copy_dill
+        #: where ``rpc`` frames go (the channel transport); None: they are protocol errors
+        self.on_rpc = on_rpc
+        # held by the thread reading the container's stdout: a send blocked on a full
+        # pipe reads too (into the frame buffer) only when it can take this lock
+        self._read_lock = threading.Lock()
         self.log_path = log_path
         self.max_frame = max_frame
         self.name = "dockerrepl-" + secrets.token_hex(6)
@@ -149,15 +165,18 @@ class Container:
         self._frames = FrameBuffer(self.max_frame)
         self._log = open(self.log_path, "wb")
         self.proc = _docker.spawn(
-            self.config.run_argv(self.name, python), docker=self.config.docker, stderr=self._log
+            self.config.run_argv(self.name, python, launcher()),
+            docker=self.config.docker,
+            stderr=self._log,
         )
         if self.aborted:  # abort() came before there was a process to stop
             self.kill()
             raise ContainerDied("the container was aborted while it started")
         deadline = time.monotonic() + self.config.start_timeout
         try:
-            # Pipelined: the hello waits in the pipe while the container starts.
+            # Pipelined: the code and the hello wait in the pipe while the container starts.
             try:
+                self._write(code_frame(copy_dill=self.copy_dill), deadline)
                 self.send(hello, deadline)
             except ContainerDied:
                 pass
@@ -222,12 +241,15 @@ class Container:
         raises :class:`ContainerDied`. Frames up to ``PIPE_BUF`` (4 KiB) are
         written whole or not at all.
         """
+        self._write(encode_frame(obj), deadline)
+
+    def _write(self, frame: bytes, deadline: Optional[float]) -> None:
         proc = self.proc
         if proc is None or proc.stdin is None:
             raise ContainerDied("the container is not running")
         if self.broken:
             raise ContainerDied("an earlier frame to the container was cut short")
-        data = memoryview(encode_frame(obj))
+        data = memoryview(frame)
         sent = 0
         try:
             fd = proc.stdin.fileno()
@@ -246,7 +268,7 @@ class Container:
                         f"the container did not take a {len(data)}-byte frame before the deadline"
                         f" ({sent} bytes written)"
                     )
-                select.select([], [fd], [], None if timeout is None else min(timeout, 3600.0))
+                self._wait_writable(fd, None if timeout is None else min(timeout, 3600.0))
         except BaseException as exc:
             if 0 < sent < len(data):
                 self.broken = True
@@ -256,32 +278,66 @@ class Container:
                 ) from None
             raise
 
+    def _wait_writable(self, fd: int, timeout: Optional[float]) -> None:
+        """Wait until stdin takes more, reading stdout meanwhile when no other thread is.
+
+        The supervisor writes its frames blocking: while it writes (an ``rpc`` of the
+        channel transport, a cell's output) it reads nothing, and a host that only
+        wrote would wait for it as it waits for the host. The bytes read go to the
+        frame buffer; the next :meth:`recv` takes the frames.
+        """
+        proc = self.proc
+        out = proc.stdout if proc is not None else None
+        if out is None or not self._read_lock.acquire(blocking=False):
+            select.select([], [fd], [], timeout)
+            return
+        try:
+            ofd = out.fileno()
+            readable, _, _ = select.select([ofd], [fd], [], timeout)
+            if readable:
+                data = os.read(ofd, 1 << 20)
+                if data:
+                    self._frames.feed(data)
+                else:
+                    # the container's output closed: its stdin will not take more either
+                    raise ContainerDied("the container's output closed (it exited or was killed)")
+        finally:
+            self._read_lock.release()
+
     def recv(self, deadline: Optional[float]) -> dict[str, Any]:
-        """Read one frame, waiting until ``deadline`` (monotonic); ``TimeoutError`` after it."""
+        """Read one frame, waiting until ``deadline`` (monotonic); ``TimeoutError`` after it.
+
+        ``rpc`` frames (the channel transport) are handed to :attr:`on_rpc` on the way
+        and never returned.
+        """
         proc = self.proc
         if proc is None or proc.stdout is None:
             raise ContainerDied("the container is not running")
         fd = proc.stdout.fileno()
-        while True:
-            frame = self._parse()
-            if frame is not None:
-                return frame
-            timeout = None if deadline is None else deadline - time.monotonic()
-            if timeout is not None and timeout <= 0:
-                raise TimeoutError("no frame from the container before the deadline")
-            ready, _, _ = select.select([fd], [], [], timeout)
-            if not ready:
-                continue
-            try:
-                data = os.read(fd, 1 << 20)
-            except OSError as exc:
-                raise ContainerDied(f"reading from the container failed: {exc}") from None
-            if not data:
-                where = " in the middle of a frame" if self._frames.mid_frame() else ""
-                raise ContainerDied(
-                    f"the container's output closed{where} (it exited or was killed)"
-                )
-            self._frames.feed(data)
+        with self._read_lock:
+            while True:
+                frame = self._parse()
+                if frame is not None:
+                    if frame["type"] == "rpc" and self.on_rpc is not None:
+                        self.on_rpc(frame)
+                        continue
+                    return frame
+                timeout = None if deadline is None else deadline - time.monotonic()
+                if timeout is not None and timeout <= 0:
+                    raise TimeoutError("no frame from the container before the deadline")
+                ready, _, _ = select.select([fd], [], [], timeout)
+                if not ready:
+                    continue
+                try:
+                    data = os.read(fd, 1 << 20)
+                except OSError as exc:
+                    raise ContainerDied(f"reading from the container failed: {exc}") from None
+                if not data:
+                    where = " in the middle of a frame" if self._frames.mid_frame() else ""
+                    raise ContainerDied(
+                        f"the container's output closed{where} (it exited or was killed)"
+                    )
+                self._frames.feed(data)
 
     def _parse(self) -> Optional[dict[str, Any]]:
         try:

@@ -150,9 +150,9 @@ def resolve_docker(docker: str = "docker") -> str:
 
 #: Why Podman cannot have network="bridge" yet (TransportUnavailable's message).
 PODMAN_BRIDGE = (
-    "network='bridge' needs the docker bridge and host.docker.internal, which Podman does"
-    " not give our LM proxy; use network='none' with Podman (llm_query then goes through a"
-    " unix socket) until the channel transport of issue #12 exists"
+    "transport='proxy' with network='bridge' needs the docker bridge and"
+    " host.docker.internal, which Podman does not give our LM proxy; use"
+    " transport='channel' (or 'auto'), or network='none'"
 )
 
 

@@ -27,7 +27,8 @@ import secrets
 import stat
 from typing import BinaryIO, Callable, Optional
 
-from ._bootstrap.files import remove_tree
+from ._bootstrap.files import PathRefused, entry_mode, open_dir_chain, remove_tree
+from ._bootstrap.files import kind as _kind
 from .errors import WorkspacePathError
 
 __all__ = [
@@ -66,49 +67,10 @@ def split_remote(remote_path: str) -> list[str]:
 
 
 def _open_dir_chain(root: str, parts: list[str], create: bool) -> int:
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(root, flags)
     try:
-        for name in parts:
-            try:
-                nfd = os.open(name, flags, dir_fd=fd)
-            except FileNotFoundError:
-                if not create:
-                    raise
-                os.mkdir(name, 0o777, dir_fd=fd)
-                nfd = os.open(name, flags, dir_fd=fd)
-            except OSError as exc:
-                raise WorkspacePathError(
-                    f"{name!r} is not a plain directory (symlink?): {exc}"
-                ) from None
-            os.close(fd)
-            fd = nfd
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _entry_mode(name: str, dfd: int) -> Optional[int]:
-    """``st_mode`` of ``name`` in ``dfd`` without following a symlink; None if absent."""
-    try:
-        return os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode
-    except FileNotFoundError:
-        return None
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "a symlink"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a regular file"
+        return open_dir_chain(root, parts, create)
+    except PathRefused as exc:
+        raise WorkspacePathError(str(exc)) from None
 
 
 def copy_in(root: str, local_path: str, remote_path: str, max_bytes: int = DEFAULT_MAX_FILE) -> int:
@@ -132,7 +94,7 @@ def copy_in(root: str, local_path: str, remote_path: str, max_bytes: int = DEFAU
     name = parts[-1]
     dfd = _open_dir_chain(root, parts[:-1], create=True)
     try:
-        old = _entry_mode(name, dfd)
+        old = entry_mode(name, dfd)
         if old is not None and not stat.S_ISREG(old):
             raise WorkspacePathError(f"cannot write {remote_path!r}: it is {_kind(old)}")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -182,7 +144,7 @@ def copy_out(
     parts = split_remote(remote_path)
     dfd = _open_dir_chain(root, parts[:-1], create=False)
     try:
-        mode = _entry_mode(parts[-1], dfd)
+        mode = entry_mode(parts[-1], dfd)
         if mode is None:
             raise FileNotFoundError(f"no such file in the workspace: {remote_path!r}")
         if not stat.S_ISREG(mode):  # not even opened (a device's open can act)

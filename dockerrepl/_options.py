@@ -74,6 +74,7 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "docker": "docker",
         "docker_host": None,
         "context": None,
+        "transport": "auto",
         "runtime": None,
         "max_output_bytes": DEFAULT_MAX_OUTPUT,
         "repr_cap": DEFAULT_REPR_CAP,
@@ -87,6 +88,9 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
     }
 )
 
+#: DockerREPL's ``transport`` values.
+TRANSPORTS = ("auto", "proxy", "channel")
+
 __all__ = [
     "DEFAULTS",
     "DEFAULT_CELL_TIMEOUT",
@@ -99,6 +103,7 @@ __all__ = [
     "DEFAULT_REPR_CAP",
     "DEFAULT_START_TIMEOUT",
     "MAX_TIMEOUT",
+    "TRANSPORTS",
     "Address",
     "ReplOptions",
     "check_address",
@@ -413,6 +418,8 @@ class ReplOptions:
     docker_host: Optional[str]
     #: DockerREPL's ``context`` argument (``context`` here is the payload, as rlm names it)
     docker_context: Optional[str]
+    #: "auto", "proxy" or "channel" (see DockerREPL)
+    transport: str
     runtime: Optional[str]
     max_output_bytes: int
     repr_cap: int
@@ -439,7 +446,7 @@ class ReplOptions:
         it resembles), then ``TypeError``/``ValueError`` naming the option (a missing
         ``workspace_dir``: ``FileNotFoundError``; one this process cannot write:
         ``PermissionError``). Reads ``$DOCKERREPL_IMAGE`` when no image is given.
-        Podman with ``network="bridge"``: :class:`TransportUnavailable`.
+        Podman with ``network="bridge"`` and ``transport="proxy"``: :class:`TransportUnavailable`.
         """
         unknown = set(kwargs) - set(DEFAULTS)
         if unknown:
@@ -468,7 +475,14 @@ class ReplOptions:
         docker_context = check_context("context", a["context"])
         if docker_host is not None and docker_context is not None:
             raise ValueError("docker_host and context are mutually exclusive: give one")
-        if network == "bridge" and is_podman(docker):
+        transport = a["transport"]
+        if not isinstance(transport, str):
+            raise TypeError(f"transport must be a str, not {_kind(transport)}")
+        if transport not in TRANSPORTS:
+            raise ValueError(
+                f"transport must be one of {', '.join(map(repr, TRANSPORTS))}, not {transport!r}"
+            )
+        if transport == "proxy" and network == "bridge" and is_podman(docker):
             raise TransportUnavailable(PODMAN_BRIDGE)
         verify_security = check_flag("verify_security", a["verify_security"])
         max_output_bytes = check_count("max_output_bytes", a["max_output_bytes"])
@@ -536,6 +550,7 @@ class ReplOptions:
             docker=docker,
             docker_host=docker_host,
             docker_context=docker_context,
+            transport=transport,
             runtime=runtime,
             max_output_bytes=max_output_bytes,
             repr_cap=repr_cap,

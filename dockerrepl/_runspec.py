@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from ._docker import Engine
 
 __all__ = [
-    "BOOTSTRAP_LAUNCHER",
     "BOOTSTRAP_PACKAGE",
     "CODE_MOUNT",
     "DEFAULT_CPUS",
@@ -26,37 +25,21 @@ __all__ = [
     "MOUNT_POINT",
     "PROXY_SOCKET",
     "ContainerConfig",
-    "bootstrap_launcher",
     "check_extra_args",
     "cpus_arg",
     "memory_bytes",
     "tmpfs_size",
 ]
 
-#: The bootstrap package's name inside the container (dockerrepl/_bootstrap, staged).
+#: The bootstrap package's name inside the container (dockerrepl/_bootstrap, sent as code).
 BOOTSTRAP_PACKAGE = "dockerrepl_bootstrap"
 MOUNT_POINT = "/workspace"
-# The bootstrap's code (and the host's dill, when the image has none), mounted
-# read-only from a host directory outside the workspace: cell code can write the
-# workspace, and code kept there would run as the next container's supervisor.
+# With the proxy transport and network="none" the LM proxy's unix socket is in a host
+# directory mounted read-only here: the host binds and unlinks it in a directory no
+# cell can swap for a symlink. (The code itself comes over stdin: see _staging.)
 CODE_MOUNT = "/opt/dockerrepl"
-# With network="none" the LM proxy's unix socket sits in that directory too: the
-# host binds and unlinks it in a directory no cell can swap for a symlink.
 PROXY_SOCKET = "proxy.sock"
 
-
-def bootstrap_launcher(code_dir: str = CODE_MOUNT) -> str:
-    """The ``python -c`` code that starts the bootstrap staged in ``code_dir``.
-
-    sys.path[0] is the code directory (the workspace, the cwd, is not on the path:
-    a cell could put modules there).
-    """
-    return (
-        f"import sys; sys.path[0] = {code_dir!r}; from {BOOTSTRAP_PACKAGE}.main import main; main()"
-    )
-
-
-BOOTSTRAP_LAUNCHER = bootstrap_launcher()
 #: The smallest memory limit the engine accepts ("Minimum memory limit allowed is 6MB").
 MIN_MEMORY = 6 << 20
 #: The default CPU limit of a container (see DockerREPL's ``cpus``).
@@ -65,12 +48,27 @@ DEFAULT_CPUS = 1.0
 MIN_CPUS = 0.01
 
 
+def mount_arg(**fields: str) -> str:
+    """A ``--mount`` value; a field holding a comma or a quote is CSV-quoted (as the CLI
+    parses it), so a ``workspace_dir`` with a comma in it still names one path."""
+    out = []
+    for key, value in fields.items():
+        field = f"{key}={value}"
+        if "," in field or '"' in field:
+            field = '"' + field.replace('"', '""') + '"'
+        out.append(field)
+    return ",".join(out)
+
+
 @dataclass
 class ContainerConfig:
     """Everything ``docker run`` needs to know (see :class:`dockerrepl.DockerREPL`)."""
 
     image: str
+    #: what is mounted at /workspace: a host directory, or (``workspace_volume``) a volume
     workspace: str
+    #: ``workspace`` names a volume of the engine's (the channel transport), not a host path
+    workspace_volume: bool = False
     #: the CLI binary, or an Engine (binary + --host/--context) to run it against
     docker: Union[str, Engine] = "docker"
     memory: Optional[str] = "2g"
@@ -82,12 +80,14 @@ class ContainerConfig:
     runtime: Optional[str] = None
     labels: dict[str, str] = field(default_factory=dict)
     extra_args: Sequence[str] = ()
-    #: host directory with the bootstrap, mounted read-only at CODE_MOUNT
+    #: host directory mounted read-only at CODE_MOUNT (the proxy's socket), or ""
     code_dir: str = ""
+    #: map host.docker.internal to the bridge gateway (the proxy transport's way home)
+    host_gateway: bool = True
     start_timeout: float = 120.0
     tmpfs_size: str = "256m"
 
-    def run_argv(self, name: str, python: str) -> list[str]:
+    def run_argv(self, name: str, python: str, launcher: str) -> list[str]:
         """The ``docker run`` arguments (without the leading ``docker``)."""
         # --sig-proxy=false: a Ctrl-C in the user's terminal reaches the docker CLI (same
         # process group) and must not be forwarded into the container; interrupts are
@@ -101,13 +101,24 @@ class ContainerConfig:
         argv += ["--pull", "missing"]
         for k, v in sorted(self.labels.items()):
             argv += ["--label", f"{k}={v}"]
-        argv += ["-v", f"{self.workspace}:{MOUNT_POINT}", "-w", MOUNT_POINT]
+        # --mount, not -v: a host path the engine does not have is an error (the
+        # transport check sees it), not an empty directory made on the engine's host
+        if self.workspace_volume:
+            argv += ["--mount", mount_arg(type="volume", src=self.workspace, dst=MOUNT_POINT)]
+        else:
+            argv += ["--mount", mount_arg(type="bind", src=self.workspace, dst=MOUNT_POINT)]
+        argv += ["-w", MOUNT_POINT]
         if self.code_dir:
-            argv += ["-v", f"{self.code_dir}:{CODE_MOUNT}:ro"]
+            argv += [
+                "--mount",
+                mount_arg(type="bind", src=self.code_dir, dst=CODE_MOUNT) + ",readonly",
+            ]
         if self.network == "none":
             argv += ["--network", "none"]
         elif self.network == "bridge":
-            argv += ["--network", "bridge", "--add-host", "host.docker.internal:host-gateway"]
+            argv += ["--network", "bridge"]
+            if self.host_gateway:
+                argv += ["--add-host", "host.docker.internal:host-gateway"]
         else:
             raise ValueError(f"network must be 'bridge' or 'none', not {self.network!r}")
         argv += ["--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
@@ -126,7 +137,8 @@ class ContainerConfig:
         if self.runtime:
             argv += ["--runtime", self.runtime]
         argv += list(self.extra_args)
-        argv += ["--entrypoint", python, self.image, "-B", "-c", BOOTSTRAP_LAUNCHER]
+        # the code follows on stdin (see _staging): -c is the loader only
+        argv += ["--entrypoint", python, self.image, "-B", "-c", launcher]
         return argv
 
 

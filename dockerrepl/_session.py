@@ -20,19 +20,27 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from . import _exit
 from ._container import Container, bridge_gateway
 from ._docker import Engine
 from ._labels import repl_labels
 from ._options import ReplOptions
-from ._proxy import ProxyServer, ProxyState
+from ._proxy import ChannelEndpoint, ProxyServer, ProxyState
 from ._results import _TEXT_SLACK, bound_result
 from ._runspec import ContainerConfig
 from ._staging import PROTOCOL_VERSION
-from ._workspace import Workspace
-from .errors import ContainerDied, DockerReplError, ProtocolError, ReplClosed
+from ._transfer import SessionFiles
+from ._workspace import MountedWorkspace, VolumeWorkspace, Workspace
+from .errors import (
+    ContainerDied,
+    DockerReplError,
+    ProtocolError,
+    ProxyError,
+    ReplClosed,
+    TransportUnavailable,
+)
 from .types import REPLResult, RLMChatCompletion
 
 __all__ = ["EXIT_WAIT", "HOST_MARGIN", "INTERRUPT_WAIT", "OutputCallback", "Session"]
@@ -47,21 +55,29 @@ HOST_MARGIN = 20.0
 INTERRUPT_WAIT = 1.0
 #: At exit, the longest one REPL's constructor or another thread's call is waited for.
 EXIT_WAIT = 10.0
-# Images known to ship dill themselves: no need to copy the host's into the mount.
+# Images known to ship dill themselves: no need to send the host's with the code.
 _IMAGE_HAS_DILL: dict[tuple[Engine, str], bool] = {}
+# transport="auto" found the proxy path does not work with this engine and network:
+# later REPLs go straight to the channel. Keyed by (engine, network).
+_CHANNEL_ONLY: dict[tuple[tuple[str, ...], str], str] = {}
+#: How long the container's check that it reaches the proxy may take (transport="auto").
+PROBE_TIMEOUT = 2.0
 
 OutputCallback = Callable[[str, str], None]
 
 
-class Session:
+class Session(SessionFiles):
     """The container side of one DockerREPL; nothing starts until :meth:`start`.
 
     It holds no reference to its facade: a DockerREPL dropped without ``cleanup()``
     is finalised at once, also in the interpreter's teardown (no cycle to wait for)."""
 
-    def __init__(self, options: ReplOptions, workspace: Workspace) -> None:
+    def __init__(self, options: ReplOptions) -> None:
         self.options = options
-        self.workspace = workspace
+        #: replaced by start() with the transport's own
+        self.workspace: Workspace = MountedWorkspace(options.workspace_dir, shared=False)
+        #: "proxy" or "channel" once started (see DockerREPL.transport)
+        self.transport = ""
         #: rlm's compaction ``history``, kept on the host (see DockerREPL.append_compaction_entry)
         self.compaction_history: list[Any] = []
         self.state = ProxyState(
@@ -93,23 +109,99 @@ class Session:
         self.restarts = 0
         self.last_completed = 0  # the last cell that ended ok or error
         self.container: Optional[Container] = None
-        self.proxy: Optional[ProxyServer] = None
+        self.proxy: Union[ProxyServer, ChannelEndpoint, None] = None
         self.proxy_target: dict[str, Any] = {}
+        #: why transport="auto" did not take the proxy path ("" if it did, or was not asked)
+        self.fallback_reason = ""
 
     # ----------------------------------------------------------------- start
     def start(self) -> None:
-        """Create the workspace, start the proxy and the container."""
+        """Pick the transport, create its workspace and endpoint, start the container.
+
+        ``transport="auto"`` tries the proxy path first (the seed's: an HTTP proxy on
+        the bridge gateway, a bind-mounted workspace) and keeps it only when the new
+        container shows that it works here: it found the nonce the host wrote into the
+        mount, and its ``/ping`` reached the proxy. Anything else (no bridge gateway of
+        ours to bind, the engine refusing the bind mount, a failed check) falls back to
+        the channel, and later REPLs on the same engine go there directly.
+        """
         opts = self.options
-        self.workspace.create(copy_dill=not _IMAGE_HAS_DILL.get((opts.engine, opts.image)))
         self.state.token = secrets.token_urlsafe(24)
+        key = (opts.engine.cache_key(), opts.network)
+        want = opts.transport
+        if want == "auto" and key in _CHANNEL_ONLY:
+            self.fallback_reason = _CHANNEL_ONLY[key]
+            want = "channel"
+        if want in ("auto", "proxy"):
+            try:
+                self._start_proxy(probe=want == "auto")
+                return
+            except (ProxyError, ContainerDied) as exc:
+                if want == "proxy" or self.closed:
+                    raise
+                self._drop_proxy_attempt()
+                self.fallback_reason = str(exc)
+                _CHANNEL_ONLY[key] = self.fallback_reason
+        self._start_channel()
+
+    def _start_proxy(self, probe: bool) -> None:
+        opts = self.options
+        self.transport = "proxy"
+        ws = MountedWorkspace(opts.workspace_dir, shared=opts.user is not None)
+        self.workspace = ws
+        ws.create(repl_labels(""))
         if opts.network == "none":
-            host_path, container_path = self.workspace.proxy_socket()
+            host_path, container_path = ws.proxy_socket()
             self.proxy = ProxyServer(self.state, unix_path=host_path)
             self.proxy_target = {"unix": container_path}
         else:
             self.proxy = ProxyServer(self.state, host=bridge_gateway(opts.engine))
             self.proxy_target = {"host": "host.docker.internal", "port": self.proxy.port}
+        ready = self.start_container(restore=False, probe=probe)
+        if probe:
+            found = ready.get("probe")
+            if not isinstance(found, dict):
+                found = {}
+            if found.get("nonce") != ws.probe_nonce():
+                raise TransportUnavailable(
+                    "the engine does not see this host's files (the workspace's nonce was"
+                    " not in the container): it runs elsewhere"
+                )
+            if found.get("proxy") != "ok":
+                raise TransportUnavailable(
+                    f"the container could not reach the LM proxy at {self.proxy_target}:"
+                    f" {str(found.get('proxy'))[:300]}"
+                )
+        log.debug("dockerrepl: transport proxy (%s)", self.proxy_target)
+
+    def _drop_proxy_attempt(self) -> None:
+        """Undo a proxy start that did not work here: container, proxy, workspace."""
+        container, self.container = self.container, None
+        if container is not None:
+            container.kill()
+        if self.proxy is not None:
+            self.proxy.close()
+            self.proxy = None
+        self.workspace.remove()
+
+    def _start_channel(self) -> None:
+        opts = self.options
+        self.transport = "channel"
+        ws = VolumeWorkspace(opts.workspace_dir, opts.engine, shared=opts.user is not None)
+        self.workspace = ws
+        ws.files = self
+        ws.create(repl_labels(""))
+        ws.prepare(opts.image)
+        self.proxy = ChannelEndpoint(self.state)
+        self.proxy_target = {"relay": True}
         self.start_container(restore=False)
+        log.debug(
+            "dockerrepl: transport channel (volume %s)%s",
+            ws.name,
+            f"; the proxy path does not work here: {self.fallback_reason}"
+            if self.fallback_reason
+            else "",
+        )
 
     def prime(self) -> None:
         """Tell a new worker what a checkpoint does not hold: the tools, the compaction history."""
@@ -118,12 +210,16 @@ class Session:
         if self.options.tools.specs:
             self.call("define_tools", {"tools": self.options.tools.specs})
 
-    def hello(self, restore: bool) -> dict[str, Any]:
+    def hello(self, restore: bool, probe: bool = False) -> dict[str, Any]:
         opts = self.options
+        extra: dict[str, Any] = {}
+        if probe:
+            extra["probe"] = {"nonce": self.workspace.probe_nonce(), "timeout": PROBE_TIMEOUT}
         return {
             "type": "hello",
             "version": PROTOCOL_VERSION,
             "config": {
+                **extra,
                 "depth": opts.depth,
                 "proxy": self.proxy_target,
                 "token": self.state.token,
@@ -136,13 +232,16 @@ class Session:
             },
         }
 
-    def start_container(self, restore: bool) -> None:
+    def start_container(self, restore: bool, probe: bool = False) -> dict[str, Any]:
+        """Start a container of the session's transport; returns its ready frame."""
         opts = self.options
         workspace, code_dir = self.workspace.mounts()
         cfg = ContainerConfig(
             image=opts.image,
             workspace=workspace,
+            workspace_volume=self.workspace.volume,
             code_dir=code_dir,
+            host_gateway=self.transport == "proxy",
             docker=opts.engine,
             memory=opts.memory,
             cpus=opts.cpus,
@@ -155,13 +254,24 @@ class Session:
             start_timeout=opts.start_timeout,
             labels=repl_labels(self.workspace.root),
         )
-        container = Container(cfg, self.workspace.log_path())
+        container = Container(
+            cfg,
+            self.workspace.log_path(),
+            copy_dill=not _IMAGE_HAS_DILL.get((opts.engine, opts.image)),
+        )
+        endpoint = self.proxy
+        if isinstance(endpoint, ChannelEndpoint):
+            # answers go to the container that asked, never to its replacement
+            def reply(frame: dict[str, Any], c: Container = container) -> None:
+                self.send_to(c, frame, time.monotonic() + HOST_MARGIN)
+
+            container.on_rpc = lambda frame: endpoint.dispatch(frame, reply)
         self.container = container  # before it starts: close() can abort it
         if _exit.exiting():
             # the atexit hook has begun (a pool member starting in its thread):
             # a container started now would outlive its cleanup
             raise ReplClosed("the interpreter is exiting: no container is started")
-        ready = container.start(self.hello(restore))
+        ready = container.start(self.hello(restore, probe))
         if self.closed:
             raise ReplClosed("this DockerREPL was cleaned up while its container started")
         if ready.get("dill") == "image":
@@ -179,6 +289,7 @@ class Session:
             )
         if opts.verify_security:
             container.verify(container.inspect())
+        return ready
 
     # --------------------------------------------------------------- channel
     def next_req(self) -> int:
@@ -196,6 +307,12 @@ class Session:
             raise ContainerDied("no container")
         with self.send_lock:
             container.send(obj, deadline)
+
+    def send_to(self, container: Container, obj: dict[str, Any], deadline: float) -> None:
+        """Send a frame to ``container`` if it is still the session's (an rpc answer)."""
+        with self.send_lock:
+            if self.container is container and not container.broken:
+                container.send(obj, deadline)
 
     def call(self, op: str, args: dict[str, Any], timeout: float = 600.0) -> Any:
         """Run an internal operation in the worker; raise on failure."""
@@ -351,9 +468,12 @@ class Session:
         if old is not None:
             old.kill()
         self.restarts += 1
-        saved = self.workspace.checkpoint_cell()
         try:
-            self.start_container(restore=True)
+            ready = self.start_container(restore=True)
+            # read by the new supervisor from the workspace before its worker restored
+            saved = ready.get("checkpoint")
+            if not isinstance(saved, int) or isinstance(saved, bool):
+                saved = None
             self.prime()
         except DockerReplError as exc:
             if self.closed:
@@ -605,4 +725,4 @@ class Session:
             if self.proxy is not None:
                 self.proxy.close()
         finally:
-            self.workspace.remove()
+            self.workspace.remove(start_processes=False)

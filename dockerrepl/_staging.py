@@ -1,89 +1,116 @@
-"""What the container runs, put where it can run it: the code directory.
+"""What the container runs, and how it gets there: the launcher and the code frame.
 
-The code directory is a host directory beside the workspace, mounted read-only at
-``CODE_MOUNT``: the bootstrap package, its bytecode, and the host's dill when the
-image has none. Nothing a cell does can change it (issue #4: a bootstrap in the writable
-workspace let a cell choose what every later supervisor ran).
+Every container starts as ``python -B -c LAUNCHER`` (the text of
+``_bootstrap/loader.py``) and reads one **code frame** from stdin before the hello:
+the bootstrap package (and the host's pure-Python dill, when the image has none), as
+source plus this interpreter's bytecode. The loader imports it from memory. No
+mount, no file: the start is the same on a local engine, a remote one, rootless or
+Podman, and nothing a cell writes can change what a later supervisor runs (issue #4:
+a bootstrap kept in the writable workspace let a cell choose it).
+
+The frame is built once per process (and per ``copy_dill``) and reused.
 """
 
 from __future__ import annotations
 
+import base64
+import importlib.util
 import logging
+import marshal
 import os
-import shutil
+import threading
 
-from ._bootstrap import protocol
-from ._runspec import BOOTSTRAP_PACKAGE, CODE_MOUNT
+from ._bootstrap import loader, protocol
+from ._runspec import BOOTSTRAP_PACKAGE
 
-__all__ = ["PROTOCOL_VERSION", "stage_code"]
+__all__ = ["PROTOCOL_VERSION", "code_frame", "launcher"]
 
 log = logging.getLogger(__name__)
 
 #: The version of the host <-> bootstrap protocol sent in the hello frame.
 PROTOCOL_VERSION = protocol.VERSION
 
-#: The bootstrap package, staged as ``<code_dir>/BOOTSTRAP_PACKAGE/``.
+#: The bootstrap package's source directory (sent as ``BOOTSTRAP_PACKAGE``).
 _BOOTSTRAP_DIR = os.path.dirname(os.path.abspath(protocol.__file__))
 
-
-def stage_code(code_dir: str, *, copy_dill: bool) -> None:
-    """Fill ``code_dir`` (existing, empty) with the bootstrap package and, when
-    ``copy_dill``, the host's pure-Python dill under ``lib/``."""
-    dest = os.path.join(code_dir, BOOTSTRAP_PACKAGE)
-    os.mkdir(dest)
-    for name in _bootstrap_modules():
-        shutil.copyfile(os.path.join(_BOOTSTRAP_DIR, name), os.path.join(dest, name))
-        _write_pyc(dest, name)
-    if copy_dill:
-        _copy_dill(os.path.join(code_dir, "lib"))
+_FRAMES: dict[bool, bytes] = {}
+_LAUNCHER: list[str] = []
+_lock = threading.Lock()
 
 
-def _bootstrap_modules() -> list[str]:
-    return sorted(n for n in os.listdir(_BOOTSTRAP_DIR) if n.endswith(".py"))
+def launcher() -> str:
+    """The ``python -c`` program every container starts with (the loader, then ``boot()``)."""
+    if not _LAUNCHER:
+        with open(loader.__file__, encoding="utf-8") as f:
+            _LAUNCHER.append(f.read() + "\nboot()\n")
+    return _LAUNCHER[0]
 
 
-# the bootstrap's modules compiled by this interpreter, once: name -> pyc bytes
-_BOOTSTRAP_PYC: dict[str, bytes] = {}
+def code_frame(*, copy_dill: bool) -> bytes:
+    """The encoded code frame (header included): the bootstrap, and dill when ``copy_dill``."""
+    with _lock:
+        cached = _FRAMES.get(copy_dill)
+        if cached is None:
+            modules = _package(BOOTSTRAP_PACKAGE, _BOOTSTRAP_DIR, skip=frozenset({"loader.py"}))
+            if copy_dill:
+                modules.update(_dill_modules())
+            frame = {
+                "type": "code",
+                "magic": base64.b64encode(importlib.util.MAGIC_NUMBER).decode("ascii"),
+                "modules": modules,
+            }
+            cached = _FRAMES[copy_dill] = protocol.encode(frame)
+        return cached
 
 
-def _write_pyc(package_dir: str, name: str) -> None:
-    """Put this interpreter's bytecode for one staged module in ``__pycache__`` beside it.
+Modules = dict[str, dict[str, object]]
 
-    A container whose Python has the same cache tag (e.g. cpython-311) then
-    loads it instead of compiling the bootstrap's ~100 KB of source at every start
-    (~15 ms of each open); any other Python ignores the file. Checked-hash: Python
-    uses it only while it matches the source byte for byte, and compiles otherwise.
-    """
-    import importlib.util
-    import py_compile
 
-    path = os.path.join(package_dir, name)
+def _package(name: str, directory: str, skip: frozenset[str] = frozenset()) -> Modules:
+    """``{module name: {"src", "pkg", "code"}}`` for a pure-Python package and its subpackages."""
+    out: Modules = {}
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("__pycache__", "tests"))
+        rel = os.path.relpath(dirpath, directory)
+        prefix = name if rel == "." else name + "." + rel.replace(os.sep, ".")
+        if "__init__.py" not in filenames:
+            dirnames[:] = []
+            continue
+        for fn in sorted(filenames):
+            if not fn.endswith(".py") or (fn in skip and rel == "."):
+                continue
+            is_pkg = fn == "__init__.py"
+            modname = prefix if is_pkg else prefix + "." + fn[:-3]
+            with open(os.path.join(dirpath, fn), encoding="utf-8") as f:
+                src = f.read()
+            out[modname] = {"src": src, "pkg": is_pkg, "code": _bytecode(modname, src, is_pkg)}
+    return out
+
+
+def _bytecode(modname: str, src: str, is_pkg: bool) -> str:
+    """This interpreter's code object for the module, marshalled (base64); "" if it
+    does not compile here (the container compiles the source itself)."""
+    filename = loader.ORIGIN + "/" + modname.replace(".", "/")
+    filename += "/__init__.py" if is_pkg else ".py"
     try:
-        target = importlib.util.cache_from_source(path)
-    except NotImplementedError:  # an interpreter without bytecode caching
-        return
-    try:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        cached = _BOOTSTRAP_PYC.get(name)
-        if cached is not None:
-            with open(target, "wb") as f:
-                f.write(cached)
-            return
-        py_compile.compile(
-            path,
-            cfile=target,
-            dfile=f"{CODE_MOUNT}/{BOOTSTRAP_PACKAGE}/{name}",
-            doraise=True,
-            invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH,
-        )
-        with open(target, "rb") as f:
-            _BOOTSTRAP_PYC[name] = f.read()
-    except (OSError, py_compile.PyCompileError) as exc:
-        log.debug("no bytecode for the bootstrap's %s: %s", name, exc)
+        code = compile(src, filename, "exec", dont_inherit=True)
+    except SyntaxError as exc:  # e.g. a dill for a newer Python than this one
+        log.debug("no bytecode for %s: %s", modname, exc)
+        return ""
+    return base64.b64encode(marshal.dumps(code)).decode("ascii")
+
+
+def _dill_modules() -> Modules:
+    """The host's pure-Python dill package, as code-frame modules."""
+    import dill
+
+    return _package("dill", os.path.dirname(os.path.abspath(dill.__file__)))
 
 
 def _copy_dill(dest: str) -> None:
-    """Copy the host's pure-Python dill package into the mount (lib/dill)."""
+    """Copy the host's dill package to ``dest/dill`` (for other Pythons in tests and tools)."""
+    import shutil
+
     import dill
 
     src = os.path.dirname(os.path.abspath(dill.__file__))
@@ -92,3 +119,8 @@ def _copy_dill(dest: str) -> None:
     shutil.copytree(
         src, os.path.join(dest, "dill"), ignore=shutil.ignore_patterns("__pycache__", "tests")
     )
+
+
+def frame_size(*, copy_dill: bool) -> int:
+    """Bytes of the code frame (doctor and the benchmarks say it)."""
+    return len(code_frame(copy_dill=copy_dill))

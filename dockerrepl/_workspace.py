@@ -1,53 +1,73 @@
-"""The workspace: how files reach the container, and where they live on the host.
+"""The workspace: where ``/workspace`` lives, and how files reach it.
 
-Today one way: :class:`MountedWorkspace`, a host temp dir bind-mounted at
-``/workspace`` (contexts, histories, uploads, checkpoints) and a code dir
-mounted read-only (the bootstrap, dill, the proxy's unix socket). This module is
-the only one that knows that; the session asks :class:`Workspace` for what it
-needs, so a second way in (the stdio channel and a named volume, next) is a
-second class with the same methods.
+Two ways, one :class:`Workspace` interface (the session asks it for what it needs):
+
+* :class:`MountedWorkspace` (the proxy transport): a host temp dir bind-mounted at
+  ``/workspace`` (contexts, histories, uploads, checkpoints); the host reads and
+  writes the files itself. With ``network="none"`` a second host dir, mounted
+  read-only, holds the proxy's unix socket.
+* :class:`VolumeWorkspace` (the channel transport): a named volume of the engine's,
+  labelled like the container, that outlives each container (a killed one restores
+  from the checkpoint in it) and is removed by ``remove()`` (or ``dockerrepl gc``);
+  files cross the container's stdio in chunks (see ``_bootstrap/transfer.py``).
 
 Layout on the host (the root is 0700, made by ``tempfile.mkdtemp``)::
 
     dockerrepl-XXXX/               root: removed by remove()
-        workspace/                 /workspace: the container writes here
-            .dockerrepl/           state.meta.json beside state.dill
-        code/                      /opt/dockerrepl, read-only (see _staging.py)
-        docker-run.log             the docker CLI's stderr
+        workspace/                 /workspace when mounted: the container writes here
+            .dockerrepl/           state.meta.json beside state.dill; probe.nonce
+        code/                      /opt/dockerrepl, read-only: proxy.sock (network="none")
+        docker-run.log             the docker CLI's stderr (both kinds)
 """
 
 from __future__ import annotations
 
+import base64
 import io
-import json
+import logging
 import os
+import secrets
 import stat
 import tempfile
+import time
+from collections.abc import Iterator
 from typing import Any, Optional, Protocol
 
-from ._files import DEFAULT_MAX_FILE, copy_in, copy_out, open_dir, remove_tree, write_new
+from . import _docker
+from ._files import DEFAULT_MAX_FILE, copy_in, copy_out, remove_tree, split_remote, write_new
 from ._runspec import CODE_MOUNT, PROXY_SOCKET
-from ._staging import stage_code
+from .errors import DockerError, DockerReplError
 
-__all__ = ["MountedWorkspace", "Workspace"]
+__all__ = ["FileChannel", "MountedWorkspace", "VolumeWorkspace", "Workspace"]
+
+log = logging.getLogger(__name__)
+
+#: Characters of text (or raw bytes, sent as base64) per ``fput`` frame.
+PUT_CHUNK = 4 << 20
 
 
 class Workspace(Protocol):
     """What a session needs from the place its files live (see the module docstring)."""
 
-    #: the host directory the container sees as ``/workspace`` ("" before create())
+    #: the host directory the container sees as ``/workspace`` ("" before create(),
+    #: and always "" for a volume)
     temp_dir: str
     #: the directory that holds it all, labelled on the container for ``gc`` ("" before)
     root: str
+    #: True: ``/workspace`` is a volume of the engine's (``mounts()`` names it)
+    volume: bool
 
-    def create(self, *, copy_dill: bool) -> None:
-        """Make the directories and stage the bootstrap (and dill when ``copy_dill``)."""
+    def create(self, labels: dict[str, str]) -> None:
+        """Make the host directory and, for a volume, the volume (with ``labels``)."""
 
     def mounts(self) -> tuple[str, str]:
-        """(host dir for ``/workspace``, host dir for the read-only code mount)."""
+        """(what is mounted at ``/workspace``, host dir for the read-only code mount or "")."""
 
     def proxy_socket(self) -> tuple[str, str]:
         """(host path, container path) of the proxy's unix socket (``network="none"``)."""
+
+    def probe_nonce(self) -> str:
+        """A nonce written where the container must find it if the engine sees our files."""
 
     def log_path(self) -> str:
         """Where the docker CLI's stderr goes."""
@@ -61,18 +81,30 @@ class Workspace(Protocol):
     def download(self, remote_path: str, local_path: str, max_bytes: int = DEFAULT_MAX_FILE) -> int:
         """Copy a file out; returns bytes."""
 
-    def checkpoint_cell(self) -> Optional[int]:
-        """The cell the checkpoint was taken after (None: no checkpoint)."""
-
     def purge_on_close(self) -> bool:
         """True when the container must delete what it wrote before it exits."""
 
-    def remove(self) -> None:
-        """Remove everything on the host (idempotent; never raises)."""
+    def remove(self, start_processes: bool = True) -> None:
+        """Remove everything it made (idempotent; never raises); ``start_processes=False``
+        in the interpreter's teardown (what needs a process is left for ``gc``)."""
+
+
+class FileChannel(Protocol):
+    """How a :class:`VolumeWorkspace` moves files: the session's frames to the supervisor."""
+
+    def put_file(
+        self, parts: list[str], chunks: Iterator[tuple[str, str]], replace_any: bool, max_bytes: int
+    ) -> int:
+        """Send ``(data, "text" | "b64")`` chunks as the file ``parts``; returns bytes written."""
+
+    def get_file(self, parts: list[str], sink: Any, max_bytes: int) -> int:
+        """Stream the file ``parts`` into ``sink.write``; returns bytes read."""
 
 
 class MountedWorkspace:
     """A host temp dir, bind-mounted: the container and the host share the files."""
+
+    volume = False
 
     def __init__(self, parent: Optional[str], *, shared: bool) -> None:
         """``parent``: where the temp dir is made (None: the system's); ``shared``: the
@@ -82,8 +114,10 @@ class MountedWorkspace:
         self.root = ""
         self.temp_dir = ""
         self._code_dir = ""
+        self._serves_socket = False
+        self._nonce = ""
 
-    def create(self, *, copy_dill: bool) -> None:
+    def create(self, labels: dict[str, str]) -> None:
         self.root = tempfile.mkdtemp(prefix="dockerrepl-", dir=self._parent)
         self.temp_dir = os.path.join(self.root, "workspace")
         boot_dir = os.path.join(self.temp_dir, ".dockerrepl")  # state, writable inside
@@ -92,25 +126,32 @@ class MountedWorkspace:
         # the 0700 parent keeps other host users out
         os.chmod(self.temp_dir, 0o777 if self._shared else 0o755)
         os.chmod(boot_dir, 0o777 if self._shared else 0o755)
-        # the code, outside the workspace and mounted read-only: nothing a cell does
-        # can change what the next container runs as its supervisor
+        # the proxy socket's directory, outside the workspace and mounted read-only
         self._code_dir = os.path.join(self.root, "code")
         os.makedirs(self._code_dir)
         os.chmod(self._code_dir, 0o755)
-        stage_code(self._code_dir, copy_dill=copy_dill)
+        # transport="auto" asks the container for this: an engine elsewhere (remote, a
+        # VM, the other side of a socket-mounted container) does not see these files
+        self._nonce = secrets.token_hex(16)
+        with open(os.path.join(boot_dir, "probe.nonce"), "w") as f:
+            f.write(self._nonce)
 
     @property
     def code_dir(self) -> str:
         return self._code_dir
 
     def mounts(self) -> tuple[str, str]:
-        return self.temp_dir, self._code_dir
+        return self.temp_dir, self._code_dir if self._serves_socket else ""
 
     def proxy_socket(self) -> tuple[str, str]:
-        # beside the code, mounted read-only, not in the workspace: a cell that
-        # swapped /workspace/.dockerrepl for a symlink made the host bind, chmod
-        # and (at cleanup) unlink proxy.sock in a host directory of its choosing
+        # beside the workspace, mounted read-only, not in it: a cell that swapped
+        # /workspace/.dockerrepl for a symlink made the host bind, chmod and (at
+        # cleanup) unlink proxy.sock in a host directory of its choosing
+        self._serves_socket = True
         return os.path.join(self._code_dir, PROXY_SOCKET), f"{CODE_MOUNT}/{PROXY_SOCKET}"
+
+    def probe_nonce(self) -> str:
+        return self._nonce
 
     def log_path(self) -> str:
         return os.path.join(self.root, "docker-run.log")
@@ -143,46 +184,155 @@ class MountedWorkspace:
     def download(self, remote_path: str, local_path: str, max_bytes: int = DEFAULT_MAX_FILE) -> int:
         return copy_out(self.temp_dir, remote_path, local_path, max_bytes)
 
-    def checkpoint_cell(self) -> Optional[int]:
-        """The cell the checkpoint in the mount was taken after (None: no checkpoint).
-
-        The file is the container's: opened without following links, never a
-        FIFO, read bounded, and only one integer is taken from it.
-        """
-        # every component opened without following a link: a cell can replace
-        # .dockerrepl (or the files) with a symlink to anywhere on the host
-        try:
-            wfd = open_dir(self.temp_dir)
-        except OSError:
-            return None
-        try:
-            if not stat.S_ISREG(os.stat("state.dill", dir_fd=wfd, follow_symlinks=False).st_mode):
-                return None
-            dfd = os.open(".dockerrepl", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=wfd)
-            try:
-                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-                fd = os.open("state.meta.json", flags, dir_fd=dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            return None
-        finally:
-            os.close(wfd)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            meta = json.loads(os.read(fd, 1 << 16))
-        except (OSError, ValueError):
-            return None
-        finally:
-            os.close(fd)
-        cell = meta.get("cell") if isinstance(meta, dict) else None
-        return cell if isinstance(cell, int) and not isinstance(cell, bool) else None
-
     def purge_on_close(self) -> bool:
         # a non-root host user cannot delete files the container's root made
         return os.geteuid() != 0
 
-    def remove(self) -> None:
+    def remove(self, start_processes: bool = True) -> None:
         if self.root:
             remove_tree(self.root, ignore_errors=True)
+
+
+class VolumeWorkspace:
+    """A named volume of the engine's at ``/workspace``; files cross the channel.
+
+    The volume carries the container's labels (``gc`` judges it by its owner), is
+    made before the first container and removed by :meth:`remove` once the last one
+    is gone. A container killed under a cell leaves it behind for the next one, which
+    restores the checkpoint in it, as with a mount.
+    """
+
+    volume = True
+    temp_dir = ""
+
+    def __init__(self, parent: Optional[str], engine: _docker.Engine, *, shared: bool) -> None:
+        """``parent``: where the host dir for the CLI's log is made; ``engine``: whose volume;
+        ``shared``: the container runs as another user, who must be able to write it."""
+        self._parent = parent
+        self._engine = engine
+        self._shared = shared
+        self.root = ""
+        self.name = ""
+        self.files: Optional[FileChannel] = None  # set by the session before first use
+
+    def create(self, labels: dict[str, str]) -> None:
+        self.root = tempfile.mkdtemp(prefix="dockerrepl-", dir=self._parent)
+        name = "dockerrepl-" + secrets.token_hex(8)
+        argv = ["volume", "create"]
+        for k, v in sorted(labels.items()):
+            argv += ["--label", f"{k}={v}"]
+        _docker.run([*argv, name], timeout=60, docker=self._engine)
+        self.name = name
+
+    def prepare(self, image: str) -> None:
+        """Make the volume writable for a non-root container user (``user=``).
+
+        A new volume's root belongs to root, mode 0755, and a container without
+        capabilities cannot change that as another user: one short container as root
+        (no capabilities, no network) opens it up, once per REPL.
+        """
+        if not self._shared:
+            return
+        argv = ["run", "--rm", "--network", "none", "--cap-drop", "ALL", "--user", "0:0"]
+        argv += ["--security-opt", "no-new-privileges", "--label", "dockerrepl.helper=1"]
+        argv += ["--mount", f"type=volume,src={self.name},dst=/w", "--entrypoint"]
+        code = "import os; os.chmod('/w', 0o1777)"
+        for python in ("python3", "python"):
+            try:
+                _docker.run([*argv, python, image, "-c", code], timeout=120, docker=self._engine)
+                return
+            except DockerError as exc:
+                if python == "python" or "executable file not found" not in str(exc):
+                    raise
+
+    def mounts(self) -> tuple[str, str]:
+        return self.name, ""
+
+    def proxy_socket(self) -> tuple[str, str]:
+        raise DockerReplError("a volume workspace has no proxy socket (the channel needs none)")
+
+    def probe_nonce(self) -> str:
+        return ""
+
+    def log_path(self) -> str:
+        return os.path.join(self.root, "docker-run.log")
+
+    def _channel(self) -> FileChannel:
+        if self.files is None:
+            raise DockerReplError("the workspace is not connected to a container yet")
+        return self.files
+
+    def write_payload(self, stem: str, encoded: tuple[str, str]) -> str:
+        data, kind = encoded
+        rel = f"{stem}.txt" if kind == "text" else f"{stem}.json"
+        chunks = ((data[i : i + PUT_CHUNK], "text") for i in range(0, max(len(data), 1), PUT_CHUNK))
+        self._channel().put_file([rel], chunks, True, 1 << 62)
+        return rel
+
+    def upload(self, local_path: str, remote_path: str, max_bytes: int = DEFAULT_MAX_FILE) -> int:
+        parts = split_remote(remote_path)
+        st = os.stat(local_path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{local_path!r} is not a regular file")
+        if st.st_size > max_bytes:
+            raise ValueError(f"{local_path!r} is {st.st_size} bytes, over the {max_bytes}-byte cap")
+        with open(local_path, "rb") as src:
+
+            def chunks() -> Iterator[tuple[str, str]]:
+                read = 0
+                while True:
+                    raw = src.read(PUT_CHUNK // 4 * 3)  # base64: 4 characters per 3 bytes
+                    read += len(raw)
+                    if read > max_bytes:  # the local file grew while we read it
+                        raise ValueError(f"{local_path!r} grew past the {max_bytes}-byte cap")
+                    yield base64.b64encode(raw).decode("ascii"), "b64"
+                    if len(raw) < PUT_CHUNK // 4 * 3:
+                        return
+
+            return self._channel().put_file(parts, chunks(), False, max_bytes)
+
+    def download(self, remote_path: str, local_path: str, max_bytes: int = DEFAULT_MAX_FILE) -> int:
+        parts = split_remote(remote_path)
+        tmp = local_path + ".part"
+        try:
+            with open(tmp, "wb") as dst:
+                n = self._channel().get_file(parts, dst, max_bytes)
+            os.replace(tmp, local_path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return n
+
+    def purge_on_close(self) -> bool:
+        return False  # the volume goes whole
+
+    def remove(self, start_processes: bool = True) -> None:
+        """Remove the host dir and the volume (idempotent; never raises).
+
+        ``start_processes=False`` (the interpreter's teardown, where no process may be
+        started): the volume stays for ``dockerrepl gc``.
+        """
+        if self.root:
+            remove_tree(self.root, ignore_errors=True)
+        name, self.name = self.name, ""
+        if not name:
+            return
+        if not start_processes:
+            log.warning("dockerrepl: volume %s is left for `dockerrepl gc` (at exit)", name)
+            return
+        for attempt in range(5):
+            try:
+                _docker.run(["volume", "rm", "-f", name], timeout=60, docker=self._engine)
+                return
+            except DockerError as exc:
+                # the engine removes a --rm container a moment after its CLI exits
+                if "in use" not in str(exc) or attempt == 4:
+                    log.warning("dockerrepl: could not remove volume %s: %s", name, exc)
+                    return
+                time.sleep(0.2 * (attempt + 1))
+            except DockerReplError as exc:
+                log.warning("dockerrepl: could not remove volume %s: %s", name, exc)
+                return

@@ -36,11 +36,10 @@ from ._options import (
     encode_payload,
     unknown_arguments,
 )
-from ._proxy import ProxyServer
+from ._proxy import ChannelEndpoint, ProxyServer
 from ._results import RESULT_STATUSES
 from ._session import OutputCallback, Session
 from ._tools import RESERVED_NAMES, HostTool, host_tool
-from ._workspace import MountedWorkspace
 from .errors import SetupCodeError
 from .types import REPLResult
 
@@ -95,19 +94,26 @@ class DockerREPL:
             ``None``: none.
         pids_limit: the most processes and threads the container may hold, a
             positive int; ``None``: no limit of ours (the engine's default).
-        network: ``"bridge"`` (default) or ``"none"`` (``llm_query`` then goes
-            through a unix socket in the mount).
+        network: ``"bridge"`` (default) or ``"none"`` (no network in the
+            container; ``llm_query`` still works, over a unix socket or the channel).
         user: run as this ``uid[:gid]`` (or ``name[:group]``) inside the container.
         read_only: read-only root filesystem with a tmpfs ``/tmp``.
         workspace_dir: an existing directory in which the host temp dir is
             created (default: the system's temp dir).
-        docker: the docker CLI to use (``"podman"`` works with ``network="none"``;
-            with ``"bridge"`` it raises ``TransportUnavailable``: docs/engines.md).
+        docker: the docker CLI to use (e.g. ``"podman"``; docs/engines.md).
         docker_host: the engine's URL (``unix://``, ``tcp://``, ``ssh://``,
             ``npipe://``), given to every docker command as ``--host``; the process
             environment is not changed.
         context: a docker context's name, given as ``--context`` (not with
             ``docker_host``). Neither: the CLI's default (``$DOCKER_HOST``, ...).
+        transport: ``"auto"`` (default): the proxy path (an HTTP proxy the
+            container reaches on the docker bridge, a bind-mounted workspace) when
+            the first container shows that it works here, else the channel;
+            ``"proxy"``: only that (``TransportUnavailable`` where it cannot work);
+            ``"channel"``: ``llm_query``, files and the bootstrap over the ``docker
+            run -i`` pipe, state in a labelled named volume: any engine whose
+            ``docker run -i`` works (remote, rootless, Podman, Docker Desktop, a
+            container with the engine socket mounted). :attr:`transport` says which.
         max_output_bytes: per-cell cap on each of stdout/stderr (head and tail
             kept), >= 1.
         repr_cap: the longest repr kept per variable in ``REPLResult.locals``, >= 1.
@@ -167,6 +173,7 @@ class DockerREPL:
         docker: str = "docker",
         docker_host: Optional[str] = None,
         context: Optional[str] = None,
+        transport: str = "auto",
         runtime: Optional[str] = None,
         max_output_bytes: int = _options.DEFAULT_MAX_OUTPUT,
         repr_cap: int = _options.DEFAULT_REPR_CAP,
@@ -205,8 +212,7 @@ class DockerREPL:
         self._pid = os.getpid()  # a forked child never closes its parent's container
         self._context_count = 0
         self._history_count = 0
-        workspace = MountedWorkspace(options.workspace_dir, shared=options.user is not None)
-        self._session = Session(options, workspace)
+        self._session = Session(options)
         try:
             self.setup()
             self._session.prime()
@@ -393,8 +399,16 @@ class DockerREPL:
     # ------------------------------------------------------------- rlm attrs
     @property
     def temp_dir(self) -> str:
-        """The host directory mounted at ``/workspace`` ("" before the start)."""
+        """The host directory mounted at ``/workspace`` ("" with the channel transport:
+        ``/workspace`` is then a volume of the engine's)."""
         return self._session.workspace.temp_dir
+
+    @property
+    def transport(self) -> str:
+        """How this REPL reaches its container: ``"proxy"`` (an HTTP proxy on the
+        bridge, or a unix socket, and a bind-mounted workspace) or ``"channel"``
+        (frames over the ``docker run -i`` pipe, a named volume); see ``transport=``."""
+        return self._session.transport
 
     @property
     def restarts(self) -> int:
@@ -402,7 +416,8 @@ class DockerREPL:
         return self._session.restarts
 
     @property
-    def proxy(self) -> Optional[ProxyServer]:
+    def proxy(self) -> Union[ProxyServer, ChannelEndpoint, None]:
+        """The REPL's LM endpoint: the proxy server, or the channel's (``transport``)."""
         return self._session.proxy
 
     @property
@@ -420,7 +435,7 @@ class DockerREPL:
 
     @property
     def proxy_port(self) -> int:
-        """TCP port of the proxy (0 with ``network="none"``: a unix socket)."""
+        """TCP port of the proxy (0 with ``network="none"`` or the channel transport)."""
         return 0 if self.proxy is None else self.proxy.port
 
     @property

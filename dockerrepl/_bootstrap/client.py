@@ -1,4 +1,10 @@
-"""The container's HTTP client for the host proxy: pooled, kept-alive connections."""
+"""The container's client for the host's routes: pooled, kept-alive connections.
+
+Two transports, one interface (``request(path, body, headers, timeout) -> (status,
+value)``): HTTP to the host proxy (TCP through ``host.docker.internal``, or a unix
+socket with ``network="none"``), or frames to the supervisor's relay (the channel
+transport, see :mod:`.relay`). Cell code calls ``llm_query`` the same way over both.
+"""
 
 from __future__ import annotations
 
@@ -55,7 +61,7 @@ class _ProxyConnection:
 
     def request(
         self, path: str, body: bytes, headers: dict[str, str], timeout: float
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, Any]:
         if self.sock is None or self.rfile is None:
             sock, rfile = self.connect(timeout)
         else:
@@ -88,7 +94,59 @@ class _ProxyConnection:
             raise ConnectionResetError("the proxy closed the connection mid-answer")
         if close:
             self.close()
-        return status, data
+        try:
+            return status, json.loads(data.decode("utf-8", "replace"))
+        except ValueError:
+            return status, {"error": "proxy answered HTTP %d with a non-JSON body" % status}
+
+
+class _RelayConnection:
+    """A kept-alive connection to the supervisor's relay (the channel transport)."""
+
+    def __init__(self, target: dict[str, Any]) -> None:
+        self.target = target
+        self.sock: socket.socket | None = None
+        self.reader = protocol.FrameReader()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        self.sock = None
+
+    def request(
+        self, path: str, body: bytes, headers: dict[str, str], timeout: float
+    ) -> tuple[int, Any]:
+        if self.sock is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            s.connect(self.target["unix"])
+            self.sock, self.reader = s, protocol.FrameReader()
+        sock = self.sock
+        sock.settimeout(timeout)
+        try:
+            cell = int(headers.get("X-DockerREPL-Cell", "0"))
+        except ValueError:
+            cell = 0
+        token = headers.get("Authorization", "")
+        frame = {
+            "path": path,
+            "body": body.decode("utf-8", "surrogatepass"),
+            "cell": cell,
+            "token": token[7:] if token.startswith("Bearer ") else token,
+        }
+        sock.sendall(protocol.encode(frame))
+        reply = protocol.recv_frame(sock, self.reader)
+        if not isinstance(reply, dict):
+            raise ConnectionResetError("the relay closed the connection")
+        status = reply.get("status")
+        return (status if isinstance(status, int) else 0), reply.get("body")
+
+
+def _connection(target: dict[str, Any]) -> _ProxyConnection | _RelayConnection:
+    return _RelayConnection(target) if target.get("relay") else _ProxyConnection(target)
 
 
 class _ProxyPool:
@@ -107,17 +165,17 @@ class _ProxyPool:
         self.pid = os.getpid()
         self.slots = threading.BoundedSemaphore(size)
         self.lock = threading.Lock()
-        self.idle: list[_ProxyConnection] = []
+        self.idle: list[_ProxyConnection | _RelayConnection] = []
 
-    def get(self, timeout: float) -> _ProxyConnection:
+    def get(self, timeout: float) -> _ProxyConnection | _RelayConnection:
         if not self.slots.acquire(timeout=timeout):
             raise TimeoutError("no connection to the host proxy came free in %ss" % (timeout,))
         with self.lock:
             if self.idle:
                 return self.idle.pop()
-        return _ProxyConnection(self.target)
+        return _connection(self.target)
 
-    def put(self, conn: _ProxyConnection) -> None:
+    def put(self, conn: _ProxyConnection | _RelayConnection) -> None:
         if conn.sock is not None:
             with self.lock:
                 self.idle.append(conn)
@@ -149,7 +207,7 @@ def post(path: str, payload: Any, timeout: float) -> Any:
         for attempt in (0, 1):
             reused = conn.sock is not None
             try:
-                status, data = conn.request(path, body, headers, timeout)
+                status, value = conn.request(path, body, headers, timeout)
             except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
                 conn.close()
                 if reused and attempt == 0:
@@ -158,10 +216,9 @@ def post(path: str, payload: Any, timeout: float) -> Any:
             except BaseException:
                 conn.close()  # a half-read answer would poison the next request
                 raise
-            try:
-                return json.loads(data.decode("utf-8", "replace"))
-            except ValueError:
-                return {"error": "proxy answered HTTP %d with a non-JSON body" % status}
+            if not isinstance(value, dict):
+                return {"error": "proxy answered HTTP %d with a non-object body" % status}
+            return value
         return {"error": "unreachable"}
     finally:
         pool.put(conn)

@@ -191,3 +191,56 @@ def remove_tree(path: str, *, ignore_errors: bool = False) -> None:
         os.close(pfd)
     if errors and not ignore_errors:
         raise errors[0]
+
+
+# --------------------------------------------------------------------- walking paths
+class PathRefused(Exception):
+    """A workspace path leads through something other than a plain directory, or names
+    something other than what the operation allows (the host raises it as
+    ``WorkspacePathError``)."""
+
+
+def open_dir_chain(root: str, parts: list[str], create: bool) -> int:
+    """A descriptor of ``root/parts...``, every component opened without following a
+    link (``create``: missing directories are made). The caller closes it."""
+    fd = os.open(root, _DIR)
+    try:
+        for name in parts:
+            try:
+                nfd = os.open(name, _DIR, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                os.mkdir(name, 0o777, dir_fd=fd)
+                nfd = os.open(name, _DIR, dir_fd=fd)
+            except OSError as exc:
+                raise PathRefused("%r is not a plain directory (symlink?): %s" % (name, exc))
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def entry_mode(name: str, dfd: int) -> Optional[int]:
+    """``st_mode`` of ``name`` in ``dfd`` without following a symlink; None if absent."""
+    try:
+        return os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        return None
+
+
+def kind(mode: int) -> str:
+    """What a non-regular entry is, for an error message."""
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"

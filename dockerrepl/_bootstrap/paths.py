@@ -1,17 +1,16 @@
 """Where the bootstrap's code and its state are.
 
-The code (this package, and ``lib/`` with the host's dill when the image has none)
-is mounted read-only; the state lives in the workspace, which cell code can write.
+The code (this package, and the host's dill when the image has none) is imported
+from memory (see :mod:`.loader`): its modules name files under ``CODE_DIR`` that do
+not exist. The state lives in the workspace, which cell code can write.
 """
 
 from __future__ import annotations
 
 import os
 
-#: The code directory: this package's parent (``/opt/dockerrepl`` in a container).
+#: Where the code claims to live: this package's parent (``/opt/dockerrepl`` in a container).
 CODE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-#: Where the host puts its dill when the image has none.
-LIB_DIR = os.path.join(CODE_DIR, "lib")
 # Always /workspace in a container (the host passes no environment in); the
 # override exists so tests can run the bootstrap under the host Python.
 WORKSPACE = os.environ.get("DOCKERREPL_WORKSPACE") or "/workspace"

@@ -8,6 +8,7 @@ when its stdin closes (the host's dead-man switch).
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import select
 import signal
@@ -19,11 +20,18 @@ from .files import purge_workspace
 from .hardening import capability_sets, channel_shared_with_init
 from .output import OutputBuffer, clean_locals, clean_reply
 from .procs import OomCounter, in_container, pids_exhausted
+from .relay import Relay
 from .slot import WorkerSlot
+from .transfer import Transfers
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, NoReturn
+
+#: the note a cell gets when it left the container without process slots
+PIDS_NOTE = (
+    "the container had run out of processes (pids limit); %d left-over processes were killed"
+)
 
 # seconds after which a still-running cell is acknowledged to the host (see start_request)
 ACK_DELAY = 0.02
@@ -54,6 +62,9 @@ class Supervisor(WorkerSlot):
         self.kill_reason: str | None = None
         # when to tell the host that a still-running cell did arrive
         self.ack_at: float | None = None
+        # the channel transport: LM calls as frames (None with the proxy transport)
+        self.relay: Relay | None = None
+        self.transfers = Transfers()
 
     # -- host channel --
     def send_host(self, obj: Any) -> None:
@@ -173,10 +184,7 @@ class Supervisor(WorkerSlot):
             if mine and self.ctrl is not None:
                 # the worker is their parent: until it reaps them they hold their pids
                 self.forward({"type": "reap", "pids": mine})
-            notes.append(
-                "dockerrepl: the container had run out of processes (pids limit);"
-                " %d left-over processes were killed" % len(killed)
-            )
+            notes.append("dockerrepl: " + PIDS_NOTE % len(killed))
         if self.restart_note:
             notes.append("dockerrepl: " + self.restart_note)
             self.restart_note = None
@@ -244,10 +252,15 @@ class Supervisor(WorkerSlot):
                 st = "crashed"
                 why = "the worker %s" % how
             self.kill_reason = None
+            flood = None
             if st in ("timeout", "interrupted"):
-                # a cell that had to be killed may have left processes outside its group
-                self.writers.sweep()
+                # a cell that had to be killed may have left processes outside its group;
+                # whether they filled the pids limit is read before the sweep frees it
+                full = in_container() and pids_exhausted()
+                killed = self.writers.sweep()
                 self.reap_orphans()
+                if full:
+                    flood = PIDS_NOTE % len(killed)
             self.spawn_worker(restore=True)
             self.progress("restoring")
             # wait for the new worker to come up so the note can say what was restored
@@ -266,6 +279,8 @@ class Supervisor(WorkerSlot):
                 note or "the namespace starts empty",
                 "; the container will be replaced" if give_up else "",
             )
+            if flood:
+                text += "\ndockerrepl: " + flood
             if req.get("type") == "exec":
                 self.current = req
                 self.finish_cell(
@@ -411,6 +426,15 @@ class Supervisor(WorkerSlot):
             self.send_host({"type": "pong", "id": msg.get("id"), "busy": self.current is not None})
         elif kind == "shutdown":
             self.shutdown(bool(msg.get("purge")))
+        elif kind == "rpc_reply":
+            if self.relay is not None:
+                self.relay.on_reply(msg)
+        elif kind == "fput":
+            reply = self.transfers.put(msg)
+            if reply is not None:
+                self.send_host(reply)
+        elif kind == "fget":
+            self.send_host(self.transfers.get(msg, self.send_host))
         else:
             self.send_host(
                 {"type": "error", "id": msg.get("id"), "error": "unknown message type %r" % (kind,)}
@@ -447,6 +471,17 @@ class Supervisor(WorkerSlot):
         cap = int(self.config.get("max_output", 1 << 20))
         self.out, self.err = OutputBuffer(cap), OutputBuffer(cap)
         dill_from = _dill_origin()
+        try:
+            # a new volume (the channel transport) starts empty; a mount has it already
+            os.makedirs(paths.STATE_DIR, exist_ok=True)
+        except OSError:
+            pass  # a read-only or foreign workspace: checkpoints will say why they fail
+        proxy = self.config.get("proxy") or {}
+        if proxy.get("relay"):
+            # the channel transport: the worker (forked below) calls the relay
+            self.relay = Relay(self.send_host)
+            self.config["proxy"] = {"unix": self.relay.name, "relay": True}
+        probe = _probe(self.config) if self.config.get("probe") else None
         self.spawn_worker(restore=bool(self.config.get("restore")))
         self.send_host(
             {
@@ -462,6 +497,9 @@ class Supervisor(WorkerSlot):
                 "channel_private": self.nondumpable and not channel_shared_with_init(),
                 # what the engine applied, read before any cell ran (verify() checks it)
                 "caps": capability_sets(),
+                # the cell the checkpoint in the workspace was taken after (a restart's note)
+                "checkpoint": _checkpoint_cell(),
+                "probe": probe,
             }
         )
         for m in pending:
@@ -474,14 +512,25 @@ class Supervisor(WorkerSlot):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *a: None)
+        relay = self.relay
         while True:
             fds: list[Any] = [0, self.out_r, self.err_r, self.wake_r]
+            wfds: list[int] = []
             if self.ctrl is not None:
                 fds.append(self.ctrl)
+            if relay is not None:
+                fds += relay.read_fds()
+                wfds = relay.write_fds()
             try:
-                r, _, _ = select.select(fds, [], [], self.next_timeout())
+                r, w, _ = select.select(fds, wfds, [], self.next_timeout())
             except InterruptedError:
-                r = []
+                r, w = [], []
+            if relay is not None:
+                for fd in w:
+                    relay.on_writable(fd)
+                for fd in r:
+                    if isinstance(fd, int) and relay.owns(fd):
+                        relay.on_readable(fd)
             if self.wake_r in r:
                 try:
                     os.read(self.wake_r, 4096)
@@ -553,6 +602,49 @@ def _positive(value: Any) -> float | None:
     return value if 0 < value < float("inf") else None
 
 
+def _checkpoint_cell() -> int | None:
+    """The cell named in the workspace's checkpoint metadata (None: no checkpoint)."""
+    try:
+        if not os.path.isfile(paths.STATE_FILE):
+            return None
+        with open(paths.META_FILE, "rb") as f:
+            meta = json.loads(f.read(1 << 16))
+    except (OSError, ValueError):
+        return None
+    cell = meta.get("cell") if isinstance(meta, dict) else None
+    return cell if isinstance(cell, int) and not isinstance(cell, bool) else None
+
+
+def _probe(config: dict[str, Any]) -> dict[str, Any]:
+    """transport="auto": does this container see the host's files, and reach its proxy?
+
+    The host wrote a nonce into the workspace it mounted and asks for it back; a
+    ``/ping`` to the proxy with the container's token must come back from the host.
+    """
+    probe = config.get("probe") or {}
+    nonce = None
+    try:
+        with open(os.path.join(paths.STATE_DIR, "probe.nonce"), "rb") as f:
+            nonce = f.read(256).decode("ascii", "replace")
+    except OSError:
+        pass
+    reached = ""
+    if nonce == probe.get("nonce"):
+        from .client import _ProxyConnection
+
+        conn = _ProxyConnection(config.get("proxy") or {})
+        headers = {"Authorization": "Bearer " + str(config.get("token", ""))}
+        try:
+            status, value = conn.request("/ping", b"{}", headers, float(probe.get("timeout", 2.0)))
+            ok = status == 200 and isinstance(value, dict) and value.get("pong") is True
+            reached = "ok" if ok else "HTTP %d" % status
+        except (OSError, ValueError) as exc:
+            reached = "%s: %s" % (type(exc).__name__, exc)
+        finally:
+            conn.close()
+    return {"nonce": nonce, "proxy": reached}
+
+
 def _dill_origin() -> str | None:
     try:
         import importlib.util
@@ -560,8 +652,7 @@ def _dill_origin() -> str | None:
         spec = importlib.util.find_spec("dill")
     except Exception:
         spec = None
-    if spec is not None and spec.origin:
-        return "image"
-    if os.path.isdir(os.path.join(paths.LIB_DIR, "dill")):
-        return "mount"
-    return None
+    if spec is None or not spec.origin:
+        return None
+    # the loader's modules claim to live under CODE_DIR: the host's copy came with the code
+    return "host" if spec.origin.startswith(paths.CODE_DIR + "/") else "image"

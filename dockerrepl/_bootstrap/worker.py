@@ -122,8 +122,6 @@ def worker_main(
     REPL.config.update(config)
     CHECKPOINTER.ctrl = ctrl
     REPL.new_namespace()
-    if os.path.isdir(paths.LIB_DIR) and paths.LIB_DIR not in sys.path:
-        sys.path.append(paths.LIB_DIR)  # after the image's own site-packages: its dill wins
     os.chdir(paths.WORKSPACE)
     sys.stdin = open(os.devnull)
     import io

@@ -1,6 +1,6 @@
-"""The HTTP proxy the container's ``llm_query()`` talks to.
+"""The host's side of ``llm_query()``: what the container may ask, and two ways in.
 
-Three parts, each in its own module:
+The parts, each in its own module:
 
 * :mod:`.ledger`: the LM-call ledger of one REPL (``ProxyState``): budgets,
   reservations before dispatch, attribution of calls to cells, abandonment;
@@ -11,9 +11,14 @@ Three parts, each in its own module:
 * :mod:`.http`: the minimal HTTP/1.1 server side (request parsing, the token,
   body and connection caps, idle reaping, the TCP and unix servers);
 
-and :mod:`.server` puts them together as one REPL's :class:`ProxyServer`.
+* :mod:`.channel`: the same routes reached through ``rpc`` frames on the
+  container's stdio (the channel transport), with the same checks;
+
+and :mod:`.server` puts ledger, routes and HTTP together as one REPL's
+:class:`ProxyServer`; :class:`ChannelEndpoint` is its counterpart for the channel.
 """
 
+from .channel import ChannelEndpoint
 from .http import MAX_CONNECTIONS, MAX_INFLIGHT_BODY
 from .ledger import ABANDONED, MAX_LM_INFLIGHT, MAX_RECORDED, MAX_RECORDED_BYTES, ProxyState
 from .routes import BATCH_CHUNK, BATCH_WINDOW, MAX_BATCH_PROMPTS
@@ -29,6 +34,7 @@ __all__ = [
     "MAX_LM_INFLIGHT",
     "MAX_RECORDED",
     "MAX_RECORDED_BYTES",
+    "ChannelEndpoint",
     "ProxyServer",
     "ProxyState",
 ]

@@ -15,6 +15,7 @@ never the body's; each is reserved in the ledger before it is dispatched.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import threading
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Union
 
+from .._wire import TooManyValues, parse_json
 from ..errors import DockerReplError
 from ..lm_handler import LMConnection
 from .ledger import ABANDONED, MAX_LM_INFLIGHT, ProxyState, call_tokens
@@ -91,9 +93,34 @@ class Routes:
             "/host_tool": self._host_tool,
         }
 
+    def authorized(self, token: str) -> bool:
+        """Whether ``token`` is this REPL's (compared in constant time)."""
+        return hmac.compare_digest(token.encode("utf-8", "replace"), self.state.token.encode())
+
+    def serve_json(self, path: str, text: str, claimed: int) -> tuple[int, dict[str, Any]]:
+        """Answer one request whose body is JSON text (both transports' way in)."""
+        try:
+            # bounded: too deep a nesting is a 400 like bad JSON, too many values a 413
+            body = parse_json(text)
+        except TooManyValues as exc:
+            return 413, {
+                "error": f"the request holds {exc}; a batched call takes at most "
+                f"{MAX_BATCH_PROMPTS} prompts"
+            }
+        except ValueError as exc:
+            return 400, {"error": f"bad JSON: {exc}"}
+        except MemoryError:
+            return 400, {"error": f"bad JSON: out of memory decoding {len(text)} characters"}
+        if not isinstance(body, dict):
+            return 400, {"error": "body must be a JSON object"}
+        return self.serve(path, body, claimed)
+
     def serve(self, path: str, body: dict[str, Any], claimed: int) -> tuple[int, dict[str, Any]]:
         """Answer one request: ``(status, reply)``. ``claimed`` is the cell the
         container says made it; the ledger decides which cell it counts for."""
+        if path == "/ping":
+            # transport="auto" asks whether the container reaches this proxy at all
+            return 200, {"pong": True}
         route = self._table.get(path)
         if route is None:
             return 404, {"error": f"no such endpoint {path[:200]!r}"}
