@@ -51,6 +51,12 @@ _PYTHON_FOR_IMAGE: dict[tuple[_docker.Engine, str], str] = {}
 _GATEWAY_CACHE: dict[tuple[str, ...], str] = {}
 _cache_lock = threading.Lock()
 
+# what `docker run` / `podman run` say when a bind mount's source is not on their host
+_NO_BIND_SOURCE = (
+    "bind source path does not exist",
+    'invalid mount config for type "bind"',
+    "statfs ",  # podman
+)
 #: Linux capability sets the bootstrap reports (ready["caps"]); all must be empty.
 _CAP_SETS = ("CapEff", "CapPrm", "CapBnd", "CapAmb")
 
@@ -215,6 +221,14 @@ class Container:
         missing = "executable file not found" in text or f"exec {python} failed" in text
         if rc == 127 and missing and python in text:
             raise _NoInterpreter(text)
+        mounts_host_dirs = self.config.code_dir or not self.config.workspace_volume
+        if mounts_host_dirs and any(s in text for s in _NO_BIND_SOURCE):
+            # the engine does not have the host directory we asked it to mount: it runs
+            # elsewhere (a remote engine, a VM, the host of a socket-mounted container)
+            raise TransportUnavailable(
+                "the engine cannot mount this host's directories (it runs elsewhere):"
+                f" {text.strip()[-300:]}; use transport='channel' (or 'auto')"
+            )
         if rc == 125 or "Error response from daemon" in text or rc is None:
             err = _docker.classify_error(text, rc if rc is not None else -1, ["docker", "run"])
             if isinstance(err, NoSuchImage):

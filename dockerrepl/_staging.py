@@ -56,6 +56,7 @@ def code_frame(*, copy_dill: bool) -> bytes:
                 modules.update(_dill_modules())
             frame = {
                 "type": "code",
+                "main": BOOTSTRAP_PACKAGE + ".main",
                 "magic": base64.b64encode(importlib.util.MAGIC_NUMBER).decode("ascii"),
                 "modules": modules,
             }

@@ -1,10 +1,11 @@
 """The in-container bootstrap run under the host Python, with no access to the package.
 
-The package is staged into ``<tmp>/code/`` by ``_staging.stage_code``, as the host does
-for a container (``dockerrepl_bootstrap/`` and its bytecode), and started with the
-container's launcher; ``DOCKERREPL_WORKSPACE`` points it at ``<tmp>/ws`` instead of
-``/workspace``, and a poisoned ``dockerrepl`` package on PYTHONPATH makes any import
-of ours fail loudly.
+:class:`Boot` starts it exactly as a container does: ``python -B -c <the loader>``,
+then the code frame (``_staging.code_frame``) and the hello on stdin.
+``DOCKERREPL_WORKSPACE`` points it at ``<tmp>/ws`` instead of ``/workspace``, and a
+poisoned ``dockerrepl`` package on PYTHONPATH makes any import of ours fail loudly.
+:func:`stage` copies the package to a directory under its container name, for tests
+that import it in a subprocess.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import importlib.util
 import json
 import os
 import select
+import shutil
 import struct
 import subprocess
 import sys
@@ -23,19 +25,21 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dockerrepl._bootstrap import protocol
-from dockerrepl._runspec import BOOTSTRAP_PACKAGE, bootstrap_launcher
-from dockerrepl._staging import stage_code
+from dockerrepl._runspec import BOOTSTRAP_PACKAGE
+from dockerrepl._staging import code_frame, launcher
 
 #: The bootstrap package's source directory (staged under the name BOOTSTRAP_PACKAGE).
 BOOTSTRAP = Path(__file__).resolve().parents[1] / "dockerrepl" / "_bootstrap"
 HEADER = struct.Struct(">I")
 
 
-def stage(code_dir: Path, copy_dill: bool = False) -> Path:
-    """The bootstrap staged in ``code_dir`` (made) as for a container; the package dir."""
-    code_dir.mkdir(parents=True)
-    stage_code(str(code_dir), copy_dill=copy_dill)
-    return code_dir / BOOTSTRAP_PACKAGE
+def stage(code_dir: Path) -> Path:
+    """The bootstrap's modules copied to ``code_dir/BOOTSTRAP_PACKAGE`` (made); that dir."""
+    pkg = code_dir / BOOTSTRAP_PACKAGE
+    pkg.mkdir(parents=True)
+    for module in BOOTSTRAP.glob("*.py"):
+        shutil.copyfile(module, pkg / module.name)
+    return pkg
 
 
 def load_package(name: str) -> types.ModuleType:
@@ -55,9 +59,9 @@ def load_package(name: str) -> types.ModuleType:
     return package
 
 
-def run_argv(code_dir: Path, python: str = sys.executable) -> list[str]:
-    """``python`` started the way the container starts its own."""
-    return [python, "-B", "-c", bootstrap_launcher(str(code_dir))]
+def run_argv(python: str = sys.executable) -> list[str]:
+    """``python`` started the way the container starts its own (the code follows on stdin)."""
+    return [python, "-B", "-c", launcher()]
 
 
 def frame(obj: object) -> bytes:
@@ -83,8 +87,8 @@ class Boot:
 
     With ``hello`` it is sent at once and the answer kept in ``ready``. ``stderr``
     is where the process's stderr goes (a pipe, read by ``stderr()`` after it exited).
-    ``python`` runs it (the host's by default); ``copy_dill`` stages the host's dill
-    in ``lib/``, as for an image without one.
+    ``python`` runs it (the host's by default); ``copy_dill`` sends the host's dill
+    with the code, as for an image without one.
     """
 
     def __init__(
@@ -97,9 +101,6 @@ class Boot:
     ) -> None:
         self.ws = tmp / "ws"
         (self.ws / ".dockerrepl").mkdir(parents=True, exist_ok=True)  # may hold state
-        code = tmp / "code"
-        if not code.exists():  # a second Boot on the same tmp (a restart) reuses it
-            stage(code, copy_dill)
         poison = tmp / "poison" / "dockerrepl"
         poison.mkdir(parents=True, exist_ok=True)
         (poison / "__init__.py").write_text(
@@ -112,7 +113,7 @@ class Boot:
             "LANG": "C.UTF-8",
         }
         self.proc: subprocess.Popen[bytes] = subprocess.Popen(
-            run_argv(code, python),
+            run_argv(python),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,
@@ -122,6 +123,8 @@ class Boot:
         )
         self.buf = bytearray()
         self.ready: Optional[dict[str, Any]] = None
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(code_frame(copy_dill=copy_dill))
         if hello is not None:
             self.send(hello)
             self.ready = self.recv()

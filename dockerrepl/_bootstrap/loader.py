@@ -1,12 +1,13 @@
 """The container's first code: the bootstrap arrives over stdin and is imported from memory.
 
 The host starts every container with ``python -c <this module's text>`` and writes
-one frame before the hello: ``{"type": "code", "modules": {...}, "magic": ...}``
-(see ``dockerrepl._staging.code_frame``). Nothing is mounted and nothing is written
-to disk, so the same start works on every engine whose ``docker run -i`` works
-(remote, rootless, Podman, a container with the engine socket mounted), and no cell
-can change the code a later supervisor or worker runs: the worker and the snapshot
-writers are forks of the supervisor, which holds the modules in memory.
+one frame before the hello: ``{"type": "code", "modules": {...}, "magic": ...,
+"main": ...}`` (see ``dockerrepl._staging.code_frame``); ``main`` names the module
+whose ``main()`` runs. Nothing is mounted and nothing is written to disk, so the
+same start works on every engine whose ``docker run -i`` works (remote, rootless,
+Podman, a container with the engine socket mounted), and no cell can change the
+code a later supervisor or worker runs: the worker and the snapshot writers are
+forks of the supervisor, which holds the modules in memory.
 
 Each module comes as source and, when the host's Python has the same bytecode magic
 number as this one, as marshalled code (no compile at start). The finder is last on
@@ -17,6 +18,7 @@ everything it needs and imports only the standard library; it must run on Python
 """
 
 import base64
+import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -117,6 +119,4 @@ def boot() -> None:
         os._exit(3)
     install(frame)
     sys.path[:] = [p for p in sys.path if p not in ("", os.getcwd())]  # not the workspace
-    from dockerrepl_bootstrap.main import main  # type: ignore[import-not-found]
-
-    main()
+    importlib.import_module(str(frame.get("main"))).main()

@@ -88,6 +88,12 @@ def proc_start(pid: int) -> int | None:
     return None if st is None else st[1]
 
 
+#: the note a cell gets when it left the container without process slots
+PIDS_NOTE = (
+    "the container had run out of processes (pids limit); %d left-over processes were killed"
+)
+
+
 def pids_exhausted() -> bool:
     """True when the container's pids cgroup is (nearly) full (cgroup v1 or v2)."""
     for d in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup"):

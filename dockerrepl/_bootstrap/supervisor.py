@@ -8,7 +8,6 @@ when its stdin closes (the host's dead-man switch).
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import select
 import signal
@@ -19,8 +18,9 @@ from . import paths, protocol
 from .files import purge_workspace
 from .hardening import capability_sets, channel_shared_with_init
 from .output import OutputBuffer, clean_locals, clean_reply
-from .procs import OomCounter, in_container, pids_exhausted
+from .procs import PIDS_NOTE, OomCounter, in_container, pids_exhausted
 from .relay import Relay
+from .report import checkpoint_cell, dill_origin, probe
 from .slot import WorkerSlot
 from .transfer import Transfers
 
@@ -28,10 +28,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, NoReturn
 
-#: the note a cell gets when it left the container without process slots
-PIDS_NOTE = (
-    "the container had run out of processes (pids limit); %d left-over processes were killed"
-)
 
 # seconds after which a still-running cell is acknowledged to the host (see start_request)
 ACK_DELAY = 0.02
@@ -470,7 +466,7 @@ class Supervisor(WorkerSlot):
         self.config = hello.get("config") or {}
         cap = int(self.config.get("max_output", 1 << 20))
         self.out, self.err = OutputBuffer(cap), OutputBuffer(cap)
-        dill_from = _dill_origin()
+        dill_from = dill_origin()
         try:
             # a new volume (the channel transport) starts empty; a mount has it already
             os.makedirs(paths.STATE_DIR, exist_ok=True)
@@ -481,7 +477,7 @@ class Supervisor(WorkerSlot):
             # the channel transport: the worker (forked below) calls the relay
             self.relay = Relay(self.send_host)
             self.config["proxy"] = {"unix": self.relay.name, "relay": True}
-        probe = _probe(self.config) if self.config.get("probe") else None
+        checks = probe(self.config) if self.config.get("probe") else None
         self.spawn_worker(restore=bool(self.config.get("restore")))
         self.send_host(
             {
@@ -498,8 +494,8 @@ class Supervisor(WorkerSlot):
                 # what the engine applied, read before any cell ran (verify() checks it)
                 "caps": capability_sets(),
                 # the cell the checkpoint in the workspace was taken after (a restart's note)
-                "checkpoint": _checkpoint_cell(),
-                "probe": probe,
+                "checkpoint": checkpoint_cell(),
+                "probe": checks,
             }
         )
         for m in pending:
@@ -600,59 +596,3 @@ def _positive(value: Any) -> float | None:
         return None
     value = float(value)
     return value if 0 < value < float("inf") else None
-
-
-def _checkpoint_cell() -> int | None:
-    """The cell named in the workspace's checkpoint metadata (None: no checkpoint)."""
-    try:
-        if not os.path.isfile(paths.STATE_FILE):
-            return None
-        with open(paths.META_FILE, "rb") as f:
-            meta = json.loads(f.read(1 << 16))
-    except (OSError, ValueError):
-        return None
-    cell = meta.get("cell") if isinstance(meta, dict) else None
-    return cell if isinstance(cell, int) and not isinstance(cell, bool) else None
-
-
-def _probe(config: dict[str, Any]) -> dict[str, Any]:
-    """transport="auto": does this container see the host's files, and reach its proxy?
-
-    The host wrote a nonce into the workspace it mounted and asks for it back; a
-    ``/ping`` to the proxy with the container's token must come back from the host.
-    """
-    probe = config.get("probe") or {}
-    nonce = None
-    try:
-        with open(os.path.join(paths.STATE_DIR, "probe.nonce"), "rb") as f:
-            nonce = f.read(256).decode("ascii", "replace")
-    except OSError:
-        pass
-    reached = ""
-    if nonce == probe.get("nonce"):
-        from .client import _ProxyConnection
-
-        conn = _ProxyConnection(config.get("proxy") or {})
-        headers = {"Authorization": "Bearer " + str(config.get("token", ""))}
-        try:
-            status, value = conn.request("/ping", b"{}", headers, float(probe.get("timeout", 2.0)))
-            ok = status == 200 and isinstance(value, dict) and value.get("pong") is True
-            reached = "ok" if ok else "HTTP %d" % status
-        except (OSError, ValueError) as exc:
-            reached = "%s: %s" % (type(exc).__name__, exc)
-        finally:
-            conn.close()
-    return {"nonce": nonce, "proxy": reached}
-
-
-def _dill_origin() -> str | None:
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("dill")
-    except Exception:
-        spec = None
-    if spec is None or not spec.origin:
-        return None
-    # the loader's modules claim to live under CODE_DIR: the host's copy came with the code
-    return "host" if spec.origin.startswith(paths.CODE_DIR + "/") else "image"

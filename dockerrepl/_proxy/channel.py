@@ -97,7 +97,7 @@ class ChannelEndpoint:
 
     def _route(self, frame: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         token, path, body = frame.get("token"), frame.get("path"), frame.get("body")
-        if not isinstance(token, str) or not self.routes.authorized(token):
+        if not isinstance(token, str) or not self.state.token_ok(token):
             return 401, {"error": "missing or wrong token"}
         if not isinstance(path, str) or not isinstance(body, str):
             return 400, {"error": "malformed request"}

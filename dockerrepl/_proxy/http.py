@@ -171,7 +171,7 @@ class Handler(socketserver.StreamRequestHandler):
         if length < 0:
             raise Refused(400, "negative Content-Length")
         scheme, _, token = headers.get("authorization", "").partition(" ")
-        if scheme != "Bearer" or not self.server.routes.authorized(token):
+        if scheme != "Bearer" or not self.server.state.token_ok(token):
             self._reply(401, {"error": "missing or wrong token"}, close=True)
             return False
         if not self.server.claim(self.request):

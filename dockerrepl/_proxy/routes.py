@@ -15,7 +15,6 @@ never the body's; each is reserved in the ledger before it is dispatched.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import threading
@@ -92,10 +91,6 @@ class Routes:
             "/rlm_query_batched": self._rlm_batched,
             "/host_tool": self._host_tool,
         }
-
-    def authorized(self, token: str) -> bool:
-        """Whether ``token`` is this REPL's (compared in constant time)."""
-        return hmac.compare_digest(token.encode("utf-8", "replace"), self.state.token.encode())
 
     def serve_json(self, path: str, text: str, claimed: int) -> tuple[int, dict[str, Any]]:
         """Answer one request whose body is JSON text (both transports' way in)."""

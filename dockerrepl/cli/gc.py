@@ -9,6 +9,10 @@ Owners on other hosts or in other PID namespaces, owners that cannot be checked,
 and containers without an owner label are kept (``--all`` removes them, after
 asking).
 
+Volumes: the channel transport keeps ``/workspace`` in a named volume carrying the
+same labels. One is removed when its owner is dead (as for containers; ``--all``:
+any), once no container uses it.
+
 Workspaces: DockerREPL's ``dockerrepl-*`` directories under the temp dir (or
 ``workspace_dir``). One is stale only when it has the workspace layout, belongs
 to this user, no container names it in ``dockerrepl.workspace``, no process has
@@ -47,10 +51,12 @@ __all__ = [
     "Found",
     "cmd_gc",
     "list_containers",
+    "list_volumes",
     "looks_like_workspace",
     "owner_status",
     "paths_in_use",
     "stale_workspaces",
+    "sweep_volumes",
 ]
 
 PREFIX = "dockerrepl-"
@@ -94,6 +100,54 @@ def list_containers(docker: Union[str, Engine], labels: Sequence[str] = ()) -> l
         if isinstance(row, list) and len(row) == 7:
             found.append(Found(*(str(x or "") for x in row)))
     return found
+
+
+def list_volumes(docker: Union[str, Engine], labels: Sequence[str] = ()) -> list[Found]:
+    """Every volume with ``dockerrepl.version`` (and all of ``labels``), as :class:`Found`
+    rows (``id`` and ``name`` are the volume's name, ``state`` is ``volume``)."""
+    argv = ["volume", "ls", "-q", "--filter", f"label={LABEL_VERSION}"]
+    for label in labels:
+        argv += ["--filter", f"label={label}"]
+    names = _docker.run(argv, timeout=60, docker=docker).stdout.split()
+    if not names:
+        return []
+    res = _docker.run(["volume", "inspect", *names], timeout=60, docker=docker, check=False)
+    try:
+        rows = json.loads(res.stdout or "[]")
+    except ValueError:
+        rows = []
+    found = []
+    for row in rows if isinstance(rows, list) else []:
+        labels_of = (row.get("Labels") or {}) if isinstance(row, dict) else {}
+        name = str(row.get("Name", "")) if isinstance(row, dict) else ""
+        if name and isinstance(labels_of, dict):
+            owner, pidns = labels_of.get(LABEL_OWNER, ""), labels_of.get(LABEL_PIDNS, "")
+            found.append(Found(name, name, "volume", "", str(owner), "", str(pidns)))
+    return found
+
+
+def sweep_volumes(
+    docker: Engine, args: argparse.Namespace, hostname: str, my_pidns: str, verb: str
+) -> tuple[int, int, int]:
+    """Remove the volumes of dead owners (``--all``: every one); ``(removed, kept, failed)``."""
+    out = sys.stdout
+    removed = kept = failures = 0
+    for v in list_volumes(docker, args.label):
+        verdict, reason = owner_status(v.owner, hostname, v.pidns, my_pidns)
+        if verdict != "dead" and not args.all:
+            kept += 1
+            out.write(f"{'kept':<12} volume {v.name}: {reason}\n")
+            continue
+        if not args.dry_run:
+            try:
+                _docker.run(["volume", "rm", v.name], timeout=60, docker=docker)
+            except DockerReplError as exc:
+                failures += 1
+                out.write(f"{'FAILED':<12} volume {v.name}: {getattr(exc, 'message', exc)}\n")
+                continue
+        removed += 1
+        out.write(f"{verb:<12} volume {v.name}: {reason}\n")
+    return removed, kept, failures
 
 
 def _pid_alive(pid: int) -> bool:
@@ -298,6 +352,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         if verdict == "dead" and c.workspace:
             released.append(c.workspace)
         out.write(f"{verb:<12} container {c.name} ({c.id[:12]}, {c.state}): {reason}\n")
+    vols, vols_kept, vol_failures = sweep_volumes(docker, args, hostname, my_pidns, verb)
+    failures += vol_failures
     gone = {c.id for c in removed}
     claimed = {c.workspace for c in claims if c.workspace and c.id not in gone}
     scan = [tempfile.gettempdir(), *args.workspace_dir]
@@ -331,8 +387,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         swept += 1
         out.write(f"{verb:<12} workspace {path} ({size / 1e6:.1f} MB): {reason}\n")
     out.write(
-        f"{'gc (dry run)' if args.dry_run else 'gc'}: {verb} {len(removed)} container(s) and "
-        f"{swept} workspace(s), {freed / 1e6:.1f} MB; "
-        f"kept {len(considered) - len(removed)} container(s)\n"
+        f"{'gc (dry run)' if args.dry_run else 'gc'}: {verb} {len(removed)} container(s), "
+        f"{vols} volume(s) and {swept} workspace(s), {freed / 1e6:.1f} MB; "
+        f"kept {len(considered) - len(removed)} container(s) and {vols_kept} volume(s)\n"
     )
     return 1 if failures else 0

@@ -279,7 +279,7 @@ print(status(b""), status(b"Authorization: Bearer guess\\r\\n"))
 
 def test_gvisor_runtime_option_is_passed_through(tmp_path):
     cfg = ContainerConfig(image="img", workspace=str(tmp_path), runtime="runsc")
-    argv = cfg.run_argv("name", "python3")
+    argv = cfg.run_argv("name", "python3", "L")
     assert argv[argv.index("--runtime") + 1] == "runsc"
 
 
@@ -715,7 +715,7 @@ def test_host_never_unpickles_anything_from_the_container():
 
 def test_docker_run_argv_never_forwards_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
-    argv = ContainerConfig(image="img", workspace=str(tmp_path)).run_argv("n", "python3")
+    argv = ContainerConfig(image="img", workspace=str(tmp_path)).run_argv("n", "python3", "L")
     assert not any(a in ("-e", "--env", "--env-file") or a.startswith("--env") for a in argv)
     assert "sk-x" not in " ".join(argv)
 

@@ -13,11 +13,12 @@ import sys
 import time
 
 import pytest
-from bootstrap_process import BOOTSTRAP, Boot, frame, hello, stage
+from bootstrap_process import BOOTSTRAP, Boot, frame, hello
 
 from dockerrepl import LMHandler
 from dockerrepl._bootstrap import protocol
 from dockerrepl._proxy import ProxyServer, ProxyState
+from dockerrepl._runspec import BOOTSTRAP_PACKAGE
 from dockerrepl.clients import EchoClient
 
 pytestmark = pytest.mark.timeout(60)
@@ -71,11 +72,26 @@ def test_imports_only_the_stdlib_and_its_own_modules():
     assert "dockerrepl" not in names and "dockerrepl_bootstrap" not in names
 
 
-def test_the_package_is_staged_whole_with_its_bytecode(tmp_path):
-    pkg = stage(tmp_path / "code")
-    assert sorted(p.name for p in pkg.glob("*.py")) == [p.name for p in modules()]
-    cached = {p.name.split(".")[0] for p in (pkg / "__pycache__").glob("*.pyc")}
-    assert cached == {p.stem for p in modules()}
+def test_the_code_frame_holds_every_module_with_bytecode():
+    import base64
+    import importlib.util
+    import marshal
+
+    from dockerrepl._staging import code_frame
+
+    body = code_frame(copy_dill=False)[4:]
+    frame = json.loads(body)
+    mods = frame["modules"]
+    want = {
+        f"{BOOTSTRAP_PACKAGE}.{p.stem}" for p in modules() if p.stem not in ("__init__", "loader")
+    }
+    assert set(mods) == want | {BOOTSTRAP_PACKAGE}
+    assert mods[BOOTSTRAP_PACKAGE]["pkg"] is True
+    assert base64.b64decode(frame["magic"]) == importlib.util.MAGIC_NUMBER
+    code = marshal.loads(base64.b64decode(mods[f"{BOOTSTRAP_PACKAGE}.protocol"]["code"]))
+    assert code.co_filename == f"/opt/dockerrepl/{BOOTSTRAP_PACKAGE}/protocol.py"
+    with_dill = json.loads(code_frame(copy_dill=True)[4:])["modules"]
+    assert "dill" in with_dill and with_dill["dill"]["pkg"] and set(mods) < set(with_dill)
 
 
 def test_modules_of_one_job_each():
@@ -91,7 +107,7 @@ def test_handshake(boot):
     assert r["python"] == ".".join(map(str, sys.version_info[:3]))
     assert r["pid"] == boot.proc.pid
     assert r["uid"] == os.getuid()
-    assert r["dill"] in ("image", "mount", None)
+    assert r["dill"] in ("image", "host", None)
 
 
 def test_version_mismatch_is_an_error_frame(tmp_path):

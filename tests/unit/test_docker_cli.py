@@ -118,7 +118,7 @@ def test_redact_hides_env_values():
 
 def test_run_argv_hardened_defaults(tmp_path):
     cfg = ContainerConfig(image="img", workspace=str(tmp_path), labels={"dockerrepl.version": "1"})
-    argv = cfg.run_argv("name", "python3")
+    argv = cfg.run_argv("name", "python3", "L")
     joined = " ".join(argv)
     for part in (
         "--cap-drop ALL",
@@ -141,12 +141,12 @@ def test_run_argv_hardened_defaults(tmp_path):
     assert "-e" not in argv and "--env" not in argv  # no host environment, ever
     none = ContainerConfig(
         image="img", workspace=str(tmp_path), network="none", user="65534:65534", read_only=True
-    ).run_argv("n", "python")
+    ).run_argv("n", "python", "L")
     assert "--network" in none and none[none.index("--network") + 1] == "none"
     assert "host.docker.internal:host-gateway" not in none
     assert "--read-only" in none and "65534:65534" in none
     with pytest.raises(ValueError):
-        ContainerConfig(image="i", workspace="/w", network="host").run_argv("n", "python3")
+        ContainerConfig(image="i", workspace="/w", network="host").run_argv("n", "python3", "L")
 
 
 def test_owner_label_uses_proc_start_time():

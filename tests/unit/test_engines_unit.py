@@ -178,12 +178,22 @@ def test_docker_host_and_context_are_exclusive():
         ReplOptions.build(docker_host="unix:///var/run/docker.sock", context="default")
 
 
-def test_podman_needs_network_none():
-    with pytest.raises(TransportUnavailable, match="network='none'"):
-        ReplOptions.build(docker="podman")
+def test_podman_bridge_needs_the_channel():
+    """Podman gives our proxy no bridge: the proxy transport is refused before anything
+    starts; "auto" (the default) and "channel" take the channel."""
+    with pytest.raises(TransportUnavailable, match="transport='channel'"):
+        ReplOptions.build(docker="podman", transport="proxy")
     with pytest.raises(TransportUnavailable):
-        ReplOptions.build(docker="/usr/bin/podman", network="bridge")
-    assert ReplOptions.build(docker="podman", network="none").engine.podman
+        ReplOptions.build(docker="/usr/bin/podman", network="bridge", transport="proxy")
+    assert ReplOptions.build(docker="podman").transport == "auto"
+    assert ReplOptions.build(docker="podman", network="none", transport="proxy").engine.podman
+
+
+def test_transport_is_checked():
+    with pytest.raises(ValueError, match="transport must be one of 'auto', 'proxy', 'channel'"):
+        ReplOptions.build(transport="stdio")
+    with pytest.raises(TypeError, match="transport must be a str"):
+        ReplOptions.build(transport=None)
 
 
 def test_the_pool_checks_the_same_options():
@@ -192,7 +202,7 @@ def test_the_pool_checks_the_same_options():
     with pytest.raises(ValueError, match="mutually exclusive"):
         DockerREPLPool(size=1, docker_host="tcp://h:1", context="c")
     with pytest.raises(TransportUnavailable):
-        DockerREPLPool(size=1, docker="podman")
+        DockerREPLPool(size=1, docker="podman", transport="proxy")
 
 
 # ------------------------------------------------- verify() on Podman's inspect

@@ -161,7 +161,7 @@ def test_upload_when_a_fifo_appears_after_the_check(ws, local, monkeypatch):
     """The race: the name was free (or a file) at the check, a FIFO by the write."""
     target = ws / "data.txt"
     os.mkfifo(target)
-    monkeypatch.setattr(_files, "_entry_mode", lambda name, dfd: None)
+    monkeypatch.setattr(_files, "entry_mode", lambda name, dfd: None)
     t, out = bounded(copy_in, str(ws), str(local), "data.txt")
     check_blocked_call(t, out, target)
     assert out.get("value") == len(b"uploaded bytes\n"), out
@@ -173,7 +173,7 @@ def test_upload_when_a_fifo_appears_after_the_check(ws, local, monkeypatch):
 def test_upload_when_a_directory_appears_after_the_check(ws, local, monkeypatch):
     (ws / "data.txt").mkdir()
     (ws / "data.txt" / "keep").write_text("x")
-    monkeypatch.setattr(_files, "_entry_mode", lambda name, dfd: None)
+    monkeypatch.setattr(_files, "entry_mode", lambda name, dfd: None)
     with pytest.raises(WorkspacePathError):
         copy_in(str(ws), str(local), "data.txt")
     assert entries(ws) == ["data.txt"]
@@ -229,7 +229,7 @@ def test_download_when_a_fifo_appears_after_the_check(ws, tmp_path, monkeypatch)
     """The race: a regular file at the check, a FIFO at the open (O_NONBLOCK + fstat)."""
     target = ws / "out.txt"
     os.mkfifo(target)
-    monkeypatch.setattr(_files, "_entry_mode", lambda name, dfd: stat.S_IFREG | 0o644)
+    monkeypatch.setattr(_files, "entry_mode", lambda name, dfd: stat.S_IFREG | 0o644)
     dest = tmp_path / "dest.txt"
     t, out = bounded(copy_out, str(ws), "out.txt", str(dest))
     check_blocked_call(t, out, target)
