@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .http import DEFAULT_MAX_BODY, KEEP_IDLE, MAX_CONNECTIONS, MAX_INFLIGHT_BODY
+from .http import DEFAULT_MAX_BODY, KEEP_IDLE, MAX_CONNECTIONS, MAX_INFLIGHT_BODY, token_ok
 from .ledger import ProxyState
 from .routes import Routes
 
@@ -97,7 +97,7 @@ class ChannelEndpoint:
 
     def _route(self, frame: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         token, path, body = frame.get("token"), frame.get("path"), frame.get("body")
-        if not isinstance(token, str) or not self.state.token_ok(token):
+        if not isinstance(token, str) or not token_ok(self.state, token):
             return 401, {"error": "missing or wrong token"}
         if not isinstance(path, str) or not isinstance(body, str):
             return 400, {"error": "malformed request"}

@@ -14,6 +14,7 @@ connections are closed when a cell's result is taken (:meth:`reap_idle`).
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import socket
@@ -83,6 +84,11 @@ _REASONS = {
 }
 _MAX_LINE = 8192
 _MAX_HEADERS = 100
+
+
+def token_ok(state: ProxyState, token: str) -> bool:
+    """Whether ``token`` is this REPL's (compared in constant time); both transports ask."""
+    return hmac.compare_digest(token.encode("utf-8", "replace"), state.token.encode())
 
 
 class Handler(socketserver.StreamRequestHandler):
@@ -171,7 +177,7 @@ class Handler(socketserver.StreamRequestHandler):
         if length < 0:
             raise Refused(400, "negative Content-Length")
         scheme, _, token = headers.get("authorization", "").partition(" ")
-        if scheme != "Bearer" or not self.server.state.token_ok(token):
+        if scheme != "Bearer" or not token_ok(self.server.state, token):
             self._reply(401, {"error": "missing or wrong token"}, close=True)
             return False
         if not self.server.claim(self.request):

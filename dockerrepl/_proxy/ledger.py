@@ -10,7 +10,6 @@ abandoned: its calls get no new LM work and nothing is kept for it.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import threading
@@ -125,10 +124,6 @@ class ProxyState:
                     max(1, int(self.max_concurrent_subcalls))
                 )
             return self._subcall_sem
-
-    def token_ok(self, token: str) -> bool:
-        """Whether ``token`` is this REPL's (compared in constant time)."""
-        return hmac.compare_digest(token.encode("utf-8", "replace"), self.token.encode())
 
     def attribute(self, claimed: int) -> Optional[int]:
         """The cell a request whose header names cell ``claimed`` is attributed to.
