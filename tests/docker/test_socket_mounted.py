@@ -148,6 +148,9 @@ def outer(image: str) -> dict[str, Any]:
     result["elapsed"] = elapsed
     result["stderr"] = proc.stderr[-5000:]
     print(f"socket-mounted: outer container {elapsed:.1f}s, driver {result['seconds']}s")
+    for run in result["runs"]:
+        keys = ("open_seconds", "restore_seconds", "cleanup_seconds", "seconds")
+        print(f"  {run['kwargs']}: {run.get('transport')}", {k: run.get(k) for k in keys})
     return result
 
 
@@ -165,7 +168,9 @@ def test_the_outer_container_is_really_socket_mounted(outer):
 def test_the_proxy_transport_fails_cleanly(outer, index):
     res = outer["proxy"][index]
     assert res["error"] is not None, f"transport='proxy' opened here: {res}"
-    assert "DockerReplError" in res["mro"] and PROXY_ERRORS & set(res["mro"]), res
+    assert "DockerReplError" in res["mro"], res
+    if index == 0:  # the bridge: the proxy cannot bind the gateway, before any container
+        assert PROXY_ERRORS & set(res["mro"]), res
     assert res["seconds"] < 10, res
     assert res["containers_after"] == [] and res["volumes_after"] == [], res
 
