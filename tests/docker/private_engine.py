@@ -149,6 +149,15 @@ def host_firewall() -> str:
     return "".join(_run(["iptables", *t, "-S"]).stdout for t in ((), ("-t", "nat")))
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies (even by SIGKILL), so
+    a killed pytest does not leave the daemon running (it survives nsenter, unshare, sh
+    and dockerd's exec: none of them is set-uid or has file capabilities)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def _mnt_ns(pid: int) -> str:
     try:
         return os.readlink(f"/proc/{pid}/ns/mnt")
@@ -303,7 +312,7 @@ class RemoteEngine:
             log.flush()
             self.proc = subprocess.Popen(
                 argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd="/",
-                start_new_session=True,
+                start_new_session=True, preexec_fn=_die_with_parent,
             )  # fmt: skip
         end = t0 + START_WAIT
         while time.monotonic() < end and self.proc.poll() is None:
