@@ -7,8 +7,8 @@ second ``dockerd`` with both properties, on this machine, without touching the m
 engine:
 
 - its own **network namespace** (``ip netns add``), joined to the host by a veth pair
-  on a free ``/30`` in 10.213.0.0/16 (host side ``.1``, the daemon's side ``.2``);
-  the daemon listens on ``tcp://<that .2>:2375`` only (plain TCP: a private link on
+  on a free ``/30`` in 10.213.0.0/16 (the host has its first address, the daemon its second);
+  the daemon listens on ``tcp://<its address>:2375`` only (plain TCP: a private link on
   this machine, ``--tls=false`` so 20.10 does not stall its start by ~15 s to warn);
 - its own **mount namespace** (``unshare --mount --propagation private``) in which a
   fresh tmpfs covers ``/tmp`` (and ``$TMPDIR``), ``/var/tmp``, ``/run``, ``/home``,

@@ -1,7 +1,7 @@
 """A REMOTE engine (issue #12): a private dockerd over TCP that does not share our files.
 
 The engine is ``private_engine.remote_engine``: a second dockerd in its own network
-namespace, reached at ``tcp://10.213.x.2:2375`` through a veth pair, and in its own
+namespace, reached at ``tcp://10.213.x.y:2375`` through a veth pair, and in its own
 mount namespace, where our temp dirs, this checkout and the main engine's socket do
 not exist (the fixture proves that before any test runs). The proxy transport cannot
 work there: its bind mounts name our temp dirs, and its proxy binds the engine's bridge
