@@ -226,7 +226,8 @@ class Container:
             # the engine does not have the host directory we asked it to mount: it runs
             # elsewhere (a remote engine, a VM, the host of a socket-mounted container)
             raise TransportUnavailable(
-                "the engine cannot mount this host's directories (it runs elsewhere):"
+                "the engine cannot mount this host's directories (it runs elsewhere, or"
+                " rootless as another user):"
                 f" {text.strip()[-300:]}; use transport='channel' (or 'auto')"
             )
         if rc == 125 or "Error response from daemon" in text or rc is None:
@@ -431,12 +432,39 @@ class Container:
             size = tmpfs_size(cfg.tmpfs_size, cfg.memory)
             if f"size={size}" not in tmp.split(","):
                 problems.append(f"/tmp is not a tmpfs of {size} (Tmpfs: {hc.get('Tmpfs')!r})")
+        problems += self._enforced_problems()
         if cfg.network == "none" and hc.get("NetworkMode") != "none":
             problems.append(f"NetworkMode is {hc.get('NetworkMode')!r}, not none")
         if cfg.user and (attrs.get("Config") or {}).get("User") != cfg.user:
             problems.append(f"User is {(attrs.get('Config') or {}).get('User')!r}")
         if problems:
             raise SecurityCheckError("the engine did not apply: " + "; ".join(problems))
+
+    def _enforced_problems(self) -> list[str]:
+        """What the container's own cgroup enforces (its ``ready`` report), against what
+        was asked: an engine can show limits in ``inspect`` that it does not apply
+        (rootless Docker on a host without cgroup delegation: a cell took 600 MiB under
+        ``memory="128m"``)."""
+        limits = self.info.get("limits")
+        if not isinstance(limits, dict):
+            return []  # no report (an older bootstrap): inspect is all there is
+        cfg, problems = self.config, []
+        want_mem = memory_bytes(cfg.memory) if cfg.memory else None
+        got = limits.get("memory")
+        if want_mem is not None and not (isinstance(got, int) and got <= want_mem):
+            problems.append(f"the container's cgroup enforces no memory limit of {cfg.memory}")
+        got = limits.get("pids")
+        if cfg.pids_limit and not (isinstance(got, int) and got <= int(cfg.pids_limit)):
+            problems.append(f"the container's cgroup enforces no pids limit of {cfg.pids_limit}")
+        got = limits.get("cpus")
+        if cfg.cpus and not (isinstance(got, (int, float)) and got <= float(cfg.cpus) + 1e-6):
+            problems.append(f"the container's cgroup enforces no CPU limit of {cfg.cpus}")
+        if problems:
+            problems.append(
+                "(the engine shows limits it does not apply: rootless without cgroup"
+                " delegation? pass memory=None, cpus=None, pids_limit=None to run unlimited)"
+            )
+        return problems
 
     def _capability_problems(self, hc: dict[str, Any]) -> list[str]:
         """Docker shows ``CapDrop: ["ALL"]``; Podman lists each capability it dropped.

@@ -43,6 +43,10 @@ if ! command -v podman >/dev/null 2>&1; then
 fi
 command -v podman >/dev/null 2>&1 && podman --version
 
+echo "== rootless engines"
+# a user for rootless Docker and rootless Podman (tests/docker/test_rootless.py)
+scripts/rootless-setup.sh
+
 echo "== images"
 scripts/build-image.sh
 scripts/build-image.sh --tag dockerrepl/rlm-python:bookworm --packages python3-dill,python3-requests,python-is-python3

@@ -66,3 +66,41 @@ def dill_origin() -> str | None:
         return None
     # the loader's modules claim to live under CODE_DIR: the host's copy came with the code
     return "host" if spec.origin.startswith(paths.CODE_DIR + "/") else "image"
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read(256).strip()
+    except OSError:
+        return None
+
+
+def _number(text: str | None) -> int | None:
+    """A cgroup limit as an int; None for "max", -1 or what is not a number."""
+    if text is None or not text.lstrip("-").isdigit():
+        return None
+    n = int(text)
+    return n if n >= 0 else None
+
+
+def cgroup_limits() -> dict[str, Any]:
+    """The memory, pids and CPU limits this container's cgroup enforces (v2 or v1), as
+    read from inside: ``verify()`` compares them with what was asked for. An engine that
+    shows limits in ``inspect`` without applying them (rootless Docker without cgroups)
+    is caught here. ``None``: no limit (or no cgroup file to read)."""
+    base = "/sys/fs/cgroup"
+    if os.path.exists(base + "/cgroup.controllers"):  # v2
+        memory = _number(_read(base + "/memory.max"))
+        pids = _number(_read(base + "/pids.max"))
+        quota, _, period = (_read(base + "/cpu.max") or "").partition(" ")
+    else:
+        memory = _number(_read(base + "/memory/memory.limit_in_bytes"))
+        if memory is not None and memory >= 1 << 62:  # v1's "unlimited"
+            memory = None
+        pids = _number(_read(base + "/pids/pids.max"))
+        quota = _read(base + "/cpu/cpu.cfs_quota_us") or ""
+        period = _read(base + "/cpu/cpu.cfs_period_us") or ""
+    q, p = _number(quota), _number(period)
+    cpus = q / p if q is not None and p else None
+    return {"memory": memory, "pids": pids, "cpus": cpus}

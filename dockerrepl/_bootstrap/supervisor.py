@@ -20,7 +20,7 @@ from .hardening import capability_sets, channel_shared_with_init
 from .output import OutputBuffer, clean_locals, clean_reply
 from .procs import PIDS_NOTE, OomCounter, in_container, pids_exhausted
 from .relay import Relay
-from .report import checkpoint_cell, dill_origin, probe
+from .report import cgroup_limits, checkpoint_cell, dill_origin, probe
 from .slot import WorkerSlot
 from .transfer import Transfers
 
@@ -493,6 +493,7 @@ class Supervisor(WorkerSlot):
                 "channel_private": self.nondumpable and not channel_shared_with_init(),
                 # what the engine applied, read before any cell ran (verify() checks it)
                 "caps": capability_sets(),
+                "limits": cgroup_limits(),
                 # the cell the checkpoint in the workspace was taken after (a restart's note)
                 "checkpoint": checkpoint_cell(),
                 "probe": checks,

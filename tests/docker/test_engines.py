@@ -161,11 +161,24 @@ def test_podman_rootful_with_network_none(podman, image, handler):
     assert podman_containers(owner) == []
 
 
-def test_podman_with_the_bridge_fails_at_once(podman, image, handler):
+def test_podman_with_the_bridge_proxy_fails_at_once(podman, image, handler):
     t0 = time.monotonic()
-    with pytest.raises(TransportUnavailable, match="network='none'"):
-        DockerREPL(image=image, lm_handler_address=handler.address, docker=podman)
+    with pytest.raises(TransportUnavailable, match="transport='channel'"):
+        DockerREPL(
+            image=image, lm_handler_address=handler.address, docker=podman, transport="proxy"
+        )
     assert time.monotonic() - t0 < 1
+
+
+def test_podman_with_the_bridge_takes_the_channel(podman, image, handler):
+    """transport="auto" (the default): Podman's bridge gives our proxy no way home, so the
+    REPL goes over the channel, network and all."""
+    with DockerREPL(
+        image=image, lm_handler_address=handler.address, docker=podman, auto_checkpoint="sync"
+    ) as r:
+        assert r.transport == "channel"
+        run_contract(r)
+        assert r.execute_code("import socket; print(socket.gethostname() != '')").stdout == "True\n"
 
 
 def test_gc_sweeps_podman(podman, image):

@@ -50,9 +50,9 @@ def engine(request: pytest.FixtureRequest) -> RootlessEngine:
 
 def options(engine: RootlessEngine) -> dict[str, Any]:
     """What a REPL on ``engine`` needs here (see the module's docstring)."""
-    kw: dict[str, Any] = dict(engine.repl_kwargs())
+    kw: dict[str, Any] = dict(engine.repl_kwargs(), **NO_LIMITS)  # no cgroups here (above)
     if engine.podman:
-        kw.update(NO_LIMITS, network="none")
+        kw["network"] = "none"
     return kw
 
 
@@ -160,24 +160,26 @@ def test_rootless_podman_with_limits_fails_closed(rootless_podman, image, handle
     assert leftovers(podman) == {"containers": [], "volumes": []}
 
 
-def test_rootless_docker_enforces_the_memory_limit(rootless_docker, image, handler):
-    """``memory="64m"``: a 300 MB allocation must fail. Rootless Docker without cgroups
-    (cgroup v1 hosts) keeps the limit in ``inspect`` (so verify() passes) but does not
-    enforce it: a known hole here, reported as xfail (and a failure should it ever be
-    enforced without cgroups), until the library checks
-    ``docker info``'s CgroupDriver (or the host has cgroup v2 with delegation)."""
+def test_rootless_docker_without_cgroups_fails_closed(rootless_docker, image, handler):
+    """Rootless Docker on this cgroup v1 host (``CgroupDriver: none``) keeps the limits
+    in ``inspect`` but does not apply them (a cell allocated 600 MiB under
+    ``memory="128m"``). ``verify()`` checks what the container's own cgroup enforces
+    (the bootstrap's report), so it refuses instead of passing; with cgroups it must
+    enforce a 64m limit against a 300 MB allocation."""
     driver = rootless_docker.run("info", "--format", "{{.CgroupDriver}}").stdout.strip()
-    with DockerREPL(
+    kwargs = dict(
         image=image,
         lm_handler_address=handler.address,
         memory="64m",
         transport="channel",
         start_timeout=60,
         **rootless_docker.repl_kwargs(),
-    ) as r:
-        res = r.execute_code("b = bytearray(300 * 1024 * 1024)\nprint('allocated')")
-    enforced = res.status != "ok" or "allocated" not in res.stdout
+    )
     if driver == "none":
-        assert not enforced, "rootless Docker enforced a limit without cgroups?"
-        pytest.xfail(f"CgroupDriver is {driver!r}: --memory 64m is not enforced ({res.status})")
-    assert enforced, (res.status, res.stdout, res.stderr)
+        with pytest.raises(SecurityCheckError, match="enforces no memory limit"):
+            DockerREPL(**kwargs)
+        assert leftovers(rootless_docker) == {"containers": [], "volumes": []}
+        return
+    with DockerREPL(**kwargs) as r:
+        res = r.execute_code("b = bytearray(300 * 1024 * 1024)\nprint('allocated')")
+    assert res.status != "ok" or "allocated" not in res.stdout, (res.status, res.stdout)
