@@ -27,7 +27,7 @@ from typing import IO, Any, Optional, Union
 from . import _docker
 from ._bootstrap import protocol
 from ._runspec import ContainerConfig, memory_bytes, tmpfs_size
-from ._staging import code_frame, launcher
+from ._staging import code_frame, launcher, loader_frame
 from ._wire import FrameBuffer, decode_body, encode_frame
 from .errors import (
     BootstrapError,
@@ -182,7 +182,7 @@ class Container:
         try:
             # Pipelined: the code and the hello wait in the pipe while the container starts.
             try:
-                self._write(code_frame(copy_dill=self.copy_dill), deadline)
+                self._write(loader_frame() + code_frame(copy_dill=self.copy_dill), deadline)
                 self.send(hello, deadline)
             except ContainerDied:
                 pass

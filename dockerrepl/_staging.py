@@ -1,7 +1,9 @@
 """What the container runs, and how it gets there: the launcher and the code frame.
 
-Every container starts as ``python -B -c LAUNCHER`` (the text of
-``_bootstrap/loader.py``) and reads one **code frame** from stdin before the hello:
+Every container starts as ``python -B -c LAUNCHER``: a few lines that read one
+length-prefixed program from stdin and run it, the loader (``_bootstrap/loader.py``,
+so ``ps`` and ``docker inspect`` show a short command line). The loader then reads one
+**code frame** from stdin before the hello:
 the bootstrap package (and the host's pure-Python dill, when the image has none), as
 source plus this interpreter's bytecode. The loader imports it from memory. No
 mount, no file: the start is the same on a local engine, a remote one, rootless or
@@ -23,7 +25,7 @@ import threading
 from ._bootstrap import loader, protocol
 from ._runspec import BOOTSTRAP_PACKAGE
 
-__all__ = ["PROTOCOL_VERSION", "code_frame", "launcher"]
+__all__ = ["LAUNCHER", "PROTOCOL_VERSION", "code_frame", "launcher", "loader_frame"]
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +36,37 @@ PROTOCOL_VERSION = protocol.VERSION
 _BOOTSTRAP_DIR = os.path.dirname(os.path.abspath(protocol.__file__))
 
 _FRAMES: dict[bool, bytes] = {}
-_LAUNCHER: list[str] = []
+_LOADER: list[bytes] = []
 _lock = threading.Lock()
+
+#: The ``python -c`` program every container starts with: read the loader's source
+#: (4-byte length, then the text) from stdin, unbuffered, and run it.
+LAUNCHER = (
+    "import os,struct\n"
+    "def r(n):\n"
+    " b=b''\n"
+    " while len(b)<n:\n"
+    "  c=os.read(0,n-len(b))\n"
+    "  if not c:os._exit(0)\n"
+    "  b+=c\n"
+    " return b\n"
+    "exec(compile(r(struct.unpack('>I',r(4))[0]),'<dockerrepl-loader>','exec'))\n"
+)
 
 
 def launcher() -> str:
-    """The ``python -c`` program every container starts with (the loader, then ``boot()``)."""
-    if not _LAUNCHER:
-        with open(loader.__file__, encoding="utf-8") as f:
-            _LAUNCHER.append(f.read() + "\nboot()\n")
-    return _LAUNCHER[0]
+    """The ``python -c`` program every container starts with (see :data:`LAUNCHER`)."""
+    return LAUNCHER
+
+
+def loader_frame() -> bytes:
+    """What the launcher reads first: the loader's source, then ``boot()``, length-prefixed."""
+    with _lock:
+        if not _LOADER:
+            with open(loader.__file__, encoding="utf-8") as f:
+                text = (f.read() + "\nboot()\n").encode("utf-8")
+            _LOADER.append(protocol.HEADER.pack(len(text)) + text)
+        return _LOADER[0]
 
 
 def code_frame(*, copy_dill: bool) -> bytes:

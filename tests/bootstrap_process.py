@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 from dockerrepl._bootstrap import protocol
 from dockerrepl._runspec import BOOTSTRAP_PACKAGE
-from dockerrepl._staging import code_frame, launcher
+from dockerrepl._staging import code_frame, launcher, loader_frame
 
 #: The bootstrap package's source directory (staged under the name BOOTSTRAP_PACKAGE).
 BOOTSTRAP = Path(__file__).resolve().parents[1] / "dockerrepl" / "_bootstrap"
@@ -124,7 +124,7 @@ class Boot:
         self.buf = bytearray()
         self.ready: Optional[dict[str, Any]] = None
         assert self.proc.stdin is not None
-        self.proc.stdin.write(code_frame(copy_dill=copy_dill))
+        self.proc.stdin.write(loader_frame() + code_frame(copy_dill=copy_dill))
         if hello is not None:
             self.send(hello)
             self.ready = self.recv()

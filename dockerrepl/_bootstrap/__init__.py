@@ -1,13 +1,14 @@
 """dockerrepl's in-container bootstrap: supervisor + worker.
 
-The host copies this package into a code directory it mounts read-only at
-``/opt/dockerrepl`` (as ``dockerrepl_bootstrap``) and starts ``main.main()`` as the
-container's main process. Its state (checkpoint metadata, locks, the tools and
-compaction list, the proxy's unix socket) lives in ``/workspace/.dockerrepl``,
-which cell code can write; the code it runs from cannot be changed from inside.
-It runs on any Python >= 3.8 with only the standard library (dill is optional,
-found on ``sys.path`` or in ``lib/`` beside the package) and imports nothing from
-the host package; the host imports ``protocol`` from it, nothing else.
+The host starts the container with ``loader`` as its ``python -c`` program and sends
+this package (as ``dockerrepl_bootstrap``) over stdin; the loader imports it from
+memory and runs ``main.main()`` as the container's main process. Its state
+(checkpoint metadata, locks, the tools and compaction list) lives in
+``/workspace/.dockerrepl``, which cell code can write; the code it runs from is in
+no file a cell could change. It runs on any Python >= 3.8 with only the standard
+library (dill is optional: the image's, or the host's sent with the code) and
+imports nothing from the host package; the host imports ``protocol``, ``loader``'s
+text and ``files``' path walk from it, nothing else.
 
 Modules, in the order they build on each other:
 
@@ -18,8 +19,10 @@ Modules, in the order they build on each other:
 * ``client``, ``scaffold``: ``llm_query`` & co, ``SHOW_VARS``, custom tools;
 * ``store``, ``checkpoint``: the checkpoint on disk, and the snapshots that write it;
 * ``worker``: the worker process (cells and the host's operations);
-* ``files``, ``procs``, ``output``, ``supervisor``: the supervisor process;
-* ``main``: the entry point.
+* ``files``, ``procs``, ``output``, ``report``, ``relay``, ``transfer``,
+  ``supervisor``: the supervisor process (``relay`` and ``transfer``: the channel
+  transport's LM calls and files);
+* ``main``: the entry point; ``loader``: what runs before it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The container's first code: the bootstrap arrives over stdin and is imported from memory.
 
-The host starts every container with ``python -c <this module's text>`` and writes
+The host starts every container with a short ``python -c`` program that reads this
+module's text from stdin and runs it (``dockerrepl._staging.LAUNCHER``), then writes
 one frame before the hello: ``{"type": "code", "modules": {...}, "magic": ...,
 "main": ...}`` (see ``dockerrepl._staging.code_frame``); ``main`` names the module
 whose ``main()`` runs. Nothing is mounted and nothing is written to disk, so the
@@ -13,8 +14,9 @@ Each module comes as source and, when the host's Python has the same bytecode ma
 number as this one, as marshalled code (no compile at start). The finder is last on
 ``sys.meta_path``: a dill the image ships itself wins over the host's copy.
 
-This text runs as the ``-c`` program (``__name__ == "__main__"``), so it defines
-everything it needs and imports only the standard library; it must run on Python 3.8.
+This text runs in the ``-c`` program's namespace (``__name__ == "__main__"``), so it
+defines everything it needs and imports only the standard library; it must run on
+Python 3.8.
 """
 
 import base64

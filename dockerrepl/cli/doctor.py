@@ -305,13 +305,23 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         repls[network] = r
         return r
 
-    def proxy() -> str:
+    def route(r: DockerREPL) -> str:
+        """Which way this REPL's llm_query went (``transport="auto"`` decided)."""
+        if r.transport == "channel":
+            why = r._session.fallback_reason
+            return "the docker run -i pipe (transport channel" + (
+                f"; the proxy path does not work here: {why[:200]})" if why else ")"
+            )
+        if r.network == "none":
+            return f"{CODE_MOUNT}/{PROXY_SOCKET} (transport proxy)"
+        return f"host.docker.internal -> {bridge_gateway(docker)}:{r.proxy_port} (transport proxy)"
+
+    def transport() -> str:
         r = open_repl("bridge")
         answer, took = _ask(r, "doctor")
-        target = f"host.docker.internal -> {bridge_gateway(docker)}:{r.proxy_port}"
         if answer != "echo:doctor":
-            raise Fail(f"llm_query() through {target} gave {answer[-300:]!r}", FIREWALL_HINT)
-        return f"llm_query() answered through {target} in {took * 1000:.0f} ms"
+            raise Fail(f"llm_query() through {route(r)} gave {answer[-300:]!r}", FIREWALL_HINT)
+        return f"llm_query() answered through {route(r)} in {took * 1000:.0f} ms"
 
     def dill() -> str:
         r = repls.get("bridge") or open_repl("none")
@@ -319,25 +329,24 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if res.status != "ok":
             raise Fail(
                 f"import dill failed in the container: {res.stderr.strip()[-200:]}",
-                "install dill on the host (`pip install dill`): it is copied into the mount",
+                "install dill on the host (`pip install dill`): it is sent with the bootstrap",
             )
         version, _, path = res.stdout.strip().partition("\n")
         source = "copied from the host" if path.startswith(CODE_MOUNT + "/") else "the image's"
         r.checkpoint()
-        size = os.path.getsize(os.path.join(r.temp_dir, "state.dill"))
-        return f"dill {version} ({source}); checkpoint written ({size} bytes)"
+        size = r.execute_code("import os\nprint(os.path.getsize('/workspace/state.dill'))")
+        return f"dill {version} ({source}); checkpoint written ({size.stdout.strip()} bytes)"
 
-    def unix_socket() -> str:
+    def no_network() -> str:
         r = open_repl("none")
         answer, took = _ask(r, "doctor")
         if answer != "echo:doctor":
             raise Fail(
-                f"llm_query() through the unix socket gave {answer[-300:]!r}",
+                f"llm_query() through {route(r)} gave {answer[-300:]!r}",
                 "the workspace directory must support unix sockets (not on some network "
-                "filesystems): pass workspace_dir= on a local disk",
+                "filesystems): pass workspace_dir= on a local disk, or transport='channel'",
             )
-        where = f"{CODE_MOUNT}/{PROXY_SOCKET}"
-        return f"llm_query() answered through {where} in {took * 1000:.0f} ms"
+        return f"llm_query() answered through {route(r)} in {took * 1000:.0f} ms"
 
     try:
         doc.check("cli", "docker CLI", cli)
@@ -355,15 +364,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         doc.check("engine", "engine version", engine, ("daemon",))
         doc.check("image", "image present or pullable", image_check, ("engine",))
         doc.check("container", "a container starts", container, ("image",))
-        if docker.podman:
-            doc.not_applicable(
-                "llm_query via host.docker.internal",
-                "Podman: network='none' only until the channel transport (docs/engines.md)",
-            )
-        else:
-            doc.check("proxy", "llm_query via host.docker.internal", proxy, ("container",))
+        doc.check("transport", "llm_query (transport auto)", transport, ("container",))
         doc.check("dill", "dill in the container", dill, ("container",))
-        doc.check("unix", "network=none: llm_query via unix socket", unix_socket, ("container",))
+        doc.check("unix", "network=none: llm_query", no_network, ("container",))
     finally:
         for r in repls.values():
             r.cleanup()

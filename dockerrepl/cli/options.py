@@ -55,6 +55,13 @@ def add_sandbox_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--network", choices=("bridge", "none"), default="bridge")
     p.add_argument(
+        "--transport",
+        choices=("auto", "proxy", "channel"),
+        default="auto",
+        help="how the sandbox reaches this process: auto (default) takes the proxy where it"
+        " works here, else the channel (every byte over the docker run -i pipe)",
+    )
+    p.add_argument(
         "--memory",
         default=DEFAULT_MEMORY,
         help=f"memory limit, swap off (default {DEFAULT_MEMORY}; 0 = none)",

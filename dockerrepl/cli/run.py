@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from typing import BinaryIO
 
 from .._files import DEFAULT_MAX_FILE, write_new
@@ -84,8 +85,14 @@ def _prepare(box: Sandbox, argv: list[str], stdin: bool) -> None:
     repl = box.repl
     assert repl is not None
     lines = [f"__import__('sys').argv = {argv!r}"]
-    if stdin:
+    if stdin and repl.transport == "channel":
+        # no host directory is mounted: spool stdin, then send it over the pipe
+        with tempfile.TemporaryDirectory(prefix="dockerrepl-stdin-") as spool:
+            _copy_stdin(spool, DEFAULT_MAX_FILE)
+            repl.upload(os.path.join(spool, STDIN_FILE), STDIN_FILE)
+    elif stdin:
         _copy_stdin(repl.temp_dir, DEFAULT_MAX_FILE)
+    if stdin:
         path = f"{MOUNT_POINT}/{STDIN_FILE}"
         lines.append(
             f"__import__('sys').stdin = open({path!r}, encoding='utf-8', errors='surrogateescape')"

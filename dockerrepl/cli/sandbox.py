@@ -361,6 +361,7 @@ class Sandbox:
                 memory=memory,
                 cpus=a.cpus or None,
                 network=a.network,
+                transport=a.transport,
                 docker=self.docker.binary,
                 docker_host=self.docker.host,
                 context=self.docker.context,
@@ -443,6 +444,8 @@ class Sandbox:
                     pass
             if repl.temp_dir:
                 remove_tree(os.path.dirname(repl.temp_dir), ignore_errors=True)
+            elif repl.transport == "channel":
+                repl._session.workspace.remove()  # the volume (its container is gone)
         os._exit(code)
 
     def close(self) -> None:

@@ -14,9 +14,9 @@ CHECKS = [
     "engine version",
     "image present or pullable",
     "a container starts",
-    "llm_query via host.docker.internal",
+    "llm_query (transport auto)",
     "dill in the container",
-    "network=none: llm_query via unix socket",
+    "network=none: llm_query",
 ]
 
 
@@ -30,6 +30,9 @@ def test_doctor_passes_here(env: dict[str, str], image: str) -> None:
     assert [v.split(" .")[0] for v in verdicts] == CHECKS
     assert all(" ok " in v for v in verdicts)
     assert "copied from the host" in verdicts[7]  # the test image has no dill of its own
+    # a local rootful engine: auto keeps the proxy path, with the bridge and without
+    assert "host.docker.internal" in verdicts[6] and "(transport proxy)" in verdicts[6]
+    assert "proxy.sock (transport proxy)" in verdicts[8]
     assert lines[-1] == f"all {len(CHECKS)} checks passed"
     assert containers_of(done.pid) == []
 

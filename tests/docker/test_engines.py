@@ -224,8 +224,10 @@ def test_doctor_on_podman(podman, image):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "podman runs containers itself" in done.stdout
-    assert "n/a   Podman: network='none' only" in done.stdout
+    # the bridge: auto takes the channel (no bridge of ours); network="none": the socket
+    assert "llm_query() answered through the docker run -i pipe (transport channel" in done.stdout
     assert "llm_query() answered through /opt/dockerrepl/proxy.sock" in done.stdout
+    assert "all 9 checks passed" in done.stdout
 
 
 @pytest.mark.parametrize(

@@ -182,5 +182,9 @@ def test_the_container_runs_what_the_code_frame_holds():
     frame = json.loads(code_frame(copy_dill=False)[4:])
     assert frame["main"] == f"{_runspec.BOOTSTRAP_PACKAGE}.main"
     assert frame["main"] in frame["modules"]
-    assert launcher().endswith("\nboot()\n")
-    assert launcher().startswith((BOOTSTRAP / "loader.py").read_text("utf-8"))
+    from dockerrepl._staging import loader_frame
+
+    assert len(launcher()) < 300  # ps and docker inspect show it
+    text = loader_frame()[4:].decode("utf-8")
+    assert protocol.HEADER.unpack(loader_frame()[:4]) == (len(loader_frame()) - 4,)
+    assert text == (BOOTSTRAP / "loader.py").read_text("utf-8") + "\nboot()\n"
