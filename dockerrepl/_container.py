@@ -13,6 +13,7 @@ What the container is told (mounts, limits, hardening) is in
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import json
 import logging
@@ -130,6 +131,8 @@ class Container:
         # held by the thread reading the container's stdout: a send blocked on a full
         # pipe reads too (into the frame buffer) only when it can take this lock
         self._read_lock = threading.Lock()
+        # frames read by poll_rpc() that were not rpc: recv() returns them first
+        self._pending: collections.deque[dict[str, Any]] = collections.deque()
         self.log_path = log_path
         self.max_frame = max_frame
         self.name = "dockerrepl-" + secrets.token_hex(6)
@@ -331,7 +334,7 @@ class Container:
         fd = proc.stdout.fileno()
         with self._read_lock:
             while True:
-                frame = self._parse()
+                frame = self._pending.popleft() if self._pending else self._parse()
                 if frame is not None:
                     if frame["type"] == "rpc" and self.on_rpc is not None:
                         self.on_rpc(frame)
@@ -353,6 +356,44 @@ class Container:
                         f"the container's output closed{where} (it exited or was killed)"
                     )
                 self._frames.feed(data)
+
+    def poll_rpc(self, timeout: float) -> bool:
+        """Between requests (nobody in :meth:`recv`): wait up to ``timeout`` for output
+        and hand any ``rpc`` frames to :attr:`on_rpc`; other frames wait for ``recv``.
+
+        So a call made by code a cell left running (a thread) is answered now, as
+        the proxy transport answers it, not when the next request comes. Returns
+        False once the container's output has closed.
+        """
+        proc = self.proc
+        if proc is None or proc.stdout is None:
+            return False
+        fd = proc.stdout.fileno()
+        try:
+            ready, _, _ = select.select([fd], [], [], timeout)
+        except (OSError, ValueError):
+            return False
+        if not ready or not self._read_lock.acquire(blocking=False):
+            return True
+        try:
+            if not select.select([fd], [], [], 0)[0]:
+                return True  # recv() took it meanwhile
+            data = os.read(fd, 1 << 20)
+            if not data:
+                return False  # recv() will say so
+            self._frames.feed(data)
+            while True:
+                frame = self._parse()
+                if frame is None:
+                    return True
+                if frame["type"] == "rpc" and self.on_rpc is not None:
+                    self.on_rpc(frame)
+                else:
+                    self._pending.append(frame)
+        except (OSError, DockerReplError):
+            return False
+        finally:
+            self._read_lock.release()
 
     def _parse(self) -> Optional[dict[str, Any]]:
         try:

@@ -15,11 +15,12 @@ may come from another thread while a cell runs and ends it at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Optional, Union
 
 from . import _exit
@@ -62,6 +63,8 @@ _IMAGE_HAS_DILL: dict[tuple[Engine, str], bool] = {}
 _CHANNEL_ONLY: dict[tuple[tuple[str, ...], str], str] = {}
 #: How long the container's check that it reaches the proxy may take (transport="auto").
 PROBE_TIMEOUT = 2.0
+#: How often the channel's idle reader looks again (it wakes at once for output).
+IDLE_POLL = 0.5
 
 OutputCallback = Callable[[str, str], None]
 
@@ -91,6 +94,10 @@ class Session(SessionFiles):
             host_tools=options.tools.host,
         )
         self.lock = threading.RLock()
+        # set while no call holds the session: the channel's idle reader may read then
+        self.idle = threading.Event()
+        self.idle.set()
+        self._depth = 0
         self.send_lock = threading.Lock()
         self._close_lock = threading.Lock()
         self.closed = False
@@ -195,6 +202,9 @@ class Session(SessionFiles):
         self.proxy = ChannelEndpoint(self.state)
         self.proxy_target = {"relay": True}
         self.start_container(restore=False)
+        threading.Thread(
+            target=self._idle_reader, name="dockerrepl-channel-idle", daemon=True
+        ).start()
         log.debug(
             "dockerrepl: transport channel (volume %s)%s",
             ws.name,
@@ -291,6 +301,33 @@ class Session(SessionFiles):
             container.verify(container.inspect())
         return ready
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the session for one call (re-entrant); the idle reader keeps off."""
+        with self.lock:
+            self._depth += 1
+            self.idle.clear()
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.idle.set()
+
+    def _idle_reader(self) -> None:
+        """The channel transport, between calls: answer the container's LM calls.
+
+        Code a cell left running (a thread, a child) may call ``llm_query`` after its
+        cell returned; with the proxy its request is served at once, so with the
+        channel too. One thread per channel session, blocked in select() while idle.
+        """
+        while not self.closed:
+            if not self.idle.wait(IDLE_POLL):
+                continue
+            container = self.container
+            if container is None or not container.poll_rpc(IDLE_POLL):
+                time.sleep(IDLE_POLL)  # replaced or gone: the next call restarts it
+
     # --------------------------------------------------------------- channel
     def next_req(self) -> int:
         self.req += 1
@@ -316,7 +353,7 @@ class Session(SessionFiles):
 
     def call(self, op: str, args: dict[str, Any], timeout: float = 600.0) -> Any:
         """Run an internal operation in the worker; raise on failure."""
-        with self.lock:
+        with self.held():
             self.check_open()
             if self.ensure_container() + self.sync():
                 self.restore_echo = None  # no host note shown: the worker's is the one
@@ -508,7 +545,7 @@ class Session(SessionFiles):
     ) -> REPLResult:
         """Run one cell (see DockerREPL.execute_code); the arguments are checked already."""
         start = time.perf_counter()
-        with self.lock:
+        with self.held():
             self.check_open()
             note = self.ensure_container()
             note += self.sync()

@@ -42,6 +42,7 @@ class SessionFiles:
     session's lock, request ids, container and re-sync)."""
 
     if TYPE_CHECKING:
+        import contextlib
         import threading
 
         lock: threading.RLock
@@ -49,6 +50,7 @@ class SessionFiles:
         in_flight: Optional[tuple[str, int]]
 
         def check_open(self) -> None: ...
+        def held(self) -> contextlib.AbstractContextManager[None]: ...
         def ensure_container(self) -> str: ...
         def sync(self) -> str: ...
         def next_req(self) -> int: ...
@@ -71,7 +73,7 @@ class SessionFiles:
     ) -> int:
         """Write ``parts`` in the workspace from ``(data, "text" | "b64")`` chunks."""
         start = time.perf_counter()
-        with self.lock:
+        with self.held():
             rid, container = self._begin()
             try:
                 frame: Optional[dict[str, Any]] = None
@@ -118,7 +120,7 @@ class SessionFiles:
                 raise ValueError(f"{'/'.join(parts)!r} is over the {max_bytes}-byte cap")
             sink.write(raw)
 
-        with self.lock:
+        with self.held():
             rid, container = self._begin()
             try:
                 request = {"type": "fget", "id": rid, "path": parts, "max": max_bytes}

@@ -236,7 +236,12 @@ class VolumeWorkspace:
         argv = ["run", "--rm", "--network", "none", "--cap-drop", "ALL", "--user", "0:0"]
         argv += ["--security-opt", "no-new-privileges", "--label", "dockerrepl.helper=1"]
         argv += ["--mount", f"type=volume,src={self.name},dst=/w", "--entrypoint"]
-        code = "import os; os.chmod('/w', 0o1777)"
+        # .dockerrepl made here too: a volume left empty gets the mode of the container's
+        # mount point (0755, root) copied onto it at the REPL container's first mount
+        code = (
+            "import os; os.chmod('/w', 0o1777); os.mkdir('/w/.dockerrepl');"
+            " os.chmod('/w/.dockerrepl', 0o777)"
+        )
         for python in ("python3", "python"):
             try:
                 _docker.run([*argv, python, image, "-c", code], timeout=120, docker=self._engine)
