@@ -161,6 +161,7 @@ class Container:
                 ready = self._start_with(python, hello)
             except _NoInterpreter as exc:
                 last = exc
+                self._release()  # that try's CLI process and log file
                 continue
             with _cache_lock:
                 _PYTHON_FOR_IMAGE[key] = python
@@ -171,7 +172,12 @@ class Container:
         ) from last
 
     def _start_with(self, python: str, hello: dict[str, Any]) -> dict[str, Any]:
+        # a new process: nothing of an earlier try's pipes carries over (a code frame cut
+        # short by a container without this interpreter left `broken` set)
         self._frames = FrameBuffer(self.max_frame)
+        self._pending.clear()
+        self.broken = False
+        self._stdin_nonblocking = False
         self._log = open(self.log_path, "wb")
         self.proc = _docker.spawn(
             self.config.run_argv(self.name, python, launcher()),
