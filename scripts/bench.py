@@ -4,6 +4,8 @@
     python scripts/bench.py              # full run (a few minutes); rewrites docs/benchmarks.*
     python scripts/bench.py --quick      # fewer repetitions (about a minute)
     python scripts/bench.py --no-rlm     # dockerrepl only (no ratios)
+    python scripts/bench.py --transports # dockerrepl's proxy and channel transports
+                                         # side by side only (under 2 minutes)
 
 Benchmark-only dependencies (rlms, matplotlib, dill) live in a virtualenv that
 this script creates under .bench/venv and re-executes itself in; they never
@@ -50,7 +52,7 @@ MB = 1 << 20
 STATE_SIZES_MB = (0, 1, 10, 50, 100)
 N_CONCURRENT = 8
 TRIVIAL = "x = 1"
-GROUPS = ("open", "cells", "state", "mutable", "concurrent", "floors", "pool")
+GROUPS = ("open", "cells", "state", "mutable", "concurrent", "floors", "pool", "transports")
 
 # (key, label, kind, target). kind: "speedup" = rlm / ours >= target;
 # "throughput" = ours / rlm >= target; "flat" = ours at 100 MB / ours empty <= target;
@@ -545,6 +547,188 @@ def bench_pool(kwargs: dict[str, Any], n: int, out: dict[str, Any]) -> None:
     out["pool_first_cell"] = stats(first_cells)
 
 
+# ---------------------------------------------------------------- transports
+TRANSPORTS = ("proxy", "channel")
+KILL_CELL_SEED = "x = {i}"
+KILL_CELL = "print(x, len(context))"
+
+# (key, label, target kind, target). kind: "ratio" = channel / proxy <= target;
+# "channel" = channel <= target seconds; "both" = each transport <= target seconds.
+TRANSPORT_ROWS: list[tuple[str, str, Optional[str], float]] = [
+    ("open_first_cell", "open a REPL and run its first cell", None, 0),
+    ("cleanup", "`cleanup`", None, 0),
+    ("trivial_cell", "trivial cell", "ratio", 1.5),
+    ("llm_query", "`llm_query` round trip (in the container)", "ratio", 1.5),
+    ("llm_query_cell", "cell of 20 `llm_query` calls (host)", "ratio", 1.5),
+    ("load_context_10mb", "`load_context` of 10 MB", "channel", 0.2),
+    ("restore_after_kill", "next cell after `docker kill` (restore)", "both", 2.0),
+]
+
+
+def transport_counts(quick: bool) -> dict[str, int]:
+    if quick:
+        return {"opens": 3, "trivial": 100, "block": 20, "llm": 5, "loads": 5, "kills": 3}
+    return {"opens": 7, "trivial": 400, "block": 25, "llm": 15, "loads": 9, "kills": 7}
+
+
+def abab(i: int) -> tuple[str, ...]:
+    """Round i's order: proxy first in even rounds, channel first in odd ones."""
+    return TRANSPORTS if i % 2 == 0 else TRANSPORTS[::-1]
+
+
+def bench_transports(kwargs: dict[str, Any], c: dict[str, int], out: dict[str, Any]) -> None:
+    """dockerrepl's two transports side by side; every measurement alternates between them
+    (round by round, the order swapped each round), so both see the same machine load."""
+    from dockerrepl import DockerREPL
+
+    systems = {
+        t: System(f"dockerrepl-{t}", lambda t=t: DockerREPL(**kwargs, transport=t), kwargs["image"])
+        for t in TRANSPORTS
+    }
+    res: dict[str, dict[str, list[float]]] = {t: {} for t in TRANSPORTS}
+
+    def add(t: str, key: str, v: float) -> None:
+        res[t].setdefault(key, []).append(v)
+
+    for t in TRANSPORTS:  # warm-up, not counted
+        r = systems[t].open()
+        try:
+            if r.transport != t:
+                raise BenchError(f"asked for transport {t!r}, got {r.transport!r}")
+        finally:
+            REG.close(r)
+    print("   open + first cell, cleanup", flush=True)
+    for i in range(c["opens"]):
+        for t in abab(i):
+            t0 = time.perf_counter()
+            r = systems[t].open()
+            run_cell(r, TRIVIAL)
+            add(t, "open_first_cell", time.perf_counter() - t0)
+            add(t, "cleanup", REG.close(r))
+
+    repls = {t: systems[t].open() for t in TRANSPORTS}
+    try:
+        for t in TRANSPORTS:
+            for _ in range(3):
+                run_cell(repls[t], TRIVIAL)
+        print("   trivial cells", flush=True)
+        for i in range(max(1, c["trivial"] // c["block"])):
+            for t in abab(i):
+                for _ in range(c["block"]):
+                    add(t, "trivial_cell", run_cell(repls[t], TRIVIAL)[1])
+        print("   llm_query", flush=True)
+        for i in range(c["llm"]):
+            for t in abab(i):
+                r, dt = run_cell(repls[t], LLM_CELL)
+                reply, inner = r.stdout.split()
+                if reply != "echo:ping-19":
+                    raise BenchError(f"{t}: llm_query answered {reply!r}")
+                add(t, "llm_query", float(inner) / 20)
+                add(t, "llm_query_cell", dt)
+        print("   load_context of 10 MB", flush=True)
+        payload = make_context(10 * MB)
+        for i in range(c["loads"]):
+            for t in abab(i):
+                t0 = time.perf_counter()
+                repls[t].load_context(payload)
+                add(t, "load_context_10mb", time.perf_counter() - t0)
+        del payload
+        for t in TRANSPORTS:
+            got = run_cell(repls[t], "print(len(context))")[0].stdout.strip()
+            if got != str(10 * MB):
+                raise BenchError(f"{t}: context has {got} chars, not {10 * MB}")
+        print("   docker kill, then the next cell (restore)", flush=True)
+        for i in range(c["kills"]):
+            for t in abab(i):
+                r = repls[t]
+                run_cell(r, KILL_CELL_SEED.format(i=i))
+                r.checkpoint()  # the snapshot is on disk: the restore has all of it to load
+                restarts = r.restarts
+                name = str(r.container_name)
+                killed = subprocess.run(
+                    ["docker", "kill", name], capture_output=True, text=True, timeout=60
+                )
+                if killed.returncode:
+                    raise BenchError(f"{t}: docker kill {name}: {killed.stderr.strip()}")
+                t0 = time.perf_counter()
+                after = r.execute_code(KILL_CELL)
+                dt = time.perf_counter() - t0
+                want = f"{i} {10 * MB}\n"
+                if after.status != "ok" or after.stdout != want or r.restarts != restarts + 1:
+                    raise BenchError(
+                        f"{t}: after docker kill: {after.status} {after.stdout!r} "
+                        f"(want {want!r}), restarts {r.restarts}: {after.stderr.strip()[-300:]}"
+                    )
+                add(t, "restore_after_kill", dt)
+    finally:
+        for r in repls.values():
+            REG.close(r)
+    for t in TRANSPORTS:
+        out[t] = {k: stats(v) for k, v in res[t].items()}
+    out["order"] = "alternating, round by round; proxy first in even rounds, channel in odd"
+    out["counts"] = c
+
+
+def transport_rows(tr: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for key, label, kind, target in TRANSPORT_ROWS:
+        p, ch = (tr.get(t, {}).get(key) for t in TRANSPORTS)
+        pm = None if p is None else float(p["median"])
+        cm = None if ch is None else float(ch["median"])
+        ratio = cm / pm if pm and cm is not None else None
+        met: Optional[bool] = None
+        if kind == "ratio" and ratio is not None:
+            met = ratio <= target
+        elif kind == "channel" and cm is not None:
+            met = cm <= target
+        elif kind == "both" and pm is not None and cm is not None:
+            met = max(pm, cm) <= target
+        rows.append(
+            {
+                "key": key,
+                "label": label,
+                "kind": kind,
+                "target": target,
+                "proxy": p,
+                "channel": ch,
+                "ratio": ratio,
+                "met": met,
+            }
+        )
+    return rows
+
+
+TRANSPORT_HEAD = ["metric", "proxy", "channel", "channel/proxy", "target", "met"]
+
+
+def transport_cells(row: dict[str, Any]) -> list[str]:
+    def show(s: Optional[dict[str, Any]]) -> str:
+        if s is None:
+            return "-"
+        return f"{fmt_s(s['median'])} ({fmt_s(s['min'])}-{fmt_s(s['max'])}, n={s['n']})"
+
+    kind, target = row["kind"], row["target"]
+    tgt = {
+        None: "-",
+        "ratio": f"<= {target:g}x",
+        "channel": f"channel <= {fmt_s(target)}",
+        "both": f"<= {fmt_s(target)}",
+    }[kind]
+    met = {True: "yes", False: "**NO**", None: "-"}[row["met"]]
+    ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+    return [row["label"], show(row["proxy"]), show(row["channel"]), ratio, tgt, met]
+
+
+def print_transports(tr: dict[str, Any]) -> None:
+    body = [transport_cells(r) for r in transport_rows(tr)]
+    widths = [max(len(x[i]) for x in [TRANSPORT_HEAD, *body]) for i in range(len(TRANSPORT_HEAD))]
+    line = "  ".join(h.ljust(w) for h, w in zip(TRANSPORT_HEAD, widths))
+    print("\ndockerrepl by transport: median (min-max, n); measurements alternate proxy/channel")
+    print(line + "\n" + "-" * len(line))
+    for b in body:
+        print("  ".join(x.ljust(w) for x, w in zip(b, widths)))
+
+
 # -------------------------------------------------------------------- report
 def fmt_s(s: Optional[float]) -> str:
     if s is None:
@@ -849,7 +1033,37 @@ def write_doc(path: str, plot_name: str, json_name: str, data: dict[str, Any]) -
             f"host's dill is copied into the mount): open + first cell "
             f"{fmt_s(own['open_first_cell']['median'])}, trivial cell {fmt_s(own['trivial_cell']['median'])}."
         )
+    if ours.get("transport"):
+        add(
+            f'- dockerrepl ran with its default `transport="auto"`, which took '
+            f"`{ours['transport']}` here; both transports side by side are below."
+        )
     add("")
+    if data.get("transports"):
+        tc = results["transports"]["counts"]
+        add("## Transports: proxy and channel")
+        add("")
+        add(
+            'dockerrepl alone, `transport="proxy"` (an HTTP proxy on the docker bridge, a '
+            'bind-mounted workspace) against `transport="channel"` (`llm_query`, files and the '
+            "bootstrap as frames over the `docker run -i` pipe, a named volume). Every measurement "
+            "alternates between the two, round by round, with the order swapped each round. "
+            "Median (min-max, n):"
+        )
+        add("")
+        add("| " + " | ".join(TRANSPORT_HEAD) + " |")
+        add("|---|---:|---:|---:|---|---|")
+        for r in data["transports"]:
+            add("| " + " | ".join(transport_cells(r)) + " |")
+        add("")
+        add(
+            f"- open + first cell: {tc['opens']} each, after one warm-up open each; trivial cells in "
+            f"blocks of {tc['block']}; `llm_query`: a cell of 20 calls timed inside the container "
+            "(per call) and on the host (the cell); `load_context` of a 10 MiB string; restore: "
+            "`x = i`, `checkpoint()`, `docker kill`, then the time of the next cell "
+            f"(`{KILL_CELL}`: a new container, the checkpoint and the 10 MB context loaded again)."
+        )
+        add("")
     add("## Per-cell latency against state size")
     add("")
     add(f"![per-cell latency against state size, both systems, log scale]({plot_name})")
@@ -1118,13 +1332,27 @@ def main() -> int:
         "--our-image", default=OUR_IMAGE, help="dockerrepl's own image, also measured briefly"
     )
     ap.add_argument(
-        "--out-dir", default=os.path.join(ROOT, "docs"), help="where benchmarks.{md,json,png} go"
+        "--out-dir",
+        default=None,
+        help="where benchmarks.{md,json,png} go (default docs/; with --transports: only "
+        "transports.json, in .bench/ unless this is given)",
     )
     ap.add_argument(
         "--no-venv", action="store_true", help="run in this interpreter (needs rlms, matplotlib)"
     )
     ap.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(GROUPS))
+    ap.add_argument(
+        "--transports",
+        action="store_true",
+        help="only dockerrepl's transports, proxy and channel, side by side (open, trivial cell, "
+        "llm_query, load_context of 10 MB, restore after docker kill; alternating between them); "
+        "implies --no-rlm --only transports; prints a table and writes transports.json",
+    )
     args = ap.parse_args()
+    if args.transports:
+        if args.only and args.only != "transports":
+            ap.error("--transports is --only transports: not with another --only")
+        args.only, args.no_rlm = "transports", True
     if not args.no_venv and not _in_bench_env():
         ensure_venv_and_reexec(sys.argv[1:])
 
@@ -1173,7 +1401,11 @@ def main() -> int:
         print(f"== load average at start: {' '.join(f'{x:.2f}' for x in load_start)}", flush=True)
         # warm-up: one open per system (image layers, caches); not counted
         for s, _ in systems:
-            REG.close(s.open())
+            if only - {"transports", "floors"}:
+                r = s.open()
+                if s is ours:
+                    results["dockerrepl"]["transport"] = getattr(r, "transport", "")
+                REG.close(r)
         if "open" in only:
             print("== open + first cell, cleanup (the systems take turns)", flush=True)
             bench_open_cleanup([(s, cs["opens"]) for s, cs in systems], results)
@@ -1218,6 +1450,11 @@ def main() -> int:
             finally:
                 REG.close(r)
             results["dockerrepl"]["own_image"] = {**sub, **cells}
+        if "transports" in only:
+            print("== dockerrepl: transports proxy and channel, alternating", flush=True)
+            tr: dict[str, Any] = {}
+            bench_transports(ours_kwargs, transport_counts(args.quick), tr)
+            results["transports"] = tr
     except KeyboardInterrupt:
         print("\ninterrupted: cleaning up", file=sys.stderr)
         rc = 130
@@ -1257,8 +1494,26 @@ def main() -> int:
         },
         "results": results,
     }
+    if "transports" in results:
+        data["transports"] = transport_rows(results["transports"])
+    if args.transports:
+        print_transports(results["transports"])
+        out_dir = args.out_dir or BENCH_DIR
+        os.makedirs(out_dir, exist_ok=True)
+        json_path = os.path.join(out_dir, "transports.json")
+        with open(json_path, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        print(f"\nwrote {os.path.relpath(json_path)}")
+        missed = [r["label"] for r in data["transports"] if r["met"] is False]
+        if missed:
+            print("targets missed: " + "; ".join(missed))
+        return 0
     data["comparison"] = compare(results)
     print_table(data["comparison"], results)
+    if "transports" in results:
+        print_transports(results["transports"])
+    args.out_dir = args.out_dir or os.path.join(ROOT, "docs")
     os.makedirs(args.out_dir, exist_ok=True)
     json_path = os.path.join(args.out_dir, "benchmarks.json")
     with open(json_path, "w") as f:
@@ -1272,6 +1527,9 @@ def main() -> int:
         f"\nwrote {os.path.relpath(doc_path)}, {os.path.relpath(json_path)}, {os.path.relpath(plot_path)}"
     )
     missed = [r["label"] for r in data["comparison"] if r["met"] is False]
+    missed += [
+        f"{r['label']} (transports)" for r in data.get("transports", []) if r["met"] is False
+    ]
     if missed:
         print("targets missed: " + "; ".join(missed))
     return 0
