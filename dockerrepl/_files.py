@@ -39,6 +39,7 @@ __all__ = [
     "remove_tree",
     "split_remote",
     "tree_size",
+    "write_local",
     "write_new",
 ]
 
@@ -169,26 +170,36 @@ def copy_out(
             raise ValueError(
                 f"{remote_path!r} is {st.st_size} bytes, over the {max_bytes}-byte cap"
             )
-        tmp = local_path + ".part"
-        copied = 0
+
+        def fill(dst: BinaryIO) -> int:
+            copied = 0
+            while True:
+                chunk = src.read(1 << 20)
+                if not chunk:
+                    return copied
+                copied += len(chunk)
+                if copied > max_bytes:  # the file grew while we read it
+                    raise ValueError(f"{remote_path!r} grew past the {max_bytes}-byte cap")
+                dst.write(chunk)
+
+        return write_local(local_path, fill)
+
+
+def write_local(local_path: str, fill: Callable[[BinaryIO], int]) -> int:
+    """Write a host file whole or not at all: ``fill(f)`` writes ``local_path + ".part"``,
+    which is renamed over ``local_path`` when it returns and removed if it raises."""
+    tmp = local_path + ".part"
+    try:
+        with open(tmp, "wb") as dst:
+            n = fill(dst)
+        os.replace(tmp, local_path)
+    except BaseException:
         try:
-            with open(tmp, "wb") as dst:
-                while True:
-                    chunk = src.read(1 << 20)
-                    if not chunk:
-                        break
-                    copied += len(chunk)
-                    if copied > max_bytes:  # the file grew while we read it
-                        raise ValueError(f"{remote_path!r} grew past the {max_bytes}-byte cap")
-                    dst.write(chunk)
-            os.replace(tmp, local_path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return copied
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return n
 
 
 # --------------------------------------------------------------------------- trees

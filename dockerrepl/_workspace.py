@@ -34,7 +34,15 @@ from collections.abc import Iterator
 from typing import Any, Optional, Protocol
 
 from . import _docker
-from ._files import DEFAULT_MAX_FILE, copy_in, copy_out, remove_tree, split_remote, write_new
+from ._files import (
+    DEFAULT_MAX_FILE,
+    copy_in,
+    copy_out,
+    remove_tree,
+    split_remote,
+    write_local,
+    write_new,
+)
 from ._runspec import CODE_MOUNT, PROXY_SOCKET
 from .errors import DockerError, DockerReplError
 
@@ -298,18 +306,7 @@ class VolumeWorkspace:
 
     def download(self, remote_path: str, local_path: str, max_bytes: int = DEFAULT_MAX_FILE) -> int:
         parts = split_remote(remote_path)
-        tmp = local_path + ".part"
-        try:
-            with open(tmp, "wb") as dst:
-                n = self._channel().get_file(parts, dst, max_bytes)
-            os.replace(tmp, local_path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return n
+        return write_local(local_path, lambda dst: self._channel().get_file(parts, dst, max_bytes))
 
     def purge_on_close(self) -> bool:
         return False  # the volume goes whole
