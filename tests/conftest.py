@@ -26,7 +26,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         names = getattr(item, "fixturenames", ())
-        if any(n in names for n in ("docker_engine", "image", "repl", "handler_repl")):
+        if any(
+            n in names
+            for n in ("docker_engine", "image", "repl", "handler_repl", "any_transport_repl")
+        ):
             item.add_marker(pytest.mark.docker)
 
 
@@ -83,6 +86,35 @@ def repl(image: str, handler: object) -> Iterator[object]:
 
     r = DockerREPL(image=image, lm_handler_address=handler.address, timeout=60)  # type: ignore[attr-defined]
     try:
+        yield r
+    finally:
+        r.cleanup()
+
+
+#: The transports a local rootful engine offers (``DockerREPL(transport=...)``).
+TRANSPORTS = ("proxy", "channel")
+
+
+@pytest.fixture(params=TRANSPORTS)
+def each_transport(request: pytest.FixtureRequest) -> str:
+    """Runs the test once per transport: "proxy" (bind mount + HTTP proxy) and
+    "channel" (frames over the container's stdio, a named volume)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def any_transport_repl(image: str, handler: object, each_transport: str) -> Iterator[object]:
+    """The ``repl`` fixture, once per transport; it asserts the transport was the one asked for."""
+    from dockerrepl import DockerREPL
+
+    r = DockerREPL(
+        image=image,
+        lm_handler_address=handler.address,  # type: ignore[attr-defined]
+        timeout=60,
+        transport=each_transport,
+    )
+    try:
+        assert r.transport == each_transport
         yield r
     finally:
         r.cleanup()

@@ -73,6 +73,16 @@ def our_containers(pid: Optional[int] = None) -> set[str]:
     return container_ids(f"label=dockerrepl.owner={owner_label(pid)}")
 
 
+def our_volumes(pid: Optional[int] = None) -> set[str]:
+    """Named volumes (the channel transport's workspaces) owned by this test process, or by
+    process ``pid``."""
+    from dockerrepl._labels import owner_label
+
+    out = docker("volume", "ls", "-q", "--filter", f"label=dockerrepl.owner={owner_label(pid)}")
+    assert out.returncode == 0, out.stderr
+    return set(out.stdout.split())
+
+
 def exists(cid: str) -> bool:
     """Whether the container with this id (or id prefix) exists, in any state."""
     return bool(container_ids(f"id={cid}"))
