@@ -407,20 +407,14 @@ def test_on_output_streams_in_order(any_transport_repl):
     assert len(chunks) >= 3  # delivered as printed, not once at the end
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug (issue #12 report): Container.start() retries with `python` after"
-    " `python3` is not found, but _start_with() keeps the first attempt's `broken` and"
-    " `_stdin_nonblocking` flags, so the code frame and hello are never written to the"
-    " second container and it times out at start_timeout",
-)
 def test_python_only_image(image, handler, docker_engine, each_transport):
     tag = derived_image(
         image,
         "dockerrepl/python-only:test-v2",
         "ln -s python3.11 /usr/bin/python && rm /usr/bin/python3",
     )
-    # start_timeout: a working start takes ~2 s; the bug above waits out the whole of it
+    # start_timeout: a working start takes ~2 s. A second interpreter try that kept the
+    # first try's channel state (a code frame cut short: `broken`) waited out all of it
     with DockerREPL(
         image=tag, lm_handler_address=handler.address, transport=each_transport, start_timeout=20
     ) as repl:
