@@ -40,8 +40,12 @@ _LOADER: list[bytes] = []
 _lock = threading.Lock()
 
 #: The ``python -c`` program every container starts with: read the loader's source
-#: (4-byte length, then the text) from stdin, unbuffered, and run it.
+#: (4-byte length, then the text) from stdin, unbuffered, and run it. First of all it
+#: drops ``-c``'s sys.path[0], the working directory: that is /workspace, where a cell
+#: can plant a ``struct.py`` that the next container's launcher would import.
 LAUNCHER = (
+    "import sys\n"
+    "if sys.path and sys.path[0] in ('','.'):del sys.path[0]\n"
     "import os,struct\n"
     "def r(n):\n"
     " b=b''\n"

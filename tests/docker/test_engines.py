@@ -227,7 +227,7 @@ def test_doctor_on_podman(podman, image):
     # the bridge: auto takes the channel (no bridge of ours); network="none": the socket
     assert "llm_query() answered through the docker run -i pipe (transport channel" in done.stdout
     assert "llm_query() answered through /opt/dockerrepl/proxy.sock" in done.stdout
-    assert "all 9 checks passed" in done.stdout
+    assert "checks passed" in done.stdout and "failed" not in done.stdout
 
 
 @pytest.mark.parametrize(

@@ -186,10 +186,21 @@ def test_network_none_proxy_is_a_unix_socket_outside_the_workspace(image, handle
         assert out == "30\n"  # EROFS
 
 
+def checkpoint_cell(repl: DockerREPL) -> int | None:
+    """The cell of the checkpoint in the (mounted) workspace, read by the test."""
+    try:
+        with open(os.path.join(repl.temp_dir, ".dockerrepl", "state.meta.json")) as f:
+            return json.load(f).get("cell")
+    except (OSError, ValueError):
+        return None
+
+
 def test_cleanup_never_follows_a_state_dir_the_cell_swapped_for_a_symlink(image, handler, tmp_path):
     """A cell replaced /workspace/.dockerrepl with a symlink to a host directory. With
     network="none" the proxy's socket lived there, and cleanup() (as root) unlinked
-    <that host dir>/proxy.sock; the host also read that dir's state.meta.json."""
+    <that host dir>/proxy.sock; the host also read that dir's state.meta.json (now no
+    state file is read on the host at all: a restart's note takes the checkpoint's cell
+    from the new supervisor's ready frame, read inside the container)."""
     host_dir = tmp_path / "host-dir"
     host_dir.mkdir()
     (host_dir / "proxy.sock").write_text("a host file")
@@ -206,12 +217,10 @@ def test_cleanup_never_follows_a_state_dir_the_cell_swapped_for_a_symlink(image,
             "open('/workspace/state.dill', 'wb').close()",
         )
         assert os.path.islink(os.path.join(repl.temp_dir, ".dockerrepl"))
-        read = repl._session.workspace.checkpoint_cell()
     finally:
         repl.cleanup()
     assert (host_dir / "proxy.sock").read_text() == "a host file"
     assert sorted(os.listdir(host_dir)) == ["proxy.sock", "state.meta.json"]
-    assert read is None  # the host file's 99 was not read either
     assert not os.path.exists(os.path.dirname(repl.temp_dir))
 
 
@@ -393,7 +402,7 @@ def test_daemons_named_like_snapshot_writers_do_not_survive_a_timeout_kill(image
         run_ok(repl, "y = 7")
         cell = repl._session.cell
         end = time.monotonic() + 30
-        while (repl._session.workspace.checkpoint_cell() or 0) < cell and time.monotonic() < end:
+        while (checkpoint_cell(repl) or 0) < cell and time.monotonic() < end:
             time.sleep(0.1)
         assert repl.execute_code("import os\nos._exit(1)").status == "crashed"
         assert run_ok(repl, "print(x, y)") == "41 7\n"
@@ -570,8 +579,10 @@ def test_extra_args_the_engine_refuses_are_a_typed_error_naming_the_cause(image,
 TAMPER = r"""
 import errno, glob, os
 tried = {}
+# where the bootstrap's modules claim to live: nothing is there (they came over stdin)
 for path in ("/opt/dockerrepl/dockerrepl_bootstrap/supervisor.py", "/opt/dockerrepl/evil.py"):
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         open(path, "a").write("\nraise SystemExit('owned')\n")
         tried[path] = "written"
     except OSError as e:
@@ -591,17 +602,23 @@ print(sorted(tried.items()))
 """
 
 
-def test_cell_code_cannot_change_what_the_next_container_runs(repl):
-    """The bootstrap's code is mounted read-only from outside the workspace. It used to
-    live in /workspace/.dockerrepl, which cells can write: after any restart (docker
+def test_cell_code_cannot_change_what_the_next_container_runs(any_transport_repl):
+    """The bootstrap's code comes over stdin at each start and lives in no file. It used
+    to live in /workspace/.dockerrepl, which cells can write: after any restart (docker
     kill, a daemon restart, a crash a cell can provoke) the next container ran the
-    cell's version as its supervisor, and every later result could be forged."""
+    cell's version as its supervisor, and every later result could be forged. A cell
+    may write the files its modules name (the container's own filesystem, gone with
+    it) and plant packages in the workspace: none of it runs, on either transport (the
+    channel's volume keeps /workspace across containers like the mount; the launcher's
+    own ``import struct`` found a planted /workspace/struct.py until it dropped the
+    working directory from sys.path)."""
+    repl = any_transport_repl
     run_ok(repl, "kept = 'yes'")
     repl.checkpoint()
     out = run_ok(repl, TAMPER)
     assert out == (
-        "[('/opt/dockerrepl/dockerrepl_bootstrap/supervisor.py', 'EROFS'),"
-        " ('/opt/dockerrepl/evil.py', 'EROFS')]\n"
+        "[('/opt/dockerrepl/dockerrepl_bootstrap/supervisor.py', 'written'),"
+        " ('/opt/dockerrepl/evil.py', 'written')]\n"
     )
     first = repl.container_name
     assert docker("kill", first).returncode == 0
@@ -609,8 +626,12 @@ def test_cell_code_cannot_change_what_the_next_container_runs(repl):
     assert (r.status, r.stdout) == ("ok", "yes\n"), r.stderr
     assert repl.container_name != first
     assert "FORGED" not in r.stdout + r.stderr
-    code = "import dockerrepl_bootstrap.main as b\nprint(b.__file__)"
-    assert run_ok(repl, code) == "/opt/dockerrepl/dockerrepl_bootstrap/main.py\n"
+    code = (
+        "import os, dockerrepl_bootstrap.main as b\n"
+        "print(b.__file__, os.path.exists('/opt/dockerrepl/evil.py'))"
+    )
+    # the new container's own filesystem: the planted files went with the old one
+    assert run_ok(repl, code) == "/opt/dockerrepl/dockerrepl_bootstrap/main.py False\n"
 
 
 # --------------------------------------------------------------------------- no engine
@@ -698,10 +719,12 @@ def test_verify_checks_the_default_cpu_limit(tmp_path):
 
 
 def test_host_never_unpickles_anything_from_the_container():
-    """Only the bootstrap (inside the container) loads dill; the host package never does."""
+    """Only the bootstrap (inside the container) loads dill; the host package never does.
+    (The host marshals the bootstrap's own bytecode for the container, and loads none.)"""
     pattern = re.compile(
         r"\b(pickle|cPickle|dill|marshal|shelve|_pickle)\.(load|loads|Unpickler)\b"
-        r"|\bimport (pickle|marshal|shelve)\b|\bfrom (pickle|dill|marshal|shelve) import\b"
+        r"|\bimport (pickle|shelve)\b|\bfrom (pickle|dill|shelve) import\b"
+        r"|\bfrom marshal import .*\bloads?\b"
     )
     hits = []
     for path in (ROOT / "dockerrepl").rglob("*.py"):
@@ -869,7 +892,6 @@ def test_forged_progress_frames_cannot_hold_the_host_past_a_ceiling(monkeypatch)
     clock. The host's deadline moves with them, never past timeout + margin + two restores."""
     import dockerrepl._session as session_mod
     from dockerrepl._options import ReplOptions
-    from dockerrepl._workspace import MountedWorkspace
 
     clock = [1000.0]
     deadlines: list[float] = []
@@ -892,8 +914,7 @@ def test_forged_progress_frames_cannot_hold_the_host_past_a_ceiling(monkeypatch)
 
     monkeypatch.setattr(session_mod, "time", FakeTime)
     options = ReplOptions.build(image="img", grace=2.0, start_timeout=120.0, max_output_bytes=1000)
-    workspace = MountedWorkspace(None, shared=False)  # never created: nothing starts
-    session = session_mod.Session(options, workspace)
+    session = session_mod.Session(options)  # nothing starts
     session.container = Channel()  # type: ignore[assignment]
     with pytest.raises(TimeoutError):
         session.await_result(7, 10.0, None)
