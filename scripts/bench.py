@@ -1030,7 +1030,7 @@ def write_doc(path: str, plot_name: str, json_name: str, data: dict[str, Any]) -
     if own:
         add(
             f"- dockerrepl on its own image `{cfg['our_image']}` (python3 only, no dill, no pip: the "
-            f"host's dill is copied into the mount): open + first cell "
+            f"host's dill is sent with the bootstrap): open + first cell "
             f"{fmt_s(own['open_first_cell']['median'])}, trivial cell {fmt_s(own['trivial_cell']['median'])}."
         )
     if ours.get("transport"):
