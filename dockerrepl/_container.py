@@ -320,13 +320,27 @@ class Container:
             readable, _, _ = select.select([ofd], [fd], [], timeout)
             if readable:
                 data = os.read(ofd, 1 << 20)
-                if data:
-                    self._frames.feed(data)
-                else:
+                if not data:
                     # the container's output closed: its stdin will not take more either
                     raise ContainerDied("the container's output closed (it exited or was killed)")
+                self._frames.feed(data)
+                # taken out at once, so what is held stays bounded: rpc frames go to
+                # their endpoint (whose bytes in flight are capped), the rest wait
+                self._take_frames()
         finally:
             self._read_lock.release()
+
+    def _take_frames(self) -> None:
+        """Every whole frame read so far: ``rpc`` ones to :attr:`on_rpc`, the others to
+        :attr:`_pending` for :meth:`recv` (the caller holds the read lock)."""
+        while True:
+            frame = self._parse()
+            if frame is None:
+                return
+            if frame["type"] == "rpc" and self.on_rpc is not None:
+                self.on_rpc(frame)
+            else:
+                self._pending.append(frame)
 
     def recv(self, deadline: Optional[float]) -> dict[str, Any]:
         """Read one frame, waiting until ``deadline`` (monotonic); ``TimeoutError`` after it.
@@ -388,14 +402,8 @@ class Container:
             if not data:
                 return False  # recv() will say so
             self._frames.feed(data)
-            while True:
-                frame = self._parse()
-                if frame is None:
-                    return True
-                if frame["type"] == "rpc" and self.on_rpc is not None:
-                    self.on_rpc(frame)
-                else:
-                    self._pending.append(frame)
+            self._take_frames()
+            return True
         except (OSError, DockerReplError):
             return False
         finally:
@@ -558,10 +566,38 @@ class Container:
                 except (DockerReplError, TimeoutError):
                     pass  # closing stdin below ends the supervisor all the same
             proc.close_stdin()
-            if self.wait(timeout) is None:
+            if self._drain_until_exit(timeout) is None:
                 self.kill(kill_timeout)
         finally:
             self._release()
+
+    def _drain_until_exit(self, timeout: float) -> Optional[int]:
+        """Wait for the CLI to exit, reading (and dropping) what the container still
+        writes: a supervisor blocked writing to a full pipe (a thread a cell left
+        running floods the relay) would otherwise never see its stdin close."""
+        proc = self.proc
+        out = proc.stdout if proc is not None else None
+        if proc is None or out is None:
+            return self.wait(timeout)
+        end = time.monotonic() + timeout
+        fd = out.fileno()
+        while True:
+            rc = proc.poll()
+            left = end - time.monotonic()
+            if rc is not None or left <= 0:
+                return rc
+            try:
+                ready, _, _ = select.select([fd], [], [], min(left, 0.1))
+            except (OSError, ValueError):
+                return self.wait(max(0.0, left))
+            if ready and self._read_lock.acquire(blocking=False):
+                try:
+                    if not os.read(fd, 1 << 20):
+                        return self.wait(max(0.0, end - time.monotonic()))
+                except OSError:
+                    return self.wait(max(0.0, end - time.monotonic()))
+                finally:
+                    self._read_lock.release()
 
     def detach(self, purge: bool = False) -> None:
         """Close the channel now, waiting for nothing and starting no process.
@@ -610,11 +646,12 @@ class Container:
             return
         try:
             if proc.poll() is None:
+                # the CLI first: a supervisor blocked writing to it (its pipe full) holds
+                # the attach stream, and `docker rm -f` waited on that for 30 s
+                proc.kill()
                 self._remove(timeout)
                 proc.close_stdin()
-                if self.wait(min(10.0, timeout)) is None:
-                    proc.kill()
-                    self.wait(5)
+                self.wait(min(10.0, timeout))
         finally:
             self._release()
 

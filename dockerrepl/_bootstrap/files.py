@@ -27,7 +27,8 @@ def purge_workspace() -> None:
         remove_tree(os.path.join(paths.WORKSPACE, name), ignore_errors=True)
 
 
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
 
 
 def _ident(fd: int) -> tuple[int, int]:
@@ -191,6 +192,41 @@ def remove_tree(path: str, *, ignore_errors: bool = False) -> None:
         os.close(pfd)
     if errors and not ignore_errors:
         raise errors[0]
+
+
+# ---------------------------------------------------------------- reading state files
+def open_regular(path: str) -> Optional[int]:
+    """A read-only descriptor of ``path`` if it is a regular file, else None.
+
+    The workspace is the cell's: what it left at a state file's name may be a FIFO
+    (a plain open() blocks for ever: pid 1 reading it before its ready frame wedged
+    every later start) or a link (to /proc/1/fd/0: the supervisor read its own stdin).
+    So no link is followed, the open never blocks, and only a regular file is kept.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | _CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def read_regular(path: str, limit: int) -> Optional[bytes]:
+    """At most ``limit`` bytes of ``path`` if it is a regular file (see open_regular)."""
+    fd = open_regular(path)
+    if fd is None:
+        return None
+    try:
+        return os.read(fd, limit)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------- walking paths

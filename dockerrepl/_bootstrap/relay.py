@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 from . import protocol
 
@@ -35,11 +36,22 @@ MAX_CONNECTIONS = 2 * protocol.PROXY_CONNECTIONS
 #: may hold that much JSON text, escaped once more inside the frame (up to twice as long
 #: for an honest body), plus the envelope. The host checks the body itself.
 MAX_BODY = 64 << 20
-MAX_REQUEST = 2 * MAX_BODY + (1 << 16)
+MAX_REQUEST = MAX_BODY + (1 << 20)
+#: Bytes of unfinished requests the relay holds across its connections. Past it, only
+#: the connection furthest along (it can always finish: one request is at most
+#: MAX_REQUEST) and connections holding less than SMALL (a new request: llm_query's are
+#: small) are read, SMALL at a time. So the relay holds at most about BUDGET +
+#: MAX_REQUEST + MAX_CONNECTIONS * 2 * SMALL: eight partial 120 MiB frames used to take
+#: pid 1's memory until the OOM killer ended the container.
+BUDGET = 32 << 20
+SMALL = 256 << 10
+#: A connection whose unfinished request has not grown for this long is closed: what it
+#: holds counts against BUDGET, and an honest client sends its request at once.
+STALL = 30.0
 
 
 class _Conn:
-    __slots__ = ("doomed", "out", "reader", "sock", "used", "waiting")
+    __slots__ = ("doomed", "grew", "out", "reader", "sock", "used", "waiting")
 
     def __init__(self, sock: socket.socket, order: int) -> None:
         self.sock = sock
@@ -48,6 +60,7 @@ class _Conn:
         self.waiting: int | None = None  # the id of its request with the host
         self.used = order  # when it last asked: the oldest idle one goes first
         self.doomed = False  # closed once its last reply is written (it broke framing)
+        self.grew = time.monotonic()  # when its unfinished request last grew
 
 
 class Relay:
@@ -64,10 +77,21 @@ class Relay:
         self.pending: dict[int, _Conn] = {}  # request id -> the connection that asked
         self.next_id = 0
         self.ticks = 0
+        self.tight = False  # over BUDGET at the last look
 
     # -- select ---------------------------------------------------------------
     def read_fds(self) -> list[int]:
-        fds = [fd for fd, c in self.conns.items() if c.waiting is None and not c.out]
+        now = time.monotonic()
+        for c in [c for c in self.conns.values() if c.reader.buf and now - c.grew > STALL]:
+            self._close(c)  # a request that stopped coming: what it holds is freed
+        ready = [(fd, c) for fd, c in self.conns.items() if c.waiting is None and not c.out]
+        self.tight = sum(len(c.reader.buf) for c in self.conns.values()) > BUDGET
+        if self.tight and ready:
+            # the one furthest along finishes and frees what it holds; new, small
+            # requests still get through
+            furthest = max(ready, key=lambda fc: len(fc[1].reader.buf))
+            ready = [fc for fc in ready if fc is furthest or len(fc[1].reader.buf) < SMALL]
+        fds = [fd for fd, _ in ready]
         if len(self.conns) < MAX_CONNECTIONS or self._idle() is not None:
             fds.append(self.listener.fileno())
         return fds
@@ -86,7 +110,7 @@ class Relay:
         if conn is None:
             return
         try:
-            data = conn.sock.recv(1 << 20)
+            data = conn.sock.recv(SMALL if self.tight else 1 << 20)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -95,6 +119,7 @@ class Relay:
             self._close(conn)
             return
         conn.reader.feed(data)
+        conn.grew = time.monotonic()
         self._take_request(conn)
 
     def on_writable(self, fd: int) -> None:
@@ -159,6 +184,7 @@ class Relay:
             conn.doomed = True
             if "over the limit" in str(exc):
                 reply = {"status": 413, "body": {"error": "body over %d bytes" % MAX_BODY}}
+                conn.reader.buf = bytearray()  # nothing more of it is kept
             else:
                 reply = {"status": 400, "body": {"error": "bad JSON: %s" % str(exc)[:200]}}
             self._queue(conn, reply)

@@ -6,6 +6,7 @@ import json
 import os
 
 from . import paths
+from .files import read_regular
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -14,12 +15,11 @@ if TYPE_CHECKING:
 
 def checkpoint_cell() -> int | None:
     """The cell named in the workspace's checkpoint metadata (None: no checkpoint)."""
+    if not os.path.isfile(paths.STATE_FILE):
+        return None
     try:
-        if not os.path.isfile(paths.STATE_FILE):
-            return None
-        with open(paths.META_FILE, "rb") as f:
-            meta = json.loads(f.read(1 << 16))
-    except (OSError, ValueError):
+        meta = json.loads(read_regular(paths.META_FILE, 1 << 16) or b"null")
+    except ValueError:
         return None
     cell = meta.get("cell") if isinstance(meta, dict) else None
     return cell if isinstance(cell, int) and not isinstance(cell, bool) else None
@@ -32,12 +32,8 @@ def probe(config: dict[str, Any]) -> dict[str, Any]:
     ``/ping`` to the proxy with the container's token must come back from the host.
     """
     probe = config.get("probe") or {}
-    nonce = None
-    try:
-        with open(os.path.join(paths.STATE_DIR, "probe.nonce"), "rb") as f:
-            nonce = f.read(256).decode("ascii", "replace")
-    except OSError:
-        pass
+    raw = read_regular(os.path.join(paths.STATE_DIR, "probe.nonce"), 256)
+    nonce = None if raw is None else raw.decode("ascii", "replace")
     reached = ""
     if nonce == probe.get("nonce"):
         from .client import _ProxyConnection

@@ -75,6 +75,14 @@ class WorkerSlot:
                 # children (/proc/self/comm), read /proc/self/environ, or let its own
                 # children read its /proc entries. The supervisor stays non-dumpable.
                 close_fds_except({0, 1, 2, child.fileno()})
+                # when the container runs out of memory, the kernel's OOM killer takes
+                # the worker or what it started, never the supervisor first: a cell
+                # cannot end the container (or its channel) by starving pid 1
+                try:
+                    with open("/proc/self/oom_score_adj", "w") as f:
+                        f.write("500")
+                except OSError:
+                    pass
                 if self.nondumpable:
                     set_dumpable(True)
                 child.set_inheritable(False)

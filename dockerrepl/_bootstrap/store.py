@@ -12,6 +12,7 @@ import os
 import time
 
 from . import paths
+from .files import open_regular, read_regular
 from .hardening import WritingConditions
 from .namespace import REPL
 
@@ -57,7 +58,14 @@ class _Counter:
 def open_lock(path: str) -> int:
     """A lock file's descriptor; one it creates is made 0666 whatever the cell's umask
     (created 000, nobody could open it again: --cap-drop ALL leaves no DAC override)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o666)
+    except FileNotFoundError:
+        # a cell removed the state directory: made again (else this open failed in the
+        # snapshot path, the worker died and the namespace was lost)
+        os.makedirs(os.path.dirname(path), 0o777, exist_ok=True)
+        fd = os.open(path, flags, 0o666)
     try:
         os.fchmod(fd, 0o666)
     except OSError:
@@ -78,16 +86,15 @@ def _open_for_write(path: str, binary: bool) -> IO[Any]:
 
 def _read_int(path: str) -> int:
     try:
-        with open(path) as f:
-            return int(f.read(64).strip() or 0)
-    except (OSError, ValueError):
+        return int((read_regular(path, 64) or b"").strip() or 0)
+    except ValueError:
         return 0
 
 
 def read_meta() -> dict[str, Any]:
+    # the cell's workspace: never a FIFO's blocking open, never through a link
     try:
-        with open(paths.META_FILE) as f:
-            meta = json.load(f)
+        meta = json.loads(read_regular(paths.META_FILE, 1 << 20) or b"null")
     except Exception:
         return {}
     return meta if isinstance(meta, dict) else {}
@@ -312,7 +319,10 @@ def restore_checkpoint(expect_cell: int = 0, wait: float = 60.0) -> tuple[Any, s
                 REPL.load_file_var(name, path, kind)
             except Exception:
                 pass
-        with open(paths.STATE_FILE, "rb") as f:
+        fd = open_regular(paths.STATE_FILE)
+        if fd is None:
+            return None, "the checkpoint is not a regular file; the namespace starts empty"
+        with os.fdopen(fd, "rb") as f:
             state = dill().load(f)
         REPL.ns.update(state)
     finally:

@@ -76,9 +76,13 @@ class ChannelEndpoint:
                 self._inflight += size
                 reserved = size
         if reserved < 0:
-            self._answer(
-                send, frame, 503, {"error": "too many request bodies in flight; try again"}
-            )
+            # answered from the pool too: the reading thread may hold the send lock (it
+            # reads while it writes a large frame), and the body is not kept meanwhile
+            busy = {"error": "too many request bodies in flight; try again"}
+            try:
+                self._pool.submit(self._answer, send, {"id": frame.get("id")}, 503, busy)
+            except RuntimeError:
+                pass
             return
         try:
             self._pool.submit(self._serve, send, frame, reserved)
