@@ -27,7 +27,6 @@ the REPL that hands its value to the host and ends the cell with an exception
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import hashlib
 import inspect
@@ -41,6 +40,7 @@ from .._bootstrap.namespace import bounded_repr
 from .._options import DEFAULT_CELL_TIMEOUT, DEFAULT_REPR_CAP, ReplOptions
 from .._tools import LM_HELPERS, RESERVED_NAMES, HostTool
 from ..errors import DockerReplError
+from ._host import as_keywords, run_awaitable
 
 if TYPE_CHECKING:
     from ..pool import DockerREPLPool
@@ -93,41 +93,6 @@ def _jsonable(value: Any, what: str) -> tuple[Any, str]:
         return converted, json.dumps(converted, ensure_ascii=False)
     except Exception as exc:
         raise TypeError(f"{what} is not JSON-compatible ({type(value).__name__}): {exc}") from None
-
-
-def _as_keywords(
-    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Positional arguments named after ``fn``'s parameters: DSPy's tools (RLM's
-    ``invoke(**kwargs)`` wrappers) take keywords only, model code calls ``f(1, 2)``."""
-    if not args:
-        return args, kwargs
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return args, kwargs
-    names = []
-    for p in params:
-        if p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY):
-            return args, kwargs
-        if p.kind == p.POSITIONAL_OR_KEYWORD:
-            names.append(p.name)
-    if len(args) > len(names):
-        return args, kwargs
-    named = dict(zip(names, args))
-    both = sorted(set(named) & set(kwargs))
-    if both:
-        raise TypeError(f"got multiple values for argument {both[0]!r}")
-    return (), {**named, **kwargs}
-
-
-def _run_awaitable(awaitable: Any) -> Any:
-    """Await ``awaitable`` from a thread with no running loop (a proxy thread)."""
-
-    async def wait() -> Any:
-        return await awaitable
-
-    return asyncio.run(wait())
 
 
 def _submit_code(output_fields: Optional[list[dict[str, Any]]]) -> str:
@@ -405,10 +370,10 @@ class DockerInterpreter:
             caller = self._context
 
             def run() -> Any:
-                a, kw = _as_keywords(fn, args, kwargs)
+                a, kw = as_keywords(fn, args, kwargs)
                 out = fn(*a, **kw)
                 if inspect.isawaitable(out):
-                    out = _run_awaitable(out)
+                    out = run_awaitable(out)
                 return _jsonable(out, f"the result of {name}")[0]
 
             try:
