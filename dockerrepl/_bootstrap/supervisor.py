@@ -201,9 +201,8 @@ class Supervisor(WorkerSlot):
             if isinstance(answer, str)
             else None,
             "truncated": {"stdout": self.out.dropped, "stderr": self.err.dropped},
+            "value": clean_value(msg.get("value"), self.out.cap) if req.get("value") else None,
         }
-        if req.get("value") is True and st in ("ok", "error"):
-            result["value"] = clean_value(msg.get("value"), self.out.cap)
         self.out.reset()
         self.err.reset()
         self.send_host(result)
