@@ -36,7 +36,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Optional
 
-from .._bootstrap.namespace import bounded_repr
+from .._bootstrap.reprs import bounded_repr
 from .._options import DEFAULT_CELL_TIMEOUT, DEFAULT_REPR_CAP, ReplOptions
 from .._tools import LM_HELPERS, RESERVED_NAMES, HostTool
 from ..errors import DockerReplError
