@@ -7,6 +7,7 @@ meets them (docs/security.md, "Frames are untrusted").
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,6 +82,7 @@ def bound_result(
         answer = _cut(answer, _FINAL_ANSWER_CAP, "the final answer")
     status = frame.get("status", "ok")
     exception = frame.get("exception")
+    value, value_is_repr = _value(frame.get("value"), max_output, truncated)
     return REPLResult(
         stdout=stdout,
         stderr=stderr,
@@ -91,4 +93,33 @@ def bound_result(
         status=status if isinstance(status, str) and status in RESULT_STATUSES else "crashed",
         exception=exception[:200] if isinstance(exception, str) else None,
         output_truncated=truncated,
+        value=value,
+        value_is_repr=value_is_repr,
     )
+
+
+def _value(raw: Any, max_output: int, truncated: dict[str, int]) -> tuple[Any, bool]:
+    """A result's trailing-expression value and whether it is a repr, bounded as the
+    bootstrap bounds it (see ``protocol.VALUE_KINDS``); what was cut is counted in
+    ``truncated["value"]``."""
+    if not isinstance(raw, dict) or raw.get("kind") not in protocol.VALUE_KINDS:
+        return None, False
+    data = raw.get("data")
+    dropped = raw.get("dropped")
+    if raw["kind"] == "repr":
+        if not isinstance(data, str):
+            return None, False
+        if type(dropped) is int and dropped > 0:
+            truncated["value"] = dropped
+        if len(data) > max_output + _TEXT_SLACK:
+            truncated["value"] = truncated.get("value", 0) + len(data) - max_output
+            data = _cut(data, max_output, "the value")
+        return data, True
+    if data is None or isinstance(data, (bool, int, float)):
+        return data, False
+    size = len(data) if isinstance(data, str) else len(json.dumps(data, ensure_ascii=False))
+    if size > max_output + _TEXT_SLACK:
+        truncated["value"] = size - max_output
+        text = data if isinstance(data, str) else json.dumps(data)
+        return _cut(text, max_output, "the value"), True
+    return data, False

@@ -542,6 +542,7 @@ class Session(SessionFiles):
         on_output: Optional[OutputCallback],
         filename: Optional[str] = None,
         display: bool = False,
+        value: bool = False,
     ) -> REPLResult:
         """Run one cell (see DockerREPL.execute_code); the arguments are checked already."""
         start = time.perf_counter()
@@ -563,6 +564,8 @@ class Session(SessionFiles):
                 msg["filename"] = filename
             if display:
                 msg["display"] = True
+            if value:
+                msg["value"] = True
             notes: list[str] = []
             try:
                 res = self.run_cell(msg, limit, on_output, notes)

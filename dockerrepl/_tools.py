@@ -16,10 +16,21 @@ from typing import Any, NamedTuple, Optional
 
 from ._bootstrap import protocol
 
-__all__ = ["RESERVED_NAMES", "HostTool", "ToolSpecs", "code_kind", "host_tool", "tool_specs"]
+__all__ = [
+    "LM_HELPERS",
+    "RESERVED_NAMES",
+    "HostTool",
+    "ToolSpecs",
+    "code_kind",
+    "host_tool",
+    "tool_specs",
+]
 
 #: Names the REPL owns: restored after every cell and refused as custom-tool names.
 RESERVED_NAMES = protocol.RESERVED_NAMES
+#: The reserved names a :class:`HostTool` may take over: a host that answers LM calls
+#: itself (DSPy's own ``llm_query``, with its budget) puts its function there.
+LM_HELPERS = frozenset({"llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched"})
 
 
 class HostTool:
@@ -100,9 +111,12 @@ def tool_specs(tools: Mapping[str, Any]) -> ToolSpecs:
     for name, entry in tools.items():
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"custom tool name {name!r} is not a Python identifier")
-        if name in RESERVED_NAMES:
-            raise ValueError(f"custom tool name {name!r} is reserved by the REPL")
         value = entry["tool"] if isinstance(entry, dict) and "tool" in entry else entry
+        if name in RESERVED_NAMES and not (name in LM_HELPERS and isinstance(value, HostTool)):
+            raise ValueError(
+                f"custom tool name {name!r} is reserved by the REPL"
+                + (" (only a host_tool may replace it)" if name in LM_HELPERS else "")
+            )
         code = code_kind(name, value) if isinstance(value, str) else None
         if isinstance(value, HostTool):
             specs[name] = {"kind": "host"}

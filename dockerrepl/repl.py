@@ -39,7 +39,7 @@ from ._options import (
 from ._proxy import ChannelEndpoint, ProxyServer
 from ._results import RESULT_STATUSES
 from ._session import OutputCallback, Session
-from ._tools import RESERVED_NAMES, HostTool, host_tool
+from ._tools import RESERVED_NAMES, HostTool, host_tool, tool_specs
 from .errors import SetupCodeError
 from .types import REPLResult
 
@@ -249,6 +249,7 @@ class DockerREPL:
         on_output: Optional[OutputCallback] = None,
         filename: Optional[str] = None,
         display: bool = False,
+        value: bool = False,
     ) -> REPLResult:
         """Run one cell; state persists between cells.
 
@@ -260,7 +261,10 @@ class DockerREPL:
         ``filename`` is what tracebacks call this code (default ``<cell-N>``),
         e.g. the script's path when the code came from a file. With
         ``display=True`` a trailing expression's value is printed through
-        ``sys.displayhook``, as at Python's prompt (``2+2`` prints ``4``).
+        ``sys.displayhook``, as at Python's prompt (``2+2`` prints ``4``). With
+        ``value=True`` it is returned instead, as ``REPLResult.value`` (JSON-able
+        values as themselves, others as their repr with ``value_is_repr``; see
+        :class:`~dockerrepl.types.REPLResult`).
 
         Raises :class:`~dockerrepl.errors.ReplClosed` when the REPL was cleaned
         up, also when :meth:`cleanup` is called from another thread while the
@@ -282,9 +286,11 @@ class DockerREPL:
                 )
         if not isinstance(display, bool):
             raise TypeError(f"display must be True or False, not {type(display).__name__}")
+        if not isinstance(value, bool):
+            raise TypeError(f"value must be True or False, not {type(value).__name__}")
         limit = self.timeout if isinstance(timeout, str) and timeout == "default" else timeout
         return self._session.execute(
-            code, check_limit("timeout", limit), on_output, filename, display
+            code, check_limit("timeout", limit), on_output, filename, display, value
         )
 
     def interrupt(self) -> None:
@@ -296,6 +302,65 @@ class DockerREPL:
         at its deadline.
         """
         self._session.interrupt()
+
+    # ----------------------------------------------------- tools, variables
+    def define_tools(self, tools: Mapping[str, Any]) -> None:
+        """Add or replace custom tools in the running REPL.
+
+        Same values and rules as ``custom_tools`` (code strings, JSON data,
+        :func:`host_tool` functions; names checked with ``ValueError`` before
+        anything is sent), plus one: a host tool may take the place of an LM
+        helper (``llm_query``, ``llm_query_batched``, ``rlm_query``,
+        ``rlm_query_batched``), for a host that answers LM calls itself. A tool
+        replaces one of the same name; all survive a restarted worker or container.
+        """
+        if not isinstance(tools, Mapping):
+            raise TypeError(f"tools must be a mapping, not {type(tools).__name__}")
+        checked = tool_specs(tools)
+        if not checked.specs:
+            return
+        self._session.call("define_tools", {"tools": checked.specs})
+        # the session's specs (sent again to a new container by Session.prime) and its
+        # host functions (the proxy's table: the same dict) take the new ones
+        known = self._session.options.tools
+        known.specs.update(checked.specs)
+        for name in checked.specs:
+            if name in checked.host:
+                known.host[name] = checked.host[name]
+            else:
+                known.host.pop(name, None)
+        self.custom_tools.update({k: tools[k] for k in checked.specs})
+
+    def set_variables(self, values: Mapping[str, Any], *, file_threshold: int = 1 << 16) -> None:
+        """Bind JSON values as variables of the REPL, without running code.
+
+        Values whose JSON is longer than ``file_threshold`` characters travel as
+        files in the workspace (as contexts do) and are not copied into
+        checkpoints; smaller ones in one frame. Names must be identifiers other
+        than the REPL's helpers and ``answer`` (``ValueError``); a value JSON
+        cannot hold is a ``TypeError``; both before anything is sent.
+        """
+        if not isinstance(values, Mapping):
+            raise TypeError(f"values must be a mapping, not {type(values).__name__}")
+        small: dict[str, Any] = {}
+        large: list[tuple[str, tuple[str, str]]] = []
+        for name, value in values.items():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError(f"variable name {name!r} is not a Python identifier")
+            if name in RESERVED_NAMES and name not in ("context", "history"):
+                raise ValueError(f"variable name {name!r} is reserved by the REPL")
+            try:
+                text = json.dumps(value, ensure_ascii=False)
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise TypeError(f"variable {name!r} is not JSON-serialisable: {exc}") from None
+            if len(text) <= file_threshold:
+                small[name] = value
+            else:
+                large.append((name, (value, "text") if isinstance(value, str) else (text, "json")))
+        if small:
+            self._session.call("set_vars", {"values": small})
+        for name, encoded in large:
+            self._load_file(name, encoded, [], stem=f"_var_{name}")
 
     # --------------------------------------------------------------- context
     def load_context(self, context_payload: Union[str, dict[str, Any], list[Any]]) -> None:
@@ -320,10 +385,12 @@ class DockerREPL:
         self._context_count = max(self._context_count, index + 1)
         return index
 
-    def _load_file(self, name: str, encoded: tuple[str, str], aliases: list[str]) -> None:
+    def _load_file(
+        self, name: str, encoded: tuple[str, str], aliases: list[str], stem: str = ""
+    ) -> None:
         """Write a payload into the workspace and load it in the REPL as ``name``."""
         self._session.check_open()
-        path = self._session.workspace.write_payload(name, encoded)
+        path = self._session.workspace.write_payload(stem or name, encoded)
         args = {"name": name, "path": path, "kind": encoded[1], "aliases": aliases}
         self._session.call("load_file", args)
 

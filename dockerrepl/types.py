@@ -177,7 +177,14 @@ class RLMChatCompletion:
 
 
 class REPLResult:
-    """What one cell produced. rlm's fields, plus ``status``, ``exception``, ``output_truncated``.
+    """What one cell produced. rlm's fields, plus ``status``, ``exception``,
+    ``output_truncated``, and (asked for with ``execute_code(..., value=True)``) ``value``.
+
+    ``value`` is the cell's trailing expression's value when it is JSON of at most
+    ``max_output_bytes`` characters (tuples come back as lists, dict keys as str),
+    else its ``repr`` cut to that size, with ``value_is_repr`` True (and what was cut
+    counted in ``output_truncated["value"]``). None when the cell does not end with
+    an expression, or did not end ``ok``.
 
     ``to_dict()`` has exactly rlm's shape (the extra fields are not in it).
     """
@@ -194,6 +201,8 @@ class REPLResult:
         status: str = "ok",
         exception: Optional[str] = None,
         output_truncated: Optional[dict[str, int]] = None,
+        value: Any = None,
+        value_is_repr: bool = False,
     ) -> None:
         self.stdout = stdout
         self.stderr = stderr
@@ -204,6 +213,8 @@ class REPLResult:
         self.status = status
         self.exception = exception
         self.output_truncated: dict[str, int] = dict(output_truncated or {})
+        self.value = value
+        self.value_is_repr = value_is_repr
 
     @property
     def llm_calls(self) -> list[RLMChatCompletion]:

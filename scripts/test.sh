@@ -14,13 +14,29 @@ echo "== python deps"
 # checkouts could import another checkout's dockerrepl
 # shellcheck source=scripts/python-env.sh
 . scripts/python-env.sh
+# the integrations' hosts, pinned to the lines tested: dspy 3.4 here, 3.3 in a second
+# small venv below (tests/interop/test_dspy.py only), smolagents
+DEPS=(-e '.[test,dev,smolagents]' rlms 'dspy>=3.4,<3.5')
 if [ -n "${PYTHON:-}" ]; then
   PY="$PYTHON"
-  "$PY" -m pip install -q -e '.[test,dev]' rlms >/dev/null
+  "$PY" -m pip install -q "${DEPS[@]}" >/dev/null
 else
-  dr_venv -e '.[test,dev]' rlms
+  dr_venv "${DEPS[@]}"
 fi
 "$PY" -c 'import sys; print("python", sys.version.split()[0], sys.executable)'
+"$PY" -c 'import dspy, smolagents; print("dspy", dspy.__version__, "smolagents", smolagents.__version__)'
+# dspy 3.3 (no extra arguments: the whole run): dockerrepl from this checkout, on PYTHONPATH
+PY33=""
+if [ "$#" = 0 ]; then
+  V33="${DOCKERREPL_VENV:-$ROOT/.venv}-dspy33"
+  if ! "$V33/bin/python" -c 'import sys' >/dev/null 2>&1; then
+    "$PY" -m venv "$V33"
+  fi
+  "$V33/bin/python" -m pip install -q --disable-pip-version-check \
+    'dspy>=3.3,<3.4' dill pytest pytest-timeout >&2
+  PY33="$V33/bin/python"
+  "$PY33" -c 'import dspy; print("dspy", dspy.__version__, "(second venv)")'
+fi
 
 echo "== docker engine"
 if ! timeout 20 docker info >/dev/null 2>&1; then
@@ -61,6 +77,10 @@ echo "== pytest"
 set +e
 "$PY" -m pytest -q -p no:cacheprovider "$@"
 rc=$?
+if [ -n "$PY33" ]; then
+  echo "== pytest: tests/interop/test_dspy.py on dspy 3.3"
+  PYTHONPATH="$ROOT" "$PY33" -m pytest -q -p no:cacheprovider tests/interop/test_dspy.py || rc=1
+fi
 set -e
 left=$(docker ps -aq --filter label=dockerrepl.version | wc -l)
 if [ "$left" != 0 ]; then

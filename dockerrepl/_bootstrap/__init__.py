@@ -8,14 +8,15 @@ memory and runs ``main.main()`` as the container's main process. Its state
 no file a cell could change. It runs on any Python >= 3.8 with only the standard
 library (dill is optional: the image's, or the host's sent with the code) and
 imports nothing from the host package; the host imports ``protocol``, ``loader``'s
-text and ``files``' path walk from it, nothing else.
+text, ``files``' path walk and ``reprs``' bounded repr from it, nothing else.
 
 Modules, in the order they build on each other:
 
 * ``protocol``: the wire contract (version, caps, names, statuses) and framing;
 * ``hardening``: keeping the supervisor out of the cell's reach;
 * ``paths``: where the code and the state are;
-* ``namespace``: the REPL namespace, running a cell, bounded reprs;
+* ``reprs``: bounded reprs (of ``locals``, and of a non-JSON value);
+* ``namespace``: the REPL namespace, running a cell;
 * ``client``, ``scaffold``: ``llm_query`` & co, ``SHOW_VARS``, custom tools;
 * ``store``, ``checkpoint``: the checkpoint on disk, and the snapshots that write it;
 * ``worker``: the worker process (cells and the host's operations);

@@ -10,12 +10,12 @@ import ast
 import json
 import linecache
 import os
-import reprlib
 import sys
 import traceback
 import types
 
 from . import paths, protocol
+from .reprs import bounded_repr
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -38,6 +38,8 @@ class Repl:
         self.cell_id = 0
         #: name -> (id(value), path, kind): skipped by checkpoints, reloaded on restore
         self.file_backed: dict[str, tuple[int, str, str]] = {}
+        #: the last cell's trailing-expression value, when the host asked for it
+        self.value: Any = None
 
     def new_namespace(self) -> dict[str, Any]:
         """A fresh ``__main__`` module whose dict becomes the namespace."""
@@ -76,7 +78,11 @@ REPL = Repl()
 
 
 def exec_cell(
-    code: str, cell_id: int, filename: str | None = None, display: bool = False
+    code: str,
+    cell_id: int,
+    filename: str | None = None,
+    display: bool = False,
+    value: bool = False,
 ) -> tuple[str, str | None]:
     """Run ``code`` in the namespace: ``(status, exception name)``; its output and
     traceback go to the worker's stdout and stderr.
@@ -84,9 +90,12 @@ def exec_cell(
     ``filename`` is what tracebacks call the code (default ``<cell-N>``). With
     ``display``, a trailing expression statement's value goes to sys.displayhook,
     as at Python's prompt: it is compiled in "single" mode on its own, from the
-    same parse, so every line keeps its number in tracebacks.
+    same parse, so every line keeps its number in tracebacks. With ``value``
+    (and not ``display``), it is evaluated on its own instead and kept in
+    ``REPL.value`` (None when the cell does not end with an expression).
     """
     ns = REPL.ns
+    REPL.value = None
     if not isinstance(ns.get("answer"), dict):
         REPL.reset_answer()
     status, exc_name = "ok", None
@@ -94,7 +103,7 @@ def exec_cell(
         filename = "<cell-%d>" % cell_id
     try:
         try:
-            parts = _compile(code, filename, display)
+            parts = _compile(code, filename, display, value and not display)
         except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError) as e:
             status, exc_name = "error", type(e).__name__
             text = "".join(traceback.format_exception_only(type(e), e))
@@ -102,8 +111,11 @@ def exec_cell(
         else:
             linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
             try:
-                for part in parts:
-                    exec(part, ns)
+                for i, part in enumerate(parts):
+                    if i == 1 and value and not display:
+                        REPL.value = eval(part, ns)
+                    else:
+                        exec(part, ns)
             except SystemExit as e:
                 status, exc_name = "error", "SystemExit"
                 sys.stderr.write("SystemExit: %s\n" % ("" if e.code is None else e.code))
@@ -118,29 +130,69 @@ def exec_cell(
     return status, exc_name
 
 
-def _compile(code: str, filename: str, display: bool) -> list[Any]:
+def _compile(code: str, filename: str, display: bool, value: bool = False) -> list[Any]:
     """The code objects to run in order: the cell, or its body and then its trailing
-    expression in "single" mode (which prints the value through sys.displayhook)."""
-    if not display:
+    expression in "single" mode (which prints the value through sys.displayhook), or
+    with ``value`` in "eval" mode (whose code object is named ``<expression>``)."""
+    if not display and not value:
         return [compile(code, filename, "exec", dont_inherit=True)]
     tree = ast.parse(code, filename, "exec")
     if not tree.body or not isinstance(tree.body[-1], ast.Expr):
         return [compile(tree, filename, "exec", dont_inherit=True)]
     last = tree.body.pop()
+    if value and isinstance(last, ast.Expr):
+        return [
+            compile(tree, filename, "exec", dont_inherit=True),
+            compile(ast.Expression(body=last.value), filename, "eval", dont_inherit=True),
+        ]
     return [
         compile(tree, filename, "exec", dont_inherit=True),
         compile(ast.Interactive(body=[last]), filename, "single", dont_inherit=True),
     ]
 
 
-def cell_result(status: str, exc_name: str | None) -> dict[str, Any]:
-    """The worker's "done" frame's fields for a cell that ended so."""
-    return {
+def cell_result(status: str, exc_name: str | None, value: bool = False) -> dict[str, Any]:
+    """The worker's "done" frame's fields for a cell that ended so (with ``value``: the
+    trailing expression's, see :func:`encode_value`)."""
+    out = {
         "status": status,
         "exception": exc_name,
         "locals": _locals_snapshot(),
         "final_answer": _final_answer(),
     }
+    if value:
+        v, REPL.value = REPL.value, None
+        out["value"] = encode_value(v, int(REPL.config.get("max_output", 1 << 20)))
+    return out
+
+
+def encode_value(value: Any, cap: int) -> dict[str, Any]:
+    """A value for the result frame: ``{"kind": "json", "data": value}`` when it is JSON
+    of at most ``cap`` characters, else ``{"kind": "repr", "data": repr, "dropped": n}``
+    (the repr cut to ``cap`` characters, head and tail kept; never raises)."""
+    if value is None:
+        return {"kind": "json", "data": None}
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        if len(text) <= cap:
+            return {"kind": "json", "data": value}
+    except BaseException as e:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+    # a long str is sliced first: its whole repr is never built
+    try:
+        text = repr(value[: cap + 1] if isinstance(value, str) else value)
+        if not isinstance(text, str):
+            raise TypeError("__repr__ returned %s" % type(text).__name__)
+    except BaseException as e:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        text = bounded_repr(value, 1000)  # says what failed
+    dropped = max(0, len(value) - cap) if isinstance(value, str) else 0
+    if len(text) > cap:
+        dropped += len(text) - cap
+        text = protocol.cut(text, cap, "the value")
+    return {"kind": "repr", "data": text, "dropped": dropped}
 
 
 def flush_std() -> None:
@@ -195,68 +247,3 @@ def _final_answer() -> str | None:
                 text = "<answer content could not be converted to str>"
         return protocol.cut(text, protocol.FINAL_ANSWER_CAP, "the final answer")
     return None
-
-
-# --------------------------------------------------------------------------- bounded reprs
-class _BoundedRepr(reprlib.Repr):
-    def __init__(self, cap: int) -> None:
-        reprlib.Repr.__init__(self)
-        self.maxlevel = 3
-        self.maxtuple = self.maxlist = self.maxarray = self.maxdeque = 30
-        self.maxdict = 20
-        self.maxset = self.maxfrozenset = 30
-        self.maxstring = cap
-        self.maxlong = cap
-        self.maxother = cap
-
-    # reprlib sorts sets, an O(n log n) cost per cell on big sets: show them unsorted
-    def repr_set(self, x: set[Any], level: int) -> str:
-        return self._unsorted(x, level, "{", "}", self.maxset, "set()")
-
-    def repr_frozenset(self, x: frozenset[Any], level: int) -> str:
-        return self._unsorted(x, level, "frozenset({", "})", self.maxfrozenset, "frozenset()")
-
-    def _unsorted(
-        self, x: set[Any] | frozenset[Any], level: int, left: str, right: str, maxn: int, empty: str
-    ) -> str:
-        if not x:
-            return empty
-        if level <= 0:
-            return left + "..." + right
-        import itertools
-
-        pieces = [self.repr1(e, level - 1) for e in itertools.islice(x, maxn)]
-        if len(x) > maxn:
-            pieces.append("...")
-        return left + ", ".join(pieces) + right
-
-    def repr_instance(self, x: object, level: int) -> str:
-        return repr(x)
-
-
-def bounded_repr(value: object, cap: int) -> str:
-    """``repr(value)`` in at most about ``cap`` characters; never raises (but for
-    KeyboardInterrupt and SystemExit)."""
-    try:
-        if isinstance(value, (str, bytes, bytearray)):
-            if len(value) > cap:
-                # escapes (\x00, \U000e0001) make a repr up to 10x longer than its text
-                return repr(value[:cap])[:cap] + "... (%d total)" % len(value)
-            s = repr(value)
-        elif isinstance(value, (list, tuple, dict, set, frozenset)):
-            s = _BoundedRepr(cap).repr(value)
-        else:
-            s = repr(value)
-        if not isinstance(s, str):
-            s = "<%s with a non-str __repr__>" % type(value).__name__
-    except BaseException as e:  # a broken __repr__ must not fail the cell
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        s = "<%s object; repr failed: %s: %s>" % (
-            type(value).__name__[:200],
-            type(e).__name__[:200],
-            str(e)[:200],
-        )
-    if len(s) > cap:
-        s = s[:cap] + "... (%d chars)" % len(s)
-    return s

@@ -4,6 +4,8 @@ the worker's locals and replies, bounded by the contract's caps.
 
 from __future__ import annotations
 
+import json
+
 from . import protocol
 
 TYPE_CHECKING = False
@@ -61,6 +63,39 @@ def clean_locals(raw: Any, cap: int) -> dict[str, str]:
                 v if len(v) <= cap + protocol.REPR_SLACK else v[:cap] + "... (%d chars)" % len(v)
             )
     return out
+
+
+def clean_value(raw: Any, cap: int) -> dict[str, Any] | None:
+    """A cell's value (see namespace.encode_value) as it may go to the host: its keys,
+    a repr cut to ``cap`` characters; a "json" value of more than ``cap`` characters
+    (the worker's bound) is replaced by a note."""
+    if not isinstance(raw, dict) or raw.get("kind") not in protocol.VALUE_KINDS:
+        return None
+    data = raw.get("data")
+    dropped = raw.get("dropped")
+    dropped = dropped if type(dropped) is int and dropped >= 0 else 0
+    if raw["kind"] == "repr":
+        if not isinstance(data, str):
+            return None
+        if len(data) > cap + protocol.TEXT_SLACK:
+            dropped += len(data) - cap
+            data = protocol.cut(data, cap, "the value")
+        return {"kind": "repr", "data": data, "dropped": dropped}
+    if data is not None and not isinstance(data, (bool, int, float, str)):
+        size = len(json.dumps(data, ensure_ascii=False))
+        if size > cap + protocol.TEXT_SLACK:
+            return {
+                "kind": "repr",
+                "data": "<a value of %d characters of JSON>" % size,
+                "dropped": size,
+            }
+    elif isinstance(data, str) and len(data) > cap + protocol.TEXT_SLACK:
+        return {
+            "kind": "repr",
+            "data": protocol.cut(repr(data), cap, "the value"),
+            "dropped": len(data) - cap,
+        }
+    return {"kind": "json", "data": data}
 
 
 def clean_reply(msg: dict[str, Any]) -> bytes:

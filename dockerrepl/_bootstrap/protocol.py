@@ -35,6 +35,7 @@ __all__ = [
     "RESULT_STATUSES",
     "SCAFFOLD_FUNCS",
     "TEXT_SLACK",
+    "VALUE_KINDS",
     "VERSION",
     "WORKER_STATUSES",
     "FrameReader",
@@ -76,6 +77,10 @@ TEXT_SLACK = 64 << 10
 #: threads; the proxy serves as many per session (a cell's 256 threads wait in the
 #: container for one, not in the host's backlog).
 PROXY_CONNECTIONS = 32
+#: A result's trailing-expression value (asked for with the exec frame's ``"value": true``)
+#: is ``{"kind": "json", "data": v}`` for JSON of at most max_output characters, else
+#: ``{"kind": "repr", "data": text, "dropped": n}`` (the repr, cut to max_output).
+VALUE_KINDS = ("json", "repr")
 #: The largest reply to a host "call" (the worker's own are a few hundred bytes; cell
 #: code can replace the worker's operations, so a larger one is refused).
 MAX_REPLY = 1 << 20

@@ -216,9 +216,12 @@ def set_compaction(history: list[Any]) -> None:
 
 
 def set_tools(tools: dict[str, Any]) -> None:
-    """Install custom tools: code strings exec'd, data set, host tools as stubs."""
+    """Install (or replace) custom tools: code strings exec'd, data set, host tools as
+    stubs; kept with those sent before, for a respawned worker."""
     _define_tools(tools, restoring=False)
-    _save("tools", tools)
+    merged = dict(SCAFFOLD.sent.get("tools") or {})
+    merged.update(tools)
+    _save("tools", merged)
 
 
 def reload_scaffold() -> None:
@@ -248,6 +251,7 @@ def _define_tools(tools: dict[str, Any], restoring: bool) -> None:
     ns = REPL.ns
     for name, spec in tools.items():
         kind = spec.get("kind")
+        SCAFFOLD.tools.pop(name, None)  # replaced: the old one is not put back
         if kind == "code":
             ns.pop(name, None)
             exec(compile(spec["code"], "<tool %s>" % name, "exec", dont_inherit=True), ns)

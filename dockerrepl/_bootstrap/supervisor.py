@@ -17,7 +17,7 @@ import time
 from . import paths, protocol
 from .files import purge_workspace
 from .hardening import capability_sets, channel_shared_with_init
-from .output import OutputBuffer, clean_locals, clean_reply
+from .output import OutputBuffer, clean_locals, clean_reply, clean_value
 from .procs import PIDS_NOTE, OomCounter, in_container, pids_exhausted
 from .relay import Relay
 from .report import cgroup_limits, checkpoint_cell, dill_origin, probe
@@ -201,6 +201,7 @@ class Supervisor(WorkerSlot):
             if isinstance(answer, str)
             else None,
             "truncated": {"stdout": self.out.dropped, "stderr": self.err.dropped},
+            "value": clean_value(msg.get("value"), self.out.cap) if req.get("value") else None,
         }
         self.out.reset()
         self.err.reset()

@@ -84,7 +84,11 @@ OPS: dict[str, Callable[[dict[str, Any]], Any]] = {
 
 
 def run_cell(
-    code: str, cell_id: int, filename: str | None = None, display: bool = False
+    code: str,
+    cell_id: int,
+    filename: str | None = None,
+    display: bool = False,
+    value: bool = False,
 ) -> dict[str, Any]:
     """Run one cell; the "done" frame's fields."""
     REPL.cell_id = cell_id
@@ -92,9 +96,9 @@ def run_cell(
         CHECKPOINTER.report()
     except Exception:
         pass
-    status, exc_name = exec_cell(code, cell_id, filename, display)
+    status, exc_name = exec_cell(code, cell_id, filename, display, value)
     install_scaffold()
-    return cell_result(status, exc_name)
+    return cell_result(status, exc_name, value)
 
 
 def reap_children(pids: Iterable[Any], wait: float = 2.0) -> None:
@@ -198,6 +202,7 @@ def _serve(ctrl: socket.socket, auto: Any) -> None:
                     int(msg.get("id", 0)),
                     name if isinstance(name, str) else None,
                     msg.get("display") is True,
+                    msg.get("value") is True,
                 )
                 res["type"] = "done"
                 res["id"] = msg.get("id")

@@ -387,8 +387,10 @@ def test_bootstrap_imports_only_itself_and_the_host_only_its_protocol():
             if isinstance(node, ast.ImportFrom) and "_bootstrap" in (node.module or ""):
                 taken.update(f"{node.module}:{alias.name}" for alias in node.names)
     # the contract; the loader (its text is the -c program); the workspace path walk,
-    # which the host uses on a mount and the supervisor on a volume
+    # which the host uses on a mount and the supervisor on a volume; the bounded repr of
+    # locals, which the DSPy integration compares with the one it expects
     assert taken == {
+        "_bootstrap.reprs:bounded_repr",
         "_bootstrap:protocol",
         "_bootstrap:loader",
         "_bootstrap.files:remove_tree",
