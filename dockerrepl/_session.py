@@ -111,6 +111,8 @@ class Session(SessionFiles):
         # first cell's stderr; when it says just what the host's note already said, it
         # is dropped (one note per restore). The worker's line the host expects:
         self.restore_echo: Optional[str] = None
+        #: a note for the next cell's stderr (what a fork or a resume did not carry over)
+        self.pending_note = ""
         self.cell = 0
         self.req = 0
         self.restarts = 0
@@ -548,7 +550,8 @@ class Session(SessionFiles):
         start = time.perf_counter()
         with self.held():
             self.check_open()
-            note = self.ensure_container()
+            note, self.pending_note = self.pending_note, ""
+            note += self.ensure_container()
             note += self.sync()
             self.cell += 1
             cell = self.cell

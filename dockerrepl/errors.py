@@ -29,7 +29,9 @@ argument type, an impossible value) stay ``TypeError`` / ``ValueError``.
     ├── SetupCodeError              setup_code failed in the REPL (its traceback is kept)
     ├── CellTimeout                 (also TimeoutError) raised only by APIs that cannot
     │                               report a timeout in a REPLResult
-    └── WorkspacePathError          (also ValueError) a remote path escapes /workspace
+    ├── WorkspacePathError          (also ValueError) a remote path escapes /workspace
+    └── SessionFileError            (also ValueError) a saved-session file is foreign,
+                                    truncated, corrupt, too large or from a newer format
 
 Every error keeps plain data (strings, ints) in ``args`` and survives a pickle
 round trip, so it can cross process boundaries.
@@ -58,6 +60,7 @@ __all__ = [
     "ProxyError",
     "ReplClosed",
     "SecurityCheckError",
+    "SessionFileError",
     "SetupCodeError",
     "TransportUnavailable",
     "WorkspacePathError",
@@ -184,3 +187,20 @@ class CellTimeout(DockerReplError, TimeoutError):
 
 class WorkspacePathError(DockerReplError, ValueError):
     """A container-side path escapes ``/workspace`` (``..``, absolute path, symlink)."""
+
+
+class SessionFileError(DockerReplError, ValueError):
+    """A file given to :meth:`DockerREPL.resume` cannot be one: ``reason`` is one of
+    ``"foreign"`` (not a dockerrepl session file), ``"truncated"``, ``"corrupt"`` (a
+    checksum or an entry does not match), ``"too_large"`` (over the size cap) or
+    ``"newer"`` (written by a newer format version than this dockerrepl reads);
+    ``path`` is the file. The message says what is wrong."""
+
+    def __init__(self, message: str, reason: str = "corrupt", path: str = "") -> None:
+        super().__init__(message, reason, path)
+        self.message = message
+        self.reason = reason
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.message

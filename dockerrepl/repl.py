@@ -39,6 +39,15 @@ from ._options import (
 from ._proxy import ChannelEndpoint, ProxyServer
 from ._results import RESULT_STATUSES
 from ._session import OutputCallback, Session
+from ._sessions import (
+    MAX_SESSION_BYTES,
+    export_workspace,
+    import_workspace,
+    read_session_file,
+    remove_scratch,
+    scratch_dir,
+    write_session_file,
+)
 from ._tools import RESERVED_NAMES, HostTool, host_tool, tool_specs
 from .errors import SetupCodeError
 from .types import REPLResult
@@ -63,6 +72,13 @@ DEFAULT_CELL_TIMEOUT = _options.DEFAULT_CELL_TIMEOUT
 
 #: The longest ``filename`` :meth:`DockerREPL.execute_code` takes.
 MAX_FILENAME = 255
+
+
+def _check_bytes(value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"max_bytes must be an int, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"max_bytes must be >= 1, not {value}")
 
 
 class DockerREPL:
@@ -195,6 +211,16 @@ class DockerREPL:
         # locals() here is exactly the named arguments (and self, and kwargs).
         named = {k: v for k, v in locals().items() if k not in ("self", "kwargs")}
         options = ReplOptions.build(**named)
+        # what fork() builds its children with (the context and setup code excepted:
+        # a child gets the parent's namespace and workspace instead)
+        self._init_args = {
+            k: v for k, v in named.items() if k not in ("context_payload", "setup_code")
+        }
+        #: what this REPL lacks of the session it was forked or resumed from ("" if
+        #: nothing, or if it was neither): also prepended to its first cell's stderr
+        self.restore_note = ""
+        #: the names it lacks (values dill could not pickle, host tools not given again)
+        self.lacking: list[str] = []
         # the encoded context can be large: loaded below, not kept
         payload, options = options.context, replace(options, context=None)
         self._options = options
@@ -443,6 +469,164 @@ class DockerREPL:
         value = self._session.call("checkpoint", {"cell": self._session.cell})
         skipped = value.get("skipped") if isinstance(value, dict) else None
         return [str(k) for k in skipped] if isinstance(skipped, list) else []
+
+    # ---------------------------------------------------- sessions as values
+    def save(
+        self, path: Union[str, os.PathLike[str]], *, max_bytes: int = MAX_SESSION_BYTES
+    ) -> list[str]:
+        """Write this session to one portable file at ``path``; returns the names not saved.
+
+        The file (a zip: a JSON manifest with versions, and the workspace as a tar)
+        holds the namespace as of the last completed cell (a checkpoint taken now),
+        the contexts, histories, uploaded files, the compaction history and the
+        code and data tools; host tools are named, and must be given again to
+        :meth:`resume`. Values dill cannot pickle are not in it: their names are
+        returned (and the REPL keeps them). A cell another thread runs is waited
+        for; the REPL is unchanged. Over ``max_bytes`` (default 4 GiB):
+        ``ValueError``, and no file is written.
+        """
+        _check_bytes(max_bytes)
+        target = os.fspath(path)
+        scratch = scratch_dir(os.path.dirname(os.path.abspath(target)))
+        try:
+            tar = os.path.join(scratch, "workspace.tar")
+            info = export_workspace(self, tar, int(max_bytes))
+            write_session_file(target, tar, info)
+        finally:
+            remove_scratch(scratch)
+        return list(info["skipped"])
+
+    @classmethod
+    def resume(
+        cls,
+        path: Union[str, os.PathLike[str]],
+        *,
+        max_bytes: int = MAX_SESSION_BYTES,
+        **options: Any,
+    ) -> DockerREPL:
+        """A new REPL from a file :meth:`save` wrote, in this process or any other.
+
+        ``options`` are the constructor's (the saved session brings its own context and
+        namespace: ``context_payload`` and ``setup_code`` are refused); host tools must be
+        given again as ``custom_tools``. The file is checked before anything starts
+        (the host never unpickles anything from it: only the new container does):
+        :class:`~dockerrepl.errors.SessionFileError` says when it is foreign,
+        truncated, corrupt, over ``max_bytes`` or from a newer format version.
+        What the new REPL lacks is in :attr:`restore_note` and :attr:`lacking`.
+        """
+        for name in ("context_payload", "setup_code"):
+            if options.get(name) is not None:
+                raise ValueError(f"resume() takes no {name}: the saved session brings its own")
+        _check_bytes(max_bytes)
+        source = os.fspath(path)
+        scratch = scratch_dir(options.get("workspace_dir"))
+        try:
+            manifest, tar = read_session_file(source, scratch, int(max_bytes))
+            state = manifest["state"]
+            if state.get("compaction") and "compaction" not in options:
+                options["compaction"] = True
+            repl = cls(**options)
+            try:
+                reply = import_workspace(repl, tar, state)
+                repl._restored(
+                    f"resumed from {source} (saved after cell {state.get('cell', '?')})",
+                    list(manifest.get("skipped") or []),
+                    reply,
+                )
+            except BaseException:
+                repl.cleanup()
+                raise
+            return repl
+        finally:
+            remove_scratch(scratch)
+
+    def fork(self, n: int = 1, *, pool: Optional[Any] = None, **overrides: Any) -> list[DockerREPL]:
+        """``n`` new REPLs, each starting from this one's namespace and workspace.
+
+        Each child gets the namespace as of the last completed cell (a cell another
+        thread runs is waited for), the contexts, histories, uploaded files, tools
+        (host tools too) and compaction history; afterwards the children and this
+        REPL are independent. This REPL is unchanged and keeps the objects dill
+        cannot pickle; a child lacks them and says so (:attr:`restore_note`,
+        :attr:`lacking`, and its first cell's stderr). Children are built with this
+        REPL's arguments and ``overrides``, or taken from ``pool``
+        (a :class:`~dockerrepl.DockerREPLPool`: its options, no ``overrides``). The
+        caller owns them (``cleanup()``); if one cannot be made, none is returned.
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 256:
+            raise ValueError(f"n must be an int from 1 to 256, not {n!r}")
+        for name in ("context_payload", "setup_code"):
+            if overrides.get(name) is not None:
+                raise ValueError(f"fork() takes no {name}: a child gets the parent's namespace")
+        if pool is not None and overrides:
+            raise ValueError("children from a pool are built with the pool's options")
+        self._session.check_open()
+        args = {
+            **self._init_args,
+            "custom_tools": dict(self.custom_tools),
+            "lm_handler_address": self.lm_handler_address,
+            **overrides,
+        }
+        scratch = scratch_dir(self._options.workspace_dir)
+        children: list[Optional[DockerREPL]] = [None] * n
+        errors: list[BaseException] = []
+        try:
+            tar = os.path.join(scratch, "workspace.tar")
+            info = export_workspace(self, tar, MAX_SESSION_BYTES)
+            state = info["state"]
+            why = f"forked from {self.container_name} after cell {state.get('cell')}"
+
+            def make(i: int) -> None:
+                try:
+                    if pool is not None:
+                        child: DockerREPL = pool.acquire()
+                        children[i] = child
+                        child.lm_handler_address = self.lm_handler_address
+                        if self.custom_tools:
+                            child.define_tools(self.custom_tools)
+                    else:
+                        child = DockerREPL(**args)
+                        children[i] = child
+                    reply = import_workspace(child, tar, state)
+                    child._restored(why, info["skipped"], reply)
+                except BaseException as exc:
+                    errors.append(exc)
+
+            threads = [
+                threading.Thread(target=make, args=(i,), name="dockerrepl-fork", daemon=True)
+                for i in range(1, n)
+            ]
+            for t in threads:
+                t.start()
+            make(0)
+            for t in threads:
+                t.join()
+        finally:
+            remove_scratch(scratch)
+        if errors:
+            for c in children:
+                if c is not None:
+                    c.cleanup()
+            raise errors[0]
+        return [c for c in children if c is not None]
+
+    def _restored(self, why: str, skipped: list[str], reply: dict[str, Any]) -> None:
+        """Say what a forked or resumed REPL lacks (never a silent drop)."""
+        lacking = sorted(set(skipped) | set(reply.get("skipped") or []))
+        missing_tools = list(reply.get("host_tools_missing") or [])
+        parts = []
+        if lacking:
+            parts.append("not carried over (dill cannot pickle them): " + ", ".join(lacking))
+        if missing_tools:
+            parts.append(
+                "host tools not given again (pass them as custom_tools): "
+                + ", ".join(missing_tools)
+            )
+        self.lacking = lacking + missing_tools
+        if parts:
+            self.restore_note = f"dockerrepl: {why}; " + "; ".join(parts) + "\n"
+            self._session.pending_note = self.restore_note
+            log.warning("%s", self.restore_note.strip())
 
     # ----------------------------------------------------------------- files
     def upload(

@@ -84,6 +84,11 @@ VALUE_KINDS = ("json", "repr")
 #: The largest reply to a host "call" (the worker's own are a few hundred bytes; cell
 #: code can replace the worker's operations, so a larger one is refused).
 MAX_REPLY = 1 << 20
+# Sessions as values (save, resume, fork): the top-level workspace files the
+# "export" call leaves for the host to copy out, and the one the host copies in for
+# "import" (opaque tar bytes to the host; only a container unpickles what is in them)
+EXPORT_NAME = "_dockerrepl_export.tar"
+IMPORT_NAME = "_dockerrepl_import.tar"
 
 
 def cut(text: str, cap: int, what: str) -> str:

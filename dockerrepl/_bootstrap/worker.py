@@ -16,6 +16,7 @@ from . import paths, protocol
 from .checkpoint import CHECKPOINTER
 from .namespace import REPL, cell_result, exec_cell, flush_std
 from .scaffold import install_scaffold, reload_scaffold, set_compaction, set_tools
+from .sessions import op_drop_export, op_export, op_import
 from .store import STORE, restore_checkpoint, start_epoch
 
 TYPE_CHECKING = False
@@ -80,6 +81,9 @@ OPS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "checkpoint": op_checkpoint,
     "restore": op_restore,
     "names": op_names,
+    "export": op_export,
+    "drop_export": op_drop_export,
+    "import": op_import,
 }
 
 

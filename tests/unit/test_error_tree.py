@@ -29,6 +29,7 @@ from dockerrepl.errors import (
     ProxyError,
     ReplClosed,
     SecurityCheckError,
+    SessionFileError,
     SetupCodeError,
     TransportUnavailable,
     WorkspacePathError,
@@ -61,6 +62,7 @@ PARENT = {
     SetupCodeError: DockerReplError,
     CellTimeout: DockerReplError,
     WorkspacePathError: DockerReplError,
+    SessionFileError: DockerReplError,
 }
 
 
@@ -80,11 +82,12 @@ def test_builtin_bases_where_the_meaning_matches():
     assert issubclass(DockerTimeout, TimeoutError)
     assert issubclass(CellTimeout, TimeoutError)
     assert issubclass(WorkspacePathError, ValueError)
+    assert issubclass(SessionFileError, ValueError)
     # and only there: `except ValueError` must not swallow engine failures
     for cls in ALL:
         if cls not in (DockerTimeout, CellTimeout):
             assert not issubclass(cls, TimeoutError), cls
-        if cls is not WorkspacePathError:
+        if cls not in (WorkspacePathError, SessionFileError):
             assert not issubclass(cls, (ValueError, TypeError)), cls
 
 
