@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("repl", parents=[common], help="an interactive prompt in a sandbox")
     add_sandbox_options(i)
+    i.add_argument(
+        "--resume", metavar="FILE", help="start from a session saved by --save, :save or save()"
+    )
+    i.add_argument(
+        "--save", metavar="FILE", help="save the session to FILE on exit (also: `:save FILE`)"
+    )
 
     g = sub.add_parser(
         "gc",

@@ -99,6 +99,21 @@ def _save_history(readline: Optional[Any]) -> None:
         log.debug("could not save the history to %s: %s", path, exc)
 
 
+def _save(repl: Any, path: Optional[str]) -> None:
+    """``:save FILE`` and ``--save FILE``: the session to one file (see DockerREPL.save)."""
+    if not path:
+        sys.stderr.write("dockerrepl: :save needs a file name (`:save FILE`)\n")
+        return
+    try:
+        lacking = repl.save(path)
+    except Exception as exc:
+        sys.stderr.write(f"dockerrepl: the session was not saved to {path}: {exc}\n")
+        return
+    extra = f" (not saved, dill cannot pickle them: {', '.join(lacking)})" if lacking else ""
+    sys.stderr.write(f"dockerrepl: session saved to {path}{extra}\n")
+    sys.stderr.flush()
+
+
 def cmd_repl(args: argparse.Namespace) -> int:
     """``dockerrepl repl``: read cells from the terminal and run them in one sandbox."""
     interactive = sys.stdin.isatty()
@@ -145,6 +160,9 @@ def cmd_repl(args: argparse.Namespace) -> int:
                 continue
             if not buf and line.strip() in _EXIT_WORDS:
                 return 0
+            if not buf and line.strip().startswith(":save"):
+                _save(repl, line.strip()[len(":save") :].strip() or args.save)
+                continue
             buf.append(line)
             source = "\n".join(buf)
             if not is_complete(source):
@@ -164,6 +182,8 @@ def cmd_repl(args: argparse.Namespace) -> int:
             if out.broken:
                 return 1
     finally:
+        if getattr(args, "save", None) and box.repl is not None and not box.repl._session.closed:
+            _save(box.repl, args.save)
         nudge.stop()
         if readline is not None:
             _save_history(readline)

@@ -353,19 +353,25 @@ class Sandbox:
         def start() -> None:
             self.handler = LMHandler(client)
             self.handler.start()
-            self.repl = DockerREPL(
-                image=self.image,
-                lm_handler_address=self.handler.address,
-                context_payload=context,
-                timeout=a.timeout or None,
-                memory=memory,
-                cpus=a.cpus or None,
-                network=a.network,
-                transport=a.transport,
-                docker=self.docker.binary,
-                docker_host=self.docker.host,
-                context=self.docker.context,
-            )
+            options = {
+                "image": self.image,
+                "lm_handler_address": self.handler.address,
+                "timeout": a.timeout or None,
+                "memory": memory,
+                "cpus": a.cpus or None,
+                "network": a.network,
+                "transport": a.transport,
+                "docker": self.docker.binary,
+                "docker_host": self.docker.host,
+                "context": self.docker.context,
+            }
+            resume = getattr(a, "resume", None)
+            if resume:
+                if context is not None:
+                    raise CliError("--resume brings its own context: --context cannot be given")
+                self.repl = DockerREPL.resume(resume, **options)
+            else:
+                self.repl = DockerREPL(context_payload=context, **options)
 
         in_quiet_thread(start)
         assert self.repl is not None

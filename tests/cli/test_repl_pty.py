@@ -178,3 +178,18 @@ def test_a_one_line_expressions_error_is_on_line_1(image: str) -> None:
     assert 'File "<stdin>", line 1, in <module>' in done.err, done.err
     assert "<cell-" not in done.err
     assert done.out == "4\n"
+
+
+def test_save_and_resume_a_session(image: str, tmp_path: Path) -> None:
+    env = base_env(DOCKERREPL_IMAGE=image)
+    first, second = str(tmp_path / "a.drepl"), str(tmp_path / "b.drepl")
+    done = cli(
+        "repl", "--backend", "echo", "--save", second, env=env,
+        stdin=f"a = 41\n:save {first}\na += 1\n",
+    )  # fmt: skip
+    assert done.rc == 0, done.err
+    assert f"session saved to {first}" in done.err and f"session saved to {second}" in done.err
+    for path, want in ((first, "41\n"), (second, "42\n")):
+        back = cli("repl", "--backend", "echo", "--resume", path, env=env, stdin="a\n")
+        assert back.rc == 0, back.err
+        assert back.out == want
