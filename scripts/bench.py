@@ -547,6 +547,126 @@ def bench_pool(kwargs: dict[str, Any], n: int, out: dict[str, Any]) -> None:
     out["pool_first_cell"] = stats(first_cells)
 
 
+# ---------------------------------------------------------------- sessions
+SESSION_SIZES_MB = (1, 10, 100)
+SESSION_FORK_N = 8
+
+
+def _state_cell(mb: int) -> str:
+    # many objects, as a real namespace has: 64 KiB byte strings and a dict of floats
+    return (
+        "import os\n"
+        f"blobs = [os.urandom(1 << 16) for _ in range({mb} * 16)]\n"
+        "table = {i: i / 7 for i in range(1000)}"
+    )
+
+
+def bench_sessions(kwargs: dict[str, Any], quick: bool, out: dict[str, Any]) -> None:
+    """save, resume, fork (with and without a warm pool) against the state size."""
+    import tempfile
+
+    from dockerrepl import DockerREPL, DockerREPLPool
+
+    reps = 2 if quick else 3
+    scratch = tempfile.mkdtemp(prefix="bench-sessions-")
+    pool = DockerREPLPool(size=SESSION_FORK_N, **kwargs)
+    REG.pools.append(pool)
+
+    def warm() -> None:
+        deadline = time.monotonic() + 180
+        while pool.ready_count < SESSION_FORK_N:
+            if time.monotonic() > deadline:
+                raise BenchError("the pool did not refill within 180 s")
+            time.sleep(0.02)
+
+    def timed_fork(parent: Any, n: int, use_pool: bool) -> float:
+        if use_pool:
+            warm()
+        t0 = time.perf_counter()
+        kids = parent.fork(n, pool=pool) if use_pool else parent.fork(n)
+        dt = time.perf_counter() - t0
+        for k in kids:
+            REG.add("dockerrepl", k)
+        r = kids[-1].execute_code("print(len(blobs))")
+        if r.stdout.strip() != str(size * 16):
+            raise BenchError(f"a forked child lacks the state: {r.stdout!r} {r.stderr!r}")
+        for k in kids:
+            REG.close(k)
+        return dt
+
+    try:
+        for size in SESSION_SIZES_MB:
+            row: dict[str, Any] = {}
+            parent = DockerREPL(**kwargs)
+            REG.add("dockerrepl", parent)
+            try:
+                r = parent.execute_code(_state_cell(size))
+                if r.status != "ok":
+                    raise BenchError(f"state cell failed: {r.stderr}")
+                path = os.path.join(scratch, f"s{size}.drepl")
+                saves = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    parent.save(path)
+                    saves.append(time.perf_counter() - t0)
+                row["save"] = stats(saves)
+                row["file_mb"] = os.path.getsize(path) / MB
+                resumes = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    back = DockerREPL.resume(path, **kwargs)
+                    resumes.append(time.perf_counter() - t0)
+                    REG.add("dockerrepl", back)
+                    REG.close(back)
+                row["resume"] = stats(resumes)
+                row["fork1_pool"] = stats([timed_fork(parent, 1, True) for _ in range(reps)])
+                row[f"fork{SESSION_FORK_N}_pool"] = stats(
+                    [timed_fork(parent, SESSION_FORK_N, True) for _ in range(reps)]
+                )
+                row["fork1_cold"] = stats([timed_fork(parent, 1, False) for _ in range(reps)])
+                row[f"fork{SESSION_FORK_N}_cold"] = stats(
+                    [timed_fork(parent, SESSION_FORK_N, False) for _ in range(1)]
+                )
+            finally:
+                REG.close(parent)
+            out[f"{size}mb"] = row
+            print(
+                f"  {size} MB: "
+                + ", ".join(
+                    f"{k} {fmt_s(v['median'])}" for k, v in row.items() if isinstance(v, dict)
+                ),
+                flush=True,
+            )
+    finally:
+        pool.close()
+        with contextlib.suppress(ValueError):
+            REG.pools.remove(pool)
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def print_sessions(res: dict[str, Any]) -> None:
+    cols = [
+        "save",
+        "resume",
+        "fork1_pool",
+        f"fork{SESSION_FORK_N}_pool",
+        "fork1_cold",
+        f"fork{SESSION_FORK_N}_cold",
+    ]
+    print("\n| state | file | " + " | ".join(cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    for size in SESSION_SIZES_MB:
+        row = res.get(f"{size}mb", {})
+        cells = [fmt_s(row[c]["median"]) if c in row else "-" for c in cols]
+        print(f"| {size} MB | {row.get('file_mb', 0):.1f} MB | " + " | ".join(cells) + " |")
+    print(
+        f"targets: {SESSION_FORK_N} ready children of 10 MB <= 1 s, one <= 150 ms (warm pool);"
+        " rollback: not implemented"
+    )
+
+
 # ---------------------------------------------------------------- transports
 TRANSPORTS = ("proxy", "channel")
 KILL_CELL_SEED = "x = {i}"
@@ -1319,6 +1439,50 @@ def rlm_counts(c: dict[str, int]) -> dict[str, int]:
     } | {"pool": 0}
 
 
+def run_sessions(args: argparse.Namespace) -> int:
+    sys.path.insert(0, ROOT)
+    INTERRUPTS.install()
+    from dockerrepl import LMHandler
+    from dockerrepl.clients import EchoClient
+
+    handler = LMHandler(EchoClient())
+    handler.start()
+    kwargs = {"image": args.our_image, "lm_handler_address": handler.address}
+    res: dict[str, Any] = {}
+    rc = 0
+    started = time.time()
+    try:
+        print("== dockerrepl: sessions (save, resume, fork)", flush=True)
+        bench_sessions(kwargs, args.quick, res)
+    except KeyboardInterrupt:
+        rc = 130
+    except Exception:
+        traceback.print_exc()
+        rc = 1
+    finally:
+        STOP.set()
+        REG.close_all()
+        handler.stop()
+        sweep_leftovers()
+    if rc:
+        return rc
+    print_sessions(res)
+    out_dir = args.out_dir or BENCH_DIR
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "sessions.json")
+    data = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+        "machine": machine_info(),
+        "results": res,
+        "quick": args.quick,
+    }
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    print(f"\nwrote {os.path.relpath(path)}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1348,7 +1512,16 @@ def main() -> int:
         "llm_query, load_context of 10 MB, restore after docker kill; alternating between them); "
         "implies --no-rlm --only transports; prints a table and writes transports.json",
     )
+    ap.add_argument(
+        "--sessions",
+        action="store_true",
+        help="only sessions as values: save, resume and fork (1 and 8 children, warm pool and "
+        "cold) against the state size (1, 10, 100 MB); runs in this interpreter, prints a "
+        "table and writes sessions.json (in .bench/ unless --out-dir is given)",
+    )
     args = ap.parse_args()
+    if args.sessions:
+        return run_sessions(args)
     if args.transports:
         if args.only and args.only != "transports":
             ap.error("--transports is --only transports: not with another --only")
