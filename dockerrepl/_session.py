@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Optional, Union
 
 from . import _exit
-from ._container import Container, bridge_gateway
+from ._container import Container
 from ._docker import Engine
 from ._labels import repl_labels
 from ._options import ReplOptions
@@ -33,14 +32,13 @@ from ._results import _TEXT_SLACK, bound_result
 from ._runspec import ContainerConfig
 from ._staging import PROTOCOL_VERSION
 from ._transfer import SessionFiles
-from ._workspace import MountedWorkspace, VolumeWorkspace, Workspace
+from ._transports import PROBE_TIMEOUT, TransportStart
+from ._workspace import MountedWorkspace, Workspace
 from .errors import (
     ContainerDied,
     DockerReplError,
     ProtocolError,
-    ProxyError,
     ReplClosed,
-    TransportUnavailable,
 )
 from .types import REPLResult, RLMChatCompletion
 
@@ -58,18 +56,11 @@ INTERRUPT_WAIT = 1.0
 EXIT_WAIT = 10.0
 # Images known to ship dill themselves: no need to send the host's with the code.
 _IMAGE_HAS_DILL: dict[tuple[Engine, str], bool] = {}
-# transport="auto" found the proxy path does not work with this engine and network:
-# later REPLs go straight to the channel. Keyed by (engine, network).
-_CHANNEL_ONLY: dict[tuple[tuple[str, ...], str], str] = {}
-#: How long the container's check that it reaches the proxy may take (transport="auto").
-PROBE_TIMEOUT = 2.0
-#: How often the channel's idle reader looks again (it wakes at once for output).
-IDLE_POLL = 0.5
 
 OutputCallback = Callable[[str, str], None]
 
 
-class Session(SessionFiles):
+class Session(TransportStart, SessionFiles):
     """The container side of one DockerREPL; nothing starts until :meth:`start`.
 
     It holds no reference to its facade: a DockerREPL dropped without ``cleanup()``
@@ -124,97 +115,6 @@ class Session(SessionFiles):
         self.fallback_reason = ""
 
     # ----------------------------------------------------------------- start
-    def start(self) -> None:
-        """Pick the transport, create its workspace and endpoint, start the container.
-
-        ``transport="auto"`` tries the proxy path first (the seed's: an HTTP proxy on
-        the bridge gateway, a bind-mounted workspace) and keeps it only when the new
-        container shows that it works here: it found the nonce the host wrote into the
-        mount, and its ``/ping`` reached the proxy. Anything else (no bridge gateway of
-        ours to bind, the engine refusing the bind mount, a failed check) falls back to
-        the channel, and later REPLs on the same engine go there directly.
-        """
-        opts = self.options
-        self.state.token = secrets.token_urlsafe(24)
-        key = (opts.engine.cache_key(), opts.network)
-        want = opts.transport
-        if want == "auto" and key in _CHANNEL_ONLY:
-            self.fallback_reason = _CHANNEL_ONLY[key]
-            want = "channel"
-        if want in ("auto", "proxy"):
-            try:
-                self._start_proxy(probe=want == "auto")
-                return
-            except (ProxyError, ContainerDied) as exc:
-                if want == "proxy" or self.closed:
-                    raise
-                self._drop_proxy_attempt()
-                self.fallback_reason = str(exc)
-                _CHANNEL_ONLY[key] = self.fallback_reason
-        self._start_channel()
-
-    def _start_proxy(self, probe: bool) -> None:
-        opts = self.options
-        self.transport = "proxy"
-        ws = MountedWorkspace(opts.workspace_dir, shared=opts.user is not None)
-        self.workspace = ws
-        ws.create(repl_labels(""))
-        if opts.network == "none":
-            host_path, container_path = ws.proxy_socket()
-            self.proxy = ProxyServer(self.state, unix_path=host_path)
-            self.proxy_target = {"unix": container_path}
-        else:
-            self.proxy = ProxyServer(self.state, host=bridge_gateway(opts.engine))
-            self.proxy_target = {"host": "host.docker.internal", "port": self.proxy.port}
-        ready = self.start_container(restore=False, probe=probe)
-        if probe:
-            found = ready.get("probe")
-            if not isinstance(found, dict):
-                found = {}
-            if found.get("nonce") != ws.probe_nonce():
-                raise TransportUnavailable(
-                    "the engine does not see this host's files (the workspace's nonce was"
-                    " not in the container): it runs elsewhere"
-                )
-            if found.get("proxy") != "ok":
-                raise TransportUnavailable(
-                    f"the container could not reach the LM proxy at {self.proxy_target}:"
-                    f" {str(found.get('proxy'))[:300]}"
-                )
-        log.debug("dockerrepl: transport proxy (%s)", self.proxy_target)
-
-    def _drop_proxy_attempt(self) -> None:
-        """Undo a proxy start that did not work here: container, proxy, workspace."""
-        container, self.container = self.container, None
-        if container is not None:
-            container.kill()
-        if self.proxy is not None:
-            self.proxy.close()
-            self.proxy = None
-        self.workspace.remove()
-
-    def _start_channel(self) -> None:
-        opts = self.options
-        self.transport = "channel"
-        ws = VolumeWorkspace(opts.workspace_dir, opts.engine, shared=opts.user is not None)
-        self.workspace = ws
-        ws.files = self
-        ws.create(repl_labels(""))
-        ws.prepare(opts.image)
-        self.proxy = ChannelEndpoint(self.state)
-        self.proxy_target = {"relay": True}
-        self.start_container(restore=False)
-        threading.Thread(
-            target=self._idle_reader, name="dockerrepl-channel-idle", daemon=True
-        ).start()
-        log.debug(
-            "dockerrepl: transport channel (volume %s)%s",
-            ws.name,
-            f"; the proxy path does not work here: {self.fallback_reason}"
-            if self.fallback_reason
-            else "",
-        )
-
     def prime(self) -> None:
         """Tell a new worker what a checkpoint does not hold: the tools, the compaction history."""
         if self.options.compaction:
@@ -315,20 +215,6 @@ class Session(SessionFiles):
                 self._depth -= 1
                 if self._depth == 0:
                     self.idle.set()
-
-    def _idle_reader(self) -> None:
-        """The channel transport, between calls: answer the container's LM calls.
-
-        Code a cell left running (a thread, a child) may call ``llm_query`` after its
-        cell returned; with the proxy its request is served at once, so with the
-        channel too. One thread per channel session, blocked in select() while idle.
-        """
-        while not self.closed:
-            if not self.idle.wait(IDLE_POLL):
-                continue
-            container = self.container
-            if container is None or not container.poll_rpc(IDLE_POLL):
-                time.sleep(IDLE_POLL)  # replaced or gone: the next call restarts it
 
     # --------------------------------------------------------------- channel
     def next_req(self) -> int:
