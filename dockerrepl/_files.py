@@ -25,6 +25,7 @@ import errno
 import os
 import secrets
 import stat
+import tempfile
 from typing import BinaryIO, Callable, Optional
 
 from ._bootstrap.files import PathRefused, entry_mode, open_dir_chain, remove_tree
@@ -33,6 +34,7 @@ from .errors import WorkspacePathError
 
 __all__ = [
     "DEFAULT_MAX_FILE",
+    "check_local_file",
     "copy_in",
     "copy_out",
     "open_dir",
@@ -87,11 +89,7 @@ def copy_in(root: str, local_path: str, remote_path: str, max_bytes: int = DEFAU
     umask); its owner is the host user.
     """
     parts = split_remote(remote_path)
-    st = os.stat(local_path)
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{local_path!r} is not a regular file")
-    if st.st_size > max_bytes:
-        raise ValueError(f"{local_path!r} is {st.st_size} bytes, over the {max_bytes}-byte cap")
+    check_local_file(local_path, max_bytes)
     name = parts[-1]
     dfd = _open_dir_chain(root, parts[:-1], create=True)
     try:
@@ -136,6 +134,15 @@ def copy_in(root: str, local_path: str, remote_path: str, max_bytes: int = DEFAU
         return copied
     finally:
         os.close(dfd)
+
+
+def check_local_file(local_path: str, max_bytes: int) -> None:
+    """What an upload of ``local_path`` needs: a regular file of at most ``max_bytes``."""
+    st = os.stat(local_path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{local_path!r} is not a regular file")
+    if st.st_size > max_bytes:
+        raise ValueError(f"{local_path!r} is {st.st_size} bytes, over the {max_bytes}-byte cap")
 
 
 def copy_out(
@@ -186,11 +193,13 @@ def copy_out(
 
 
 def write_local(local_path: str, fill: Callable[[BinaryIO], int]) -> int:
-    """Write a host file whole or not at all: ``fill(f)`` writes ``local_path + ".part"``,
-    which is renamed over ``local_path`` when it returns and removed if it raises."""
-    tmp = local_path + ".part"
+    """Write a host file whole or not at all: ``fill(f)`` writes a new temp file beside
+    ``local_path`` (``.<name>.*.part``), which is renamed over ``local_path`` when it
+    returns and removed if it raises; returns what ``fill`` returned."""
+    directory, name = os.path.split(os.path.abspath(local_path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name[:100]}.", suffix=".part", dir=directory)
     try:
-        with open(tmp, "wb") as dst:
+        with os.fdopen(fd, "wb") as dst:
             n = fill(dst)
         os.replace(tmp, local_path)
     except BaseException:

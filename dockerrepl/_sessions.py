@@ -25,9 +25,10 @@ import shutil
 import tempfile
 import time
 import zipfile
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ._bootstrap import protocol
+from ._files import write_local
 from ._version import __version__
 from .errors import SessionFileError
 
@@ -159,21 +160,14 @@ def write_session_file(path: str, tar_path: str, info: dict[str, Any]) -> int:
             "files": info.get("files"),
         },
     }
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".dockerrepl-save-", dir=directory)
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+
+    def fill(f: BinaryIO) -> int:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
             z.writestr(_MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
             z.write(tar_path, _TAR)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return os.path.getsize(path)
+        return f.tell()
+
+    return write_local(path, fill)
 
 
 def read_session_file(path: str, dest_dir: str, max_bytes: int) -> tuple[dict[str, Any], str]:

@@ -27,7 +27,6 @@ import io
 import logging
 import os
 import secrets
-import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from typing import Any, Optional, Protocol
 from . import _docker
 from ._files import (
     DEFAULT_MAX_FILE,
+    check_local_file,
     copy_in,
     copy_out,
     remove_tree,
@@ -284,11 +284,7 @@ class VolumeWorkspace:
 
     def upload(self, local_path: str, remote_path: str, max_bytes: int = DEFAULT_MAX_FILE) -> int:
         parts = split_remote(remote_path)
-        st = os.stat(local_path)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{local_path!r} is not a regular file")
-        if st.st_size > max_bytes:
-            raise ValueError(f"{local_path!r} is {st.st_size} bytes, over the {max_bytes}-byte cap")
+        check_local_file(local_path, max_bytes)
         with open(local_path, "rb") as src:
 
             def chunks() -> Iterator[tuple[str, str]]:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from ..pool import DockerREPLPool
+    from ..repl import DockerREPL
 
 __all__ = ["as_keywords", "run_awaitable"]
 
@@ -43,3 +47,26 @@ def run_awaitable(awaitable: Any) -> Any:
         return await awaitable
 
     return asyncio.run(wait())
+
+
+def open_repl(
+    pool: Optional[DockerREPLPool],
+    image: Optional[str],
+    timeout: Optional[float],
+    options: dict[str, Any],
+    tools: dict[str, Any],
+) -> DockerREPL:
+    """A REPL from ``pool`` (warm) or a new one, with ``tools`` defined; removed again
+    if they cannot be."""
+    from ..repl import DockerREPL
+
+    if pool is not None:
+        repl = pool.acquire()
+    else:
+        repl = DockerREPL(image=image, timeout=timeout, **options)
+    try:
+        repl.define_tools(tools)
+    except BaseException:
+        repl.cleanup()
+        raise
+    return repl

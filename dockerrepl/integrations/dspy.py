@@ -40,7 +40,7 @@ from .._bootstrap.reprs import bounded_repr
 from .._options import DEFAULT_CELL_TIMEOUT, DEFAULT_REPR_CAP, ReplOptions
 from .._tools import LM_HELPERS, RESERVED_NAMES, HostTool
 from ..errors import DockerReplError
-from ._host import as_keywords, run_awaitable
+from ._host import as_keywords, open_repl, run_awaitable
 
 if TYPE_CHECKING:
     from ..pool import DockerREPLPool
@@ -234,18 +234,8 @@ class DockerInterpreter:
             self.repl = repl
 
     def _new_repl(self) -> DockerREPL:
-        from ..repl import DockerREPL
-
-        if self.pool is not None:
-            repl = self.pool.acquire()
-        else:
-            repl = DockerREPL(image=self.image, timeout=self.timeout, **self.options)
-        try:
-            repl.define_tools({_SUBMIT_TOOL: HostTool(self._submit)})
-        except BaseException:
-            repl.cleanup()
-            raise
-        return repl
+        tools = {_SUBMIT_TOOL: HostTool(self._submit)}
+        return open_repl(self.pool, self.image, self.timeout, self.options, tools)
 
     def shutdown(self) -> None:
         """Remove the container; idempotent and terminal."""

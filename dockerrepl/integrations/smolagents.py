@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from .._options import DEFAULT_CELL_TIMEOUT, ReplOptions
 from .._tools import RESERVED_NAMES, HostTool
 from ..errors import DockerReplError
-from ._host import run_awaitable
+from ._host import open_repl, run_awaitable
 
 if TYPE_CHECKING:
     from ..pool import DockerREPLPool
@@ -133,18 +133,8 @@ class DockerREPLExecutor:
     def _start(self) -> DockerREPL:
         with self._lock:
             if self.repl is None:
-                from ..repl import DockerREPL
-
-                if self.pool is not None:
-                    repl = self.pool.acquire()
-                else:
-                    repl = DockerREPL(image=self.image, timeout=self.timeout, **self.options)
-                try:
-                    repl.define_tools({_FINAL_TOOL: HostTool(self._final_answer)})
-                except BaseException:
-                    repl.cleanup()
-                    raise
-                self.repl = repl
+                tools = {_FINAL_TOOL: HostTool(self._final_answer)}
+                self.repl = open_repl(self.pool, self.image, self.timeout, self.options, tools)
             return self.repl
 
     def cleanup(self) -> None:

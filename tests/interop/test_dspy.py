@@ -333,9 +333,10 @@ def test_12_rlm_end_to_end_over_http(image: str) -> None:
                 made.append(self)
             super().start()
 
-    with FakeOpenAI(answer=root, tokens=None) as rs, FakeOpenAI(
-        answer=lambda m: "cheerful", tokens=None
-    ) as ss:
+    with (
+        FakeOpenAI(answer=root, tokens=None) as rs,
+        FakeOpenAI(answer=lambda m: "cheerful", tokens=None) as ss,
+    ):
         lm = dspy.LM("openai/root", api_base=rs.url, api_key="x", cache=False)
         sub = dspy.LM("openai/sub", api_base=ss.url, api_key="x", cache=False)
         factory = Recording.factory(image=image, timeout=60)
@@ -359,13 +360,16 @@ def test_12_rlm_end_to_end_over_http(image: str) -> None:
 
 def test_rlm_llm_budget_applies(image: str) -> None:
     def root(messages: Any) -> str:
-        return _action(
-            "spend", "print([llm_query('q') for _ in range(3)])"
-        ) if "Error" not in str(messages[-1]) else _action("stop", "SUBMIT(answer='x')")
+        return (
+            _action("spend", "print([llm_query('q') for _ in range(3)])")
+            if "Error" not in str(messages[-1])
+            else _action("stop", "SUBMIT(answer='x')")
+        )
 
-    with FakeOpenAI(answer=root, tokens=None) as rs, FakeOpenAI(
-        answer=lambda m: "ok", tokens=None
-    ) as ss:
+    with (
+        FakeOpenAI(answer=root, tokens=None) as rs,
+        FakeOpenAI(answer=lambda m: "ok", tokens=None) as ss,
+    ):
         lm = dspy.LM("openai/root", api_base=rs.url, api_key="x", cache=False)
         sub = dspy.LM("openai/sub", api_base=ss.url, api_key="x", cache=False)
         rlm = dspy.RLM(
