@@ -70,3 +70,18 @@ def open_repl(
         repl.cleanup()
         raise
     return repl
+
+
+def check_repl_options(
+    pool: Optional[DockerREPLPool], image: Optional[str], timeout: Optional[float], options: Any
+) -> None:
+    """Every option checked now (TypeError/ValueError), nothing started; with ``pool=``
+    the pool's options apply, so giving others too is a ValueError."""
+    from .._options import ReplOptions
+
+    if pool is not None and (image is not None or options):
+        raise ValueError("with pool=, the pool's options apply: give image and options to it")
+    if pool is None:
+        ReplOptions.build(image=image, timeout=timeout, **options)
+    else:
+        ReplOptions.build(timeout=timeout)

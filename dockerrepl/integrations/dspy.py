@@ -37,10 +37,10 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Optional
 
 from .._bootstrap.reprs import bounded_repr
-from .._options import DEFAULT_CELL_TIMEOUT, DEFAULT_REPR_CAP, ReplOptions
+from .._options import DEFAULT_CELL_TIMEOUT, DEFAULT_REPR_CAP
 from .._tools import LM_HELPERS, RESERVED_NAMES, HostTool
 from ..errors import DockerReplError
-from ._host import as_keywords, open_repl, run_awaitable
+from ._host import as_keywords, check_repl_options, open_repl, run_awaitable
 
 if TYPE_CHECKING:
     from ..pool import DockerREPLPool
@@ -176,13 +176,7 @@ class DockerInterpreter:
         **dockerrepl_options: Any,
     ) -> None:
         _dspy()  # a clear ImportError now, not at the first execute
-        if pool is not None and (image is not None or dockerrepl_options):
-            raise ValueError("with pool=, the pool's options apply: give image and options to it")
-        if pool is None:
-            # every option checked now (TypeError/ValueError), nothing started
-            ReplOptions.build(image=image, timeout=timeout, **dockerrepl_options)
-        else:
-            ReplOptions.build(timeout=timeout)
+        check_repl_options(pool, image, timeout, dockerrepl_options)
         self.tools: dict[str, Callable[..., Any]] = dict(tools or {})
         self.output_fields: Optional[list[dict[str, Any]]] = _check_output_fields(output_fields)
         self.image = image

@@ -27,10 +27,10 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Optional
 
-from .._options import DEFAULT_CELL_TIMEOUT, ReplOptions
+from .._options import DEFAULT_CELL_TIMEOUT
 from .._tools import RESERVED_NAMES, HostTool
 from ..errors import DockerReplError
-from ._host import open_repl, run_awaitable
+from ._host import check_repl_options, open_repl, run_awaitable
 
 if TYPE_CHECKING:
     from ..pool import DockerREPLPool
@@ -108,12 +108,7 @@ class DockerREPLExecutor:
     ) -> None:
         lpe = _smolagents()
         lpe.PythonExecutor.register(DockerREPLExecutor)
-        if pool is not None and (image is not None or dockerrepl_options):
-            raise ValueError("with pool=, the pool's options apply: give image and options to it")
-        if pool is None:
-            ReplOptions.build(image=image, timeout=timeout, **dockerrepl_options)
-        else:
-            ReplOptions.build(timeout=timeout)
+        check_repl_options(pool, image, timeout, dockerrepl_options)
         self.image = image
         self.timeout = timeout
         self.pool = pool
