@@ -43,6 +43,7 @@ from ._files import (
     write_local,
     write_new,
 )
+from ._labels import LABEL_WORKSPACE
 from ._runspec import CODE_MOUNT, PROXY_SOCKET
 from .errors import DockerError, DockerReplError
 
@@ -227,7 +228,8 @@ class VolumeWorkspace:
         self.root = tempfile.mkdtemp(prefix="dockerrepl-", dir=self._parent)
         name = "dockerrepl-" + secrets.token_hex(8)
         argv = ["volume", "create"]
-        for k, v in sorted(labels.items()):
+        # the host dir too: gc removes it with a dead owner's volume
+        for k, v in sorted({**labels, LABEL_WORKSPACE: self.root}.items()):
             argv += ["--label", f"{k}={v}"]
         _docker.run([*argv, name], timeout=60, docker=self._engine)
         self.name = name

@@ -122,16 +122,19 @@ def list_volumes(docker: Union[str, Engine], labels: Sequence[str] = ()) -> list
         name = str(row.get("Name", "")) if isinstance(row, dict) else ""
         if name and isinstance(labels_of, dict):
             owner, pidns = labels_of.get(LABEL_OWNER, ""), labels_of.get(LABEL_PIDNS, "")
-            found.append(Found(name, name, "volume", "", str(owner), "", str(pidns)))
+            ws = str(labels_of.get(LABEL_WORKSPACE, ""))
+            found.append(Found(name, name, "volume", "", str(owner), ws, str(pidns)))
     return found
 
 
 def sweep_volumes(
     docker: Engine, args: argparse.Namespace, hostname: str, my_pidns: str, verb: str
-) -> tuple[int, int, int]:
-    """Remove the volumes of dead owners (``--all``: every one); ``(removed, kept, failed)``."""
+) -> tuple[int, int, int, list[str]]:
+    """Remove the volumes of dead owners (``--all``: every one); ``(removed, kept, failed,
+    the host dirs of the dead owners' removed volumes)``."""
     out = sys.stdout
     removed = kept = failures = 0
+    released: list[str] = []
     for v in list_volumes(docker, args.label):
         verdict, reason = owner_status(v.owner, hostname, v.pidns, my_pidns)
         if verdict != "dead" and not args.all:
@@ -146,8 +149,10 @@ def sweep_volumes(
                 out.write(f"{'FAILED':<12} volume {v.name}: {getattr(exc, 'message', exc)}\n")
                 continue
         removed += 1
+        if verdict == "dead" and v.workspace:
+            released.append(v.workspace)
         out.write(f"{verb:<12} volume {v.name}: {reason}\n")
-    return removed, kept, failures
+    return removed, kept, failures, released
 
 
 def _pid_alive(pid: int) -> bool:
@@ -194,20 +199,28 @@ def owner_status(
 
 
 def looks_like_workspace(path: str) -> bool:
-    """A real directory named ``dockerrepl-*`` with DockerREPL's layout (no symlinks)."""
+    """A real directory named ``dockerrepl-*`` with DockerREPL's layout (no symlinks): a
+    mounted workspace (``workspace/``), or the host dir of a volume workspace (the
+    channel transport: only the CLI's ``docker-run.log``)."""
     if not os.path.basename(path.rstrip("/")).startswith(PREFIX) or not os.path.isabs(path):
         return False
     try:
         if not os.path.isdir(path) or os.path.islink(path):
             return False
         ws = os.path.join(path, "workspace")
+        log_file = os.path.join(path, "docker-run.log")
+        if not os.path.lexists(ws):
+            # a volume workspace's host dir holds the CLI's log and nothing else
+            return (
+                os.listdir(path) == ["docker-run.log"]
+                and os.path.isfile(log_file)
+                and not os.path.islink(log_file)
+            )
         if os.path.islink(ws) or not os.path.isdir(ws):
             return False
     except OSError:
         return False
-    return os.path.isdir(os.path.join(ws, ".dockerrepl")) or os.path.isfile(
-        os.path.join(path, "docker-run.log")
-    )
+    return os.path.isdir(os.path.join(ws, ".dockerrepl")) or os.path.isfile(log_file)
 
 
 def paths_in_use(roots: Iterable[str]) -> set[str]:
@@ -352,8 +365,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
         if verdict == "dead" and c.workspace:
             released.append(c.workspace)
         out.write(f"{verb:<12} container {c.name} ({c.id[:12]}, {c.state}): {reason}\n")
-    vols, vols_kept, vol_failures = sweep_volumes(docker, args, hostname, my_pidns, verb)
+    vols, vols_kept, vol_failures, vol_dirs = sweep_volumes(docker, args, hostname, my_pidns, verb)
     failures += vol_failures
+    released += vol_dirs
     gone = {c.id for c in removed}
     claimed = {c.workspace for c in claims if c.workspace and c.id not in gone}
     scan = [tempfile.gettempdir(), *args.workspace_dir]

@@ -181,6 +181,13 @@ def test_looks_like_workspace(tmp_path: Path) -> None:
     link.symlink_to(good)
     assert not looks_like_workspace(str(link))
     assert not looks_like_workspace("dockerrepl-relative")
+    # the host dir of a channel transport's volume workspace: the CLI's log only
+    channel = tmp_path / "dockerrepl-channel"
+    channel.mkdir()
+    (channel / "docker-run.log").write_text("")
+    assert looks_like_workspace(str(channel))
+    (channel / "other").write_text("")
+    assert not looks_like_workspace(str(channel))  # something else is in it: not ours
 
 
 def test_stale_workspaces_rules(tmp_path: Path) -> None:

@@ -211,7 +211,7 @@ repl = DockerREPL(image=sys.argv[1], docker_host=sys.argv[2], transport="auto")
 assert repl.transport == "channel", repl.transport
 assert repl.execute_code("x = 1").status == "ok"
 repl.checkpoint()
-print("READY", owner_label(), flush=True)
+print("READY", owner_label(), repl._session.workspace.root, flush=True)
 time.sleep(600)
 """
 
@@ -246,7 +246,8 @@ def test_gc_sweeps_what_a_killed_owner_left_on_the_remote_engine(remote_engine, 
     try:
         line = _first_line(child, timeout=90)
         assert line.startswith("READY "), (line, (tmp_path / "child.err").read_text()[-2000:])
-        owner = line.split()[1]
+        owner, host_dir = line.split()[1:3]
+        assert os.path.isdir(host_dir)  # the CLI's log: on this host
         theirs = f"{LABEL_OWNER}={owner}"
         assert len(leftovers(remote_engine, theirs, wait=0)["volumes"]) == 1
 
@@ -294,6 +295,8 @@ def test_gc_sweeps_what_a_killed_owner_left_on_the_remote_engine(remote_engine, 
         assert done.returncode == 0, done.stdout + done.stderr
         assert "removed" in done.stdout
         assert leftovers(remote_engine, theirs, wait=0) == {"containers": set(), "volumes": set()}
+        # and the dead owner's host dir, named by its volume (no age rule for it)
+        assert not os.path.exists(host_dir), done.stdout
         for kind, name in decoys:
             still = subprocess.run(
                 ["docker", kind, "inspect", name], capture_output=True, timeout=60, env=main_env()
