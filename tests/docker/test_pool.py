@@ -116,8 +116,9 @@ def test_members_die_with_the_pool_object(kwargs):
     assert wait_gone(members) == set()
 
 
-def test_members_die_with_the_process(image):
-    """A pool owner killed with SIGKILL: its members' stdin closes and they go away."""
+def test_members_die_with_the_process(image, tmp_path):
+    """A pool owner killed with SIGKILL: its members' stdin closes and they go away. (Its
+    host workspaces stay, for `dockerrepl gc`: here in tmp_path, not the shared /tmp.)"""
     script = textwrap.dedent(
         """
         import os, signal, sys, time
@@ -130,7 +131,7 @@ def test_members_die_with_the_process(image):
         time.sleep(60)
         """
     )
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=ROOT, TMPDIR=str(tmp_path))
     proc = subprocess.Popen(
         [sys.executable, "-c", script, image], stdout=subprocess.PIPE, text=True, env=env
     )
