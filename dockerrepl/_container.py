@@ -318,29 +318,34 @@ class Container:
         try:
             ofd = out.fileno()
             readable, _, _ = select.select([ofd], [fd], [], timeout)
-            if readable:
-                data = os.read(ofd, 1 << 20)
-                if not data:
-                    # the container's output closed: its stdin will not take more either
-                    raise ContainerDied("the container's output closed (it exited or was killed)")
-                self._frames.feed(data)
-                # taken out at once, so what is held stays bounded: rpc frames go to
-                # their endpoint (whose bytes in flight are capped), the rest wait
-                self._take_frames()
+            if readable and not self._read_frames(ofd):
+                # the container's output closed: its stdin will not take more either
+                raise ContainerDied("the container's output closed (it exited or was killed)")
         finally:
             self._read_lock.release()
 
-    def _take_frames(self) -> None:
-        """Every whole frame read so far: ``rpc`` ones to :attr:`on_rpc`, the others to
-        :attr:`_pending` for :meth:`recv` (the caller holds the read lock)."""
+    def _read_frames(self, fd: int) -> bool:
+        """Read what stdout has and take out every whole frame at once, so what is held
+        stays bounded: ``rpc`` ones go to :attr:`on_rpc` (whose bytes in flight are
+        capped), the others wait in :attr:`_pending` for :meth:`recv`. False at EOF.
+        The caller holds the read lock."""
+        data = os.read(fd, 1 << 20)
+        if not data:
+            return False
+        self._frames.feed(data)
         while True:
             frame = self._parse()
             if frame is None:
-                return
-            if frame["type"] == "rpc" and self.on_rpc is not None:
-                self.on_rpc(frame)
-            else:
+                return True
+            if not self._served(frame):
                 self._pending.append(frame)
+
+    def _served(self, frame: dict[str, Any]) -> bool:
+        """An ``rpc`` frame handed to :attr:`on_rpc` (True); any other is the caller's."""
+        if frame["type"] == "rpc" and self.on_rpc is not None:
+            self.on_rpc(frame)
+            return True
+        return False
 
     def recv(self, deadline: Optional[float]) -> dict[str, Any]:
         """Read one frame, waiting until ``deadline`` (monotonic); ``TimeoutError`` after it.
@@ -356,8 +361,7 @@ class Container:
             while True:
                 frame = self._pending.popleft() if self._pending else self._parse()
                 if frame is not None:
-                    if frame["type"] == "rpc" and self.on_rpc is not None:
-                        self.on_rpc(frame)
+                    if self._served(frame):
                         continue
                     return frame
                 timeout = None if deadline is None else deadline - time.monotonic()
@@ -398,12 +402,7 @@ class Container:
         try:
             if not select.select([fd], [], [], 0)[0]:
                 return True  # recv() took it meanwhile
-            data = os.read(fd, 1 << 20)
-            if not data:
-                return False  # recv() will say so
-            self._frames.feed(data)
-            self._take_frames()
-            return True
+            return self._read_frames(fd)  # at EOF, recv() will say so
         except (OSError, DockerReplError):
             return False
         finally:

@@ -242,22 +242,29 @@ class Session(TransportStart, SessionFiles):
     def call(self, op: str, args: dict[str, Any], timeout: float = 600.0) -> Any:
         """Run an internal operation in the worker; raise on failure."""
         with self.held():
-            self.check_open()
-            if self.ensure_container() + self.sync():
-                self.restore_echo = None  # no host note shown: the worker's is the one
-            rid = self.next_req()
-            container = self.container
-            assert container is not None
+            rid, container = self.begin_request()
             deadline = time.monotonic() + timeout + self.options.grace + HOST_MARGIN
             request = {"type": "call", "id": rid, "op": op, "args": args, "timeout": timeout}
-            self.in_flight = ("reply", rid)
-            self.in_flight_interrupted = False
             try:
                 return self._call_reply(op, request, container, deadline)
             except BaseException:
                 if self.in_flight is not None:
                     self.abandon()  # e.g. KeyboardInterrupt during a long load_file
                 raise
+
+    def begin_request(self) -> tuple[int, Container]:
+        """Before a request answered by a ``reply`` (a call, a file transfer): a live
+        container in step, a new id, and that id in flight. The caller holds the session."""
+        self.check_open()
+        if self.ensure_container() + self.sync():
+            self.restore_echo = None  # no host note shown: the worker's is the one
+        rid = self.next_req()
+        container = self.container
+        if container is None:
+            raise ContainerDied("no container")
+        self.in_flight = ("reply", rid)
+        self.in_flight_interrupted = False
+        return rid, container
 
     def _call_reply(
         self, op: str, request: dict[str, Any], container: Container, deadline: float

@@ -49,24 +49,10 @@ class SessionFiles:
         container: Optional[Container]
         in_flight: Optional[tuple[str, int]]
 
-        def check_open(self) -> None: ...
         def held(self) -> contextlib.AbstractContextManager[None]: ...
-        def ensure_container(self) -> str: ...
-        def sync(self) -> str: ...
-        def next_req(self) -> int: ...
+        def begin_request(self) -> tuple[int, Container]: ...
         def send(self, obj: dict[str, Any], deadline: Optional[float] = None) -> None: ...
         def abandon(self) -> None: ...
-
-    def _begin(self) -> tuple[int, Container]:
-        self.check_open()
-        self.ensure_container()
-        self.sync()
-        rid = self.next_req()
-        container = self.container
-        if container is None:
-            raise ContainerDied("no container")
-        self.in_flight = ("reply", rid)
-        return rid, container
 
     def put_file(
         self, parts: list[str], chunks: Iterator[tuple[str, str]], replace_any: bool, max_bytes: int
@@ -74,7 +60,7 @@ class SessionFiles:
         """Write ``parts`` in the workspace from ``(data, "text" | "b64")`` chunks."""
         start = time.perf_counter()
         with self.held():
-            rid, container = self._begin()
+            rid, container = self.begin_request()
             try:
                 frame: Optional[dict[str, Any]] = None
                 for data, enc in chunks:
@@ -121,7 +107,7 @@ class SessionFiles:
             sink.write(raw)
 
         with self.held():
-            rid, container = self._begin()
+            rid, container = self.begin_request()
             try:
                 request = {"type": "fget", "id": rid, "path": parts, "max": max_bytes}
                 self.send(request, time.monotonic() + CHUNK_WAIT)
