@@ -39,6 +39,7 @@ from .errors import (
     DockerReplError,
     ProtocolError,
     ReplClosed,
+    SnapshotLost,
 )
 from .types import REPLResult, RLMChatCompletion
 
@@ -289,6 +290,8 @@ class Session(TransportStart, SessionFiles):
             if msg.get("type") == "reply":
                 if not msg.get("ok"):
                     err = str(msg.get("error"))
+                    if msg.get("exception") == "SnapshotLost":
+                        raise SnapshotLost(f"{op}: {err}")
                     if msg.get("exception") in (
                         "TypeError",
                         "ValueError",
