@@ -6,7 +6,7 @@ process for a new worker made from its state, and only once that worker exists
 kills the current one: a rollback that fails leaves the session as it was.
 
 The supervisor trusts none of it more than the worker's other frames: a parked
-process counts only if it is the worker's child when reported, at most
+process counts only if it is this process's child (detached by a live worker), at most
 ``max_snapshots`` are kept (the oldest is dropped), and a spawned worker counts only
 if it is the supervisor's child.
 """
@@ -65,8 +65,8 @@ class Parked:
             _close(fd)
             return
         st = proc_stat(pid)
-        if st is None or worker_pid is None or st[0] != worker_pid:
-            _close(fd)  # not the worker's child: nothing to keep
+        if st is None or worker_pid is None or st[0] != os.getpid():
+            _close(fd)  # not a process the worker detached: nothing to keep
             return
         try:
             sock = socket.socket(fileno=fd)

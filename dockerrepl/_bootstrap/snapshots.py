@@ -27,6 +27,7 @@ from .namespace import REPL, flush_std
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 #: the name parked processes give themselves (``docker top``); it grants nothing
@@ -89,21 +90,19 @@ def op_snapshot(args: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("a snapshot needs an int id")
     flush_std()
     ours, theirs = socket.socketpair()
+
+    def park() -> None:
+        _COMM[:] = [_read_comm()]
+        ours.close()
+        ctrl.close()  # the worker's; its EOF is how the supervisor sees the worker die
+        _park(theirs)
+
     try:
-        pid = os.fork()
+        pid = fork_detached(park)
     except BaseException:
         ours.close()
         theirs.close()
         raise
-    if pid == 0:
-        try:
-            _COMM[:] = [_read_comm()]
-            ours.close()
-            ctrl.close()  # the worker's; its EOF is how the supervisor sees the worker die
-            os.setpgid(0, 0)  # killing the worker's group must not kill the snapshot
-            _park(theirs)
-        finally:
-            os._exit(0)
     theirs.close()
     try:
         send_with_fd(
@@ -148,43 +147,57 @@ def _spawn(sock: socket.socket, msg: dict[str, Any]) -> None:
     """Fork a new worker from this parked state (through an intermediate child, so the
     worker is re-parented to the supervisor); hand its socket to the supervisor."""
     ctrl, theirs = socket.socketpair()
+
+    def work() -> None:
+        theirs.close()
+        sock.close()
+        _become_worker(ctrl, msg)
+
+    try:
+        pid = fork_detached(work)
+    except OSError as e:
+        protocol.send_frame(sock, {"type": "spawned", "error": "fork failed: %s" % e})
+        return
+    finally:
+        ctrl.close()
+    try:
+        send_with_fd(sock, {"type": "spawned", "pid": pid}, theirs.fileno())
+    finally:
+        theirs.close()
+
+
+def fork_detached(child: Callable[[], None]) -> int:
+    """Run ``child`` in a new process (its own process group) whose parent is pid 1,
+    the supervisor, through an intermediate child: the supervisor waits for it (a
+    worker), or reaps it when it is dropped (a parked snapshot). Returns its pid."""
     pid_r, pid_w = os.pipe()
     try:
         mid = os.fork()
-    except OSError as e:
-        for fd in (pid_r, pid_w):
-            os.close(fd)
-        ctrl.close()
-        theirs.close()
-        protocol.send_frame(sock, {"type": "spawned", "error": "fork failed: %s" % e})
-        return
+    except BaseException:
+        os.close(pid_r)
+        os.close(pid_w)
+        raise
     if mid == 0:
         try:
             os.close(pid_r)
             pid = os.fork()
             if pid == 0:
                 os.close(pid_w)
-                theirs.close()
-                sock.close()
-                _become_worker(ctrl, msg)
+                os.setpgid(0, 0)  # killing the worker's group must not kill it
+                child()
                 os._exit(0)
             os.write(pid_w, b"%d" % pid)
         finally:
             os._exit(0)
     os.close(pid_w)
-    ctrl.close()
     try:
-        os.waitpid(mid, 0)  # gone: the worker's parent is pid 1 now, which can wait for it
+        os.waitpid(mid, 0)  # gone: its child's parent is pid 1 now
         raw = os.read(pid_r, 32)
     finally:
         os.close(pid_r)
-    try:
-        if not raw:
-            protocol.send_frame(sock, {"type": "spawned", "error": "the new worker did not fork"})
-            return
-        send_with_fd(sock, {"type": "spawned", "pid": int(raw)}, theirs.fileno())
-    finally:
-        theirs.close()
+    if not raw:
+        raise OSError("the detached child did not fork")
+    return int(raw)
 
 
 def _become_worker(ctrl: socket.socket, msg: dict[str, Any]) -> None:
@@ -193,7 +206,6 @@ def _become_worker(ctrl: socket.socket, msg: dict[str, Any]) -> None:
     from .scaffold import install_scaffold
     from .worker import serve
 
-    os.setpgid(0, 0)
     set_comm(_COMM[0] if _COMM else "python3")
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
