@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._bootstrap.protocol import MAX_SNAPSHOTS as MAX_KEEP
+from ._bootstrap import protocol
 from ._sessions import host_state
 from .errors import DockerReplError, SnapshotLost
 
@@ -60,8 +60,8 @@ def take(repl: DockerREPL, keep: int) -> Snapshot:
     are kept, the oldest dropped."""
     if isinstance(keep, bool) or not isinstance(keep, int):
         raise TypeError(f"keep must be an int, not {type(keep).__name__}")
-    if not 1 <= keep <= MAX_KEEP:
-        raise ValueError(f"keep must be between 1 and {MAX_KEEP}, not {keep}")
+    if not 1 <= keep <= protocol.MAX_SNAPSHOTS:
+        raise ValueError(f"keep must be between 1 and {protocol.MAX_SNAPSHOTS}, not {keep}")
     session = repl._session
     with _IDS_LOCK:
         snap = next(_IDS)

@@ -30,6 +30,7 @@ from dockerrepl.errors import (
     ReplClosed,
     SecurityCheckError,
     SessionFileError,
+    SnapshotLost,
     SetupCodeError,
     TransportUnavailable,
     WorkspacePathError,
@@ -63,6 +64,7 @@ PARENT = {
     CellTimeout: DockerReplError,
     WorkspacePathError: DockerReplError,
     SessionFileError: DockerReplError,
+    SnapshotLost: DockerReplError,
 }
 
 
