@@ -30,8 +30,8 @@ from dockerrepl.errors import (
     ReplClosed,
     SecurityCheckError,
     SessionFileError,
-    SnapshotLost,
     SetupCodeError,
+    SnapshotLost,
     TransportUnavailable,
     WorkspacePathError,
 )
