@@ -6,10 +6,11 @@ end of a socketpair whose other end goes to the supervisor with the reply
 (``SCM_RIGHTS`` on the control socket). Nothing is pickled: taking a snapshot costs
 the fork, and keeping one costs the pages the worker changes afterwards.
 
-``spawn`` (the supervisor's rollback) makes a new worker out of the parked process:
-it forks twice, so that the new worker is re-parented to the supervisor (pid 1, which
-waits for its workers) and the parked process stays parked: a snapshot can be rolled
-back to again. The new worker's control socket goes to the supervisor the same way.
+``spawn`` (the supervisor's rollback) makes a new worker out of the parked process,
+which stays parked: a snapshot can be rolled back to again. The new worker's control
+socket goes to the supervisor the same way. Both are forked through an intermediate
+child (``fork_detached``), so that their parent is the supervisor (pid 1): it waits
+for its workers and reaps dropped snapshots, whichever worker made them.
 """
 
 from __future__ import annotations
