@@ -192,7 +192,14 @@ class DockerREPLPool:
         repl: Optional[DockerREPL] = None
         try:
             repl = self.repl_class(**engine.kwargs)
+            if repl._options.auto_checkpoint:
+                # the worker's first snapshot loads dill and forks for the first time
+                # (~50-170 ms here): taken now, it is not the first user cell's wait
+                repl.checkpoint()
         except BaseException as exc:
+            if repl is not None:
+                repl.cleanup()
+                repl = None
             log.warning("pool: starting a REPL on %s failed: %s", engine.label, exc)
             failed: Optional[BaseException] = exc
         else:
