@@ -29,7 +29,7 @@ class _Stub(DockerREPL):
     built: ClassVar[list[Any]] = []
     lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, **kwargs: Any) -> None:  # noqa: D107 - a stand-in
+    def __init__(self, **kwargs: Any) -> None:
         cls = type(self)
         with cls.lock:
             cls.active += 1
