@@ -18,7 +18,7 @@ from dataclasses import replace
 from typing import Any, Optional
 
 from .._options import DEFAULTS, ReplOptions, check_count
-from ..errors import SetupCodeError
+from ..errors import ReplClosed, SetupCodeError
 from ..pool import DockerREPLPool
 from ..repl import DockerREPL
 
@@ -149,7 +149,10 @@ def _take(pool: DockerREPLPool, kwargs: dict[str, Any]) -> Optional[DockerREPL]:
         return None
     # the same checks (and errors) as a DockerREPL built with these arguments
     ReplOptions.build(**{k: v for k, v in kwargs.items() if k in DEFAULTS})
-    repl = pool.acquire(timeout=float(kwargs.get("start_timeout") or 120.0))
+    try:
+        repl = pool.acquire(timeout=float(kwargs.get("start_timeout") or 120.0))
+    except ReplClosed:
+        return None  # restore_rlm_docker() ran meanwhile: a container of its own
     try:
         _adopt(repl, {k: v for k, v in kwargs.items() if k in PER_COMPLETION})
     except BaseException:
