@@ -74,13 +74,13 @@ MIN_TRY = 0.5
 # What the engine says when a start failed for a reason that passes. Matched against
 # the error's message and the CLI's stderr; only errors of no permanent class get here.
 _TRANSIENT = re.compile(
-    r"connection reset|connection refused|broken pipe|unexpected eof|daemon: eof\b|"
+    r"connection reset|connection refused|unexpected eof|daemon: eof\b|"
     r"context deadline exceeded|tls handshake timeout|i/o timeout|client\.timeout|"
     r"awaiting headers|resource temporarily unavailable|device or resource busy|"
-    r"try again|server is busy|too many requests|service unavailable|bad gateway|"
+    r"server is busy|too many requests|service unavailable|bad gateway|"
     r"is already in use by container|conflict\. the container name|"
     r"removal of container .* is already in progress|failed to create endpoint|"
-    r"failed to set up container networking|failed to create shim|"
+    r"failed to set up container networking|"
     r"daemon is (?:shutting down|restarting)",
     re.I,
 )

@@ -284,3 +284,19 @@ def test_a_bad_limit_in_the_environment_is_named(monkeypatch, value):
 def test_set_start_limit_refuses_bad_values(value):
     with pytest.raises((TypeError, ValueError)):
         _starts.set_start_limit(value)
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (DockerCommandError("`docker run` exited with 125: unknown flag: --bogus"), False),
+        (DockerCommandError("x", "", "docker: invalid reference format."), False),
+        (DockerCommandError("x", "", "Error response from daemon: i/o timeout"), True),
+        (NoSuchImage("`docker run` failed: pull access denied", "build it"), False),
+        (DockerDaemonError("`docker run` failed: Cannot connect to the Docker daemon"), False),
+        (ContainerDied("the container was aborted while it started"), False),
+        (ValueError("not ours"), False),
+    ],
+)
+def test_which_errors_are_transient(exc, transient):
+    assert _starts.is_transient(exc, "docker") is transient
