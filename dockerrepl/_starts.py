@@ -22,6 +22,7 @@ member, a restart after a crash) goes through :func:`start_container`:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -30,6 +31,7 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Optional
 
 from . import _docker
@@ -54,6 +56,7 @@ __all__ = [
     "START_LIMIT_ENV",
     "describe_engine",
     "is_transient",
+    "naming",
     "set_start_limit",
     "start_container",
     "start_limit",
@@ -229,6 +232,20 @@ def _named(exc: DockerReplError, engine: Any, tries: int, began: float) -> Docke
     return _renamed(exc, text + suffix)
 
 
+@contextlib.contextmanager
+def naming(engine: Any) -> Iterator[None]:
+    """A :class:`DockerError` raised inside (the workspace volume, the bridge lookup,
+    any docker command of a REPL's start) names ``engine``, as a container start's does."""
+    try:
+        yield
+    except DockerError as exc:
+        where = describe_engine(engine)
+        named = exc if where in exc.message else _renamed(exc, f"{exc.message} [{where}]")
+        if named is exc:
+            raise
+        raise named from exc
+
+
 def _forget_try(container: Container, left: float) -> None:
     """Undo a failed try: its CLI process, and the container the engine may have
     created under that name before the failure; the next try gets a new name."""
@@ -267,7 +284,10 @@ def start_container(container: Container, hello: dict[str, Any]) -> dict[str, An
                 delay = _backoff(tries)
                 left = deadline - time.monotonic()
                 if container.aborted or not is_transient(exc, engine) or left < delay + MIN_TRY:
-                    raise _named(exc, engine, tries, began) from exc
+                    named = _named(exc, engine, tries, began)
+                    if named is exc:
+                        raise
+                    raise named from exc
                 log.info(
                     "dockerrepl: starting a container on %s failed (%s); try %d in %.2fs",
                     describe_engine(engine),

@@ -300,3 +300,30 @@ def test_set_start_limit_refuses_bad_values(value):
 )
 def test_which_errors_are_transient(exc, transient):
     assert _starts.is_transient(exc, "docker") is transient
+
+
+def test_a_docker_error_before_the_container_start_names_the_engine_too(tmp_path):
+    """The channel transport's volume, made before any container: its failure names the
+    engine as a container start's does (and keeps its class)."""
+    from dockerrepl import DockerREPL
+
+    docker = flaky_docker(tmp_path, fails=0, stderr="")
+    script = docker.read_text().replace(
+        'if args[:1] != ["run"]:\n    sys.exit(0)',
+        'if args[:1] != ["run"]:\n'
+        '    sys.stderr.write("Error response from daemon: no space left on device\\n")\n'
+        "    sys.exit(1)",
+    )
+    assert script != docker.read_text()
+    docker.write_text(script)
+    with pytest.raises(DockerCommandError) as info:
+        DockerREPL(
+            image="img",
+            docker=str(docker),
+            docker_host="tcp://10.1.2.3:2375",
+            transport="channel",
+            workspace_dir=str(tmp_path),
+        )
+    assert "no space left" in str(info.value)
+    assert str(info.value).count("tcp://10.1.2.3:2375") == 1
+    assert runs(tmp_path) == []  # it failed before any container
