@@ -231,6 +231,12 @@ class DockerREPLPool:
         :class:`DockerReplError` when no engine can start members (the last cause
         chained, every engine's named) and ``TimeoutError`` when none is ready in time.
         """
+        return self._acquire(timeout, refill=True)
+
+    def _acquire(self, timeout: Optional[float], refill: bool) -> DockerREPL:
+        """:meth:`acquire`; with ``refill=False`` the replacement waits for the caller's
+        :meth:`_fill` (use_dockerrepl's pool sets the REPL up first: a ``docker run``
+        starting meanwhile would take the CPU that setup needs on a small machine)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             err: Optional[DockerReplError] = None
@@ -250,7 +256,8 @@ class DockerREPLPool:
                     if left is not None and left <= 0:
                         raise TimeoutError("no REPL became ready in time") from None
                     self._cond.wait(0.5 if left is None else min(left, 0.5))
-            self._fill()
+            if refill or err is not None:
+                self._fill()
             if err is not None:
                 raise err
             if not _alive(repl):

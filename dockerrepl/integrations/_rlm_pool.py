@@ -150,7 +150,8 @@ def _take(pool: DockerREPLPool, kwargs: dict[str, Any]) -> Optional[DockerREPL]:
     # the same checks (and errors) as a DockerREPL built with these arguments
     ReplOptions.build(**{k: v for k, v in kwargs.items() if k in DEFAULTS})
     try:
-        repl = pool.acquire(timeout=float(kwargs.get("start_timeout") or 120.0))
+        # the replacement starts once this one is set up (pool._fill below), not during
+        repl = pool._acquire(float(kwargs.get("start_timeout") or 120.0), refill=False)
     except ReplClosed:
         return None  # restore_rlm_docker() ran meanwhile: a container of its own
     try:
@@ -158,4 +159,6 @@ def _take(pool: DockerREPLPool, kwargs: dict[str, Any]) -> Optional[DockerREPL]:
     except BaseException:
         repl.cleanup()
         raise
+    finally:
+        pool._fill()
     return repl

@@ -131,14 +131,14 @@ def test_rlm_completion_end_to_end_from_the_pool(pooled, fake_openai, image):
         max_iterations=4,
     )
     handed: list[str] = []
-    acquire = pool.acquire
+    acquire = pool._acquire
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         repl = acquire(*args, **kwargs)
         handed.append(repl.container_name)
         return repl
 
-    pool.acquire = counting
+    pool._acquire = counting
     for prompt in ("one", "two"):
         _wait_full(pool)
         assert rlm.completion(prompt).response == f"SUB:{prompt.upper()}"
