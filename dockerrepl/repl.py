@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Optional, Union
 
-from . import _exit, _options, _snapshots
+from . import _exit, _options, _snapshots, _starts
 from ._files import DEFAULT_MAX_FILE
 from ._options import (
     MAX_TIMEOUT,
@@ -265,7 +265,8 @@ class DockerREPL:
         """Create the workspace, start the proxy and the container (called by ``__init__``)."""
         # closed at exit if still open (registers the atexit hook on the first start)
         _exit.track(self, 1)
-        self._session.start()
+        with _starts.naming(self._options.engine):
+            self._session.start()
 
     # ----------------------------------------------------------------- cells
     def execute_code(
