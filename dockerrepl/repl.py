@@ -581,7 +581,12 @@ class DockerREPL:
             def make(i: int) -> None:
                 try:
                     if pool is not None:
-                        child: DockerREPL = pool.acquire()
+                        # the pool's replacements start after the fork: n `docker run`s
+                        # meanwhile would take the CPU the children's restores need
+                        take = getattr(pool, "_acquire", None)
+                        child: DockerREPL = (
+                            take(120.0, refill=False) if take is not None else pool.acquire()
+                        )
                         children[i] = child
                         child.lm_handler_address = self.lm_handler_address
                         if self.custom_tools:
@@ -605,6 +610,9 @@ class DockerREPL:
                 t.join()
         finally:
             remove_scratch(scratch)
+            refill = getattr(pool, "_fill", None)
+            if refill is not None:
+                refill()
         if errors:
             for c in children:
                 if c is not None:
