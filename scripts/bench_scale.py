@@ -1,0 +1,516 @@
+"""`scripts/bench.py --scale`: many sessions at once, in one process.
+
+For each number of sessions N (1, 4, 16, 32, 64; rlm's DockerREPL 1, 4, 16), N
+sessions run cells back to back for a fixed time, each cell one ``llm_query`` to
+the shared echo LM Handler (``print(llm_query("s<i>-<k>"))``; every answer is
+checked to carry its own session's tag). Reported per N: aggregate cells/s, p50 and
+p99 cell latency (as the caller sees it), host threads, file descriptors and RSS
+per idle session, and container memory per session (``docker stats``).
+
+Columns: dockerrepl sync (one thread per session, ``DockerREPL``), dockerrepl async
+(``dockerrepl.aio.AsyncDockerREPL`` in one event loop; skipped, and said so, when
+it is not importable), rlm's DockerREPL (one thread per session).
+
+The sessions of a column are opened once and grown (1, then 3 more, ...), so every N
+is measured in the same run, one after another; the 1-session rate is measured
+again at the end, and the ratios use the mean of both (the machine is shared).
+Writes docs/benchmarks-scale.json, a section of docs/benchmarks.md (between the
+``scale`` markers; a full run of bench.py keeps it) and, with matplotlib,
+docs/benchmarks-scale.png.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Optional
+
+SIZES = (1, 4, 16, 32, 64)
+RLM_SIZES = (1, 4, 16)
+#: aggregate cells/s at N over the single-session rate, the targets (issue 13)
+TARGETS = {32: 0.9, 64: 0.8}
+OPEN_CONCURRENCY = 8
+BEGIN = "<!-- scale:begin -->"
+END = "<!-- scale:end -->"
+CELL = 'print(llm_query("s{i}-{k}"))'
+
+
+# -------------------------------------------------------------- measurements
+def proc_status() -> dict[str, int]:
+    """This process's threads, fds and RSS (kB)."""
+    out = {"fds": len(os.listdir("/proc/self/fd"))}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, val = line.partition(":")
+            if key in ("Threads", "VmRSS"):
+                out[key] = int(val.split()[0])
+    return out
+
+
+def container_mem_mib(names: list[str]) -> Optional[float]:
+    """Mean container memory (MiB, as `docker stats` reports it) over ``names``."""
+    if not names:
+        return None
+    res = subprocess.run(
+        ["docker", "stats", "--no-stream", "--format", "{{.MemUsage}}", *names],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    vals = []
+    units = {"B": 1 / (1 << 20), "KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0}
+    for line in res.stdout.splitlines():
+        used = line.split("/")[0].strip()
+        for unit, mul in sorted(units.items(), key=lambda u: -len(u[0])):
+            if used.endswith(unit):
+                with contextlib.suppress(ValueError):
+                    vals.append(float(used[: -len(unit)]) * mul)
+                break
+    return statistics.mean(vals) if vals else None
+
+
+def summary(lat: list[float], cells: int, elapsed: float) -> dict[str, Any]:
+    s = sorted(lat)
+    return {
+        "cells_per_s": cells / elapsed if elapsed else 0.0,
+        "cells": cells,
+        "seconds": elapsed,
+        "p50": s[len(s) // 2] if s else None,
+        "p99": s[min(len(s) - 1, int(0.99 * len(s)))] if s else None,
+    }
+
+
+def check_answer(stdout: str, i: int, k: int) -> None:
+    want = f"echo:s{i}-{k}"
+    if stdout.strip() != want:
+        raise RuntimeError(f"session {i} cell {k}: expected {want!r}, got {stdout[-200:]!r}")
+
+
+# ------------------------------------------------------------------ threads
+def run_threads(repls: list[Any], seconds: float, checked: bool) -> dict[str, Any]:
+    """Every REPL in its own thread, cells back to back for ``seconds``."""
+    n = len(repls)
+    lats: list[list[float]] = [[] for _ in range(n)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(n + 1)
+    end = [0.0]
+
+    def work(i: int) -> None:
+        r = repls[i]
+        barrier.wait()
+        k = 0
+        try:
+            while time.perf_counter() < end[0]:
+                t0 = time.perf_counter()
+                res = r.execute_code(CELL.format(i=i, k=k))
+                lats[i].append(time.perf_counter() - t0)
+                if checked:
+                    check_answer(res.stdout, i, k)
+                k += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    end[0] = time.perf_counter() + seconds
+    t0 = time.perf_counter()
+    barrier.wait()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"a cell failed: {errors[0]!r}")
+    flat = [x for lat in lats for x in lat]
+    return summary(flat, len(flat), elapsed)
+
+
+def open_many(factory: Callable[[], Any], n: int, register: Callable[[Any], None]) -> list[Any]:
+    out: list[Any] = []
+    with ThreadPoolExecutor(OPEN_CONCURRENCY) as ex:
+        for r in ex.map(lambda _: factory(), range(n)):
+            register(r)
+            out.append(r)
+    return out
+
+
+def idle_costs(before: dict[str, int], n: int) -> dict[str, float]:
+    time.sleep(0.3)  # handler threads of the last cells end
+    now = proc_status()
+    return {
+        "threads_per_session": (now["Threads"] - before["Threads"]) / n,
+        "fds_per_session": (now["fds"] - before["fds"]) / n,
+        "rss_mib_per_session": (now["VmRSS"] - before["VmRSS"]) / 1024 / n,
+    }
+
+
+def sync_column(
+    factory: Callable[[], Any],
+    sizes: tuple[int, ...],
+    seconds: float,
+    register: Callable[[Any], None],
+    close: Callable[[Any], None],
+    names: Callable[[list[Any]], list[str]],
+    checked: bool = True,
+) -> dict[str, Any]:
+    """One column: grow to each size, measure, and the single session again at the end."""
+    repls: list[Any] = []
+    rows: dict[str, Any] = {}
+    before = proc_status()
+    try:
+        for n in sizes:
+            repls += open_many(factory, n - len(repls), register)
+            for i, r in enumerate(repls):  # each warm, and the proxy's connection made
+                res = r.execute_code(CELL.format(i=i, k=-1))
+                if checked:
+                    check_answer(res.stdout, i, -1)
+            row = run_threads(repls, seconds, checked)
+            row.update(idle_costs(before, n))
+            row["container_mib"] = container_mem_mib(names(repls))
+            rows[str(n)] = row
+            print("  " + line(n, row), flush=True)
+        again = run_threads(repls[:1], seconds, checked)
+        rows["1_again"] = again
+        print(f"  N=1 again: {again['cells_per_s']:,.0f} cells/s", flush=True)
+    finally:
+        with ThreadPoolExecutor(OPEN_CONCURRENCY) as ex:
+            list(ex.map(close, repls))
+    return rows
+
+
+# -------------------------------------------------------------------- async
+def async_column(
+    kwargs: dict[str, Any], sizes: tuple[int, ...], seconds: float
+) -> Optional[dict[str, Any]]:
+    try:
+        from dockerrepl.aio import AsyncDockerREPL  # being written (issue 13)
+    except ImportError as exc:
+        print(f"  dockerrepl.aio.AsyncDockerREPL is not importable ({exc}): async not measured")
+        return None
+    return asyncio.run(_async_main(AsyncDockerREPL, kwargs, sizes, seconds))
+
+
+async def _async_main(
+    cls: Any, kwargs: dict[str, Any], sizes: tuple[int, ...], seconds: float
+) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        sem = asyncio.Semaphore(OPEN_CONCURRENCY)
+        repls: list[Any] = []
+        before = proc_status()
+
+        async def open_one() -> Any:
+            async with sem:
+                return await stack.enter_async_context(cls(**kwargs))
+
+        async def run(group: list[Any]) -> dict[str, Any]:
+            lats: list[float] = []
+            end = time.perf_counter() + seconds
+
+            async def work(i: int, r: Any) -> None:
+                k = 0
+                while time.perf_counter() < end:
+                    t0 = time.perf_counter()
+                    res = await r.execute_code(CELL.format(i=i, k=k))
+                    lats.append(time.perf_counter() - t0)
+                    check_answer(res.stdout, i, k)
+                    k += 1
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(work(i, r) for i, r in enumerate(group)))
+            return summary(lats, len(lats), time.perf_counter() - t0)
+
+        for n in sizes:
+            # opened one by one into the stack (its order is the close order)
+            for _ in range(n - len(repls)):
+                repls.append(await open_one())
+            for i, r in enumerate(repls):
+                check_answer((await r.execute_code(CELL.format(i=i, k=-1))).stdout, i, -1)
+            row = await run(repls)
+            row.update(idle_costs(before, n))
+            rows[str(n)] = row
+            print("  " + line(n, row), flush=True)
+        rows["1_again"] = await run(repls[:1])
+        print(f"  N=1 again: {rows['1_again']['cells_per_s']:,.0f} cells/s", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------- output
+def fmt_ms(x: Optional[float]) -> str:
+    return "-" if x is None else f"{1000 * x:.1f} ms" if x >= 0.01 else f"{1000 * x:.2f} ms"
+
+
+def line(n: int, row: dict[str, Any]) -> str:
+    mem = row.get("container_mib")
+    return (
+        f"N={n}: {row['cells_per_s']:,.0f} cells/s, p50 {fmt_ms(row['p50'])}, "
+        f"p99 {fmt_ms(row['p99'])}; per idle session: {row['threads_per_session']:.2f} threads, "
+        f"{row['fds_per_session']:.2f} fds, host RSS {row['rss_mib_per_session']:.2f} MiB"
+        + ("" if mem is None else f", container {mem:.1f} MiB")
+    )
+
+
+def single_rate(rows: dict[str, Any]) -> Optional[float]:
+    vals = [rows[k]["cells_per_s"] for k in ("1", "1_again") if k in rows]
+    return statistics.mean(vals) if vals else None
+
+
+def ratios(rows: dict[str, Any]) -> dict[str, Optional[float]]:
+    one = single_rate(rows)
+    return {k: (v["cells_per_s"] / one if one else None) for k, v in rows.items() if k != "1_again"}
+
+
+def table(columns: dict[str, Optional[dict[str, Any]]]) -> list[str]:
+    out = [
+        "| column | N | cells/s | x single | p50 | p99 | threads / idle session "
+        "| fds / idle session | host RSS / session | container memory / session |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, rows in columns.items():
+        if rows is None:
+            out.append(f"| {name} | - | not measured (not importable) | | | | | | | |")
+            continue
+        rat = ratios(rows)
+        for k, row in rows.items():
+            if k == "1_again":
+                continue
+            mem = row.get("container_mib")
+            out.append(
+                f"| {name} | {k} | {row['cells_per_s']:,.0f} | {rat[k]:.2f} "
+                f"| {fmt_ms(row['p50'])} | {fmt_ms(row['p99'])} "
+                f"| {row.get('threads_per_session', 0):.2f} | {row.get('fds_per_session', 0):.2f} "
+                f"| {row.get('rss_mib_per_session', 0):.2f} MiB "
+                f"| {'-' if mem is None else f'{mem:.1f} MiB'} |"
+            )
+        if "1_again" in rows:
+            out.append(
+                f"| {name} | 1 (again, at the end) | {rows['1_again']['cells_per_s']:,.0f} "
+                "| | | | | | | |"
+            )
+    return out
+
+
+def targets(columns: dict[str, Optional[dict[str, Any]]]) -> list[str]:
+    out = []
+    for name in ("dockerrepl sync", "dockerrepl async"):
+        rows = columns.get(name)
+        if not rows:
+            continue
+        rat = ratios(rows)
+        for n, want in TARGETS.items():
+            got = rat.get(str(n))
+            if got is None:
+                continue
+            met = "met" if got >= want else "MISSED"
+            out.append(
+                f"{name}: {n} sessions {got:.2f}x the single-session rate (target >= {want}x): {met}"
+            )
+    return out
+
+
+def write_plot(path: str, columns: dict[str, Optional[dict[str, Any]]]) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, rows in columns.items():
+        if not rows:
+            continue
+        ns = [int(k) for k in rows if k != "1_again"]
+        a.plot(ns, [rows[str(n)]["cells_per_s"] for n in ns], marker="o", label=name)
+        b.plot(ns, [1000 * rows[str(n)]["p50"] for n in ns], marker="o", label=f"{name} p50")
+        b.plot(
+            ns, [1000 * rows[str(n)]["p99"] for n in ns], marker="x", ls="--", label=f"{name} p99"
+        )
+    for ax, ylabel in ((a, "aggregate cells/s"), (b, "cell latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent sessions")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    b.set_yscale("log")
+    fig.suptitle("many sessions at once: one llm_query per cell (echo LM)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def section(data: dict[str, Any], plot: Optional[str]) -> str:
+    cols = data["columns"]
+    L = [
+        BEGIN,
+        "## Many sessions at once",
+        "",
+        f"One run on {data['date']} (`{data['command']}`); the machine: {data['machine']}. "
+        f"Load average at start {data['load_start']}, at end {data['load_end']}.",
+        "",
+        f"N sessions in one process, each running cells back to back for {data['seconds']:g} s "
+        "per point; every cell is one `llm_query` to the shared echo LM Handler "
+        f"(`{CELL}`), and every answer is checked to carry its own session's tag. "
+        "Sync: one thread per session. Async: `AsyncDockerREPL`, all sessions in one event "
+        "loop. rlm: its DockerREPL, one thread per session. Per idle session: the growth of "
+        "this process's threads, fds and RSS over the sessions open (after each has run "
+        'cells), and the container\'s memory (`docker stats`). "x single" is the rate '
+        "over the mean of the 1-session rates measured first and again at the end.",
+        "",
+        *table(cols),
+        "",
+        *[f"- {t}" for t in targets(cols)],
+        "",
+    ]
+    if plot:
+        L += [f"![many sessions]({plot})", ""]
+    L += [*data.get("notes", []), END, ""]
+    return "\n".join(L)
+
+
+def kept_section(path: str) -> str:
+    """The scale section of an existing benchmarks.md ("" if none): bench.py keeps it."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return ""
+    a, b = text.find(BEGIN), text.find(END)
+    return text[a : b + len(END)] + "\n" if 0 <= a < b else ""
+
+
+def put_section(path: str, text: str) -> None:
+    try:
+        with open(path) as f:
+            old = f.read()
+    except OSError:
+        old = ""
+    a, b = old.find(BEGIN), old.find(END)
+    if 0 <= a < b:
+        new = old[:a] + text.rstrip("\n") + old[b + len(END) :]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    with open(path, "w") as f:
+        f.write(new)
+
+
+NOTES = [
+    "What limits it here (profiled with this workload, per cell, same run): the CPU of the "
+    "whole path, not the host's threads. With one session a cell costs ~1.7 ms of CPU in all "
+    "(host process ~0.6, the `docker run -i` CLI ~0.2, dockerd + containerd-shim ~0.4, the "
+    "container's supervisor and worker ~0.5) and runs at the chain's latency; with 16+ "
+    "sessions both cores are busy and the rate is 2 cores / CPU per cell. What grew with N "
+    "was the CLI (Go spinning for work after each frame: 0.2 -> 1.0-1.4 ms per cell at 32-64 "
+    "sessions; `GOMAXPROCS=1` for the relay CLI keeps it at ~0.3) and the container's share "
+    "(0.5 -> 1.7-2.1 ms: more context switches and cold caches with 2-3 processes per "
+    "session on 2 cores, and the supervisor's 20 ms 'accepted' frame, which every cell slower "
+    "than that sends). The machine is shared with other agents' tests: rates move between "
+    "runs, the ratios within a run are what to read.",
+]
+
+
+def run_scale(args: Any, ctx: Any) -> int:
+    """Entry point from bench.py (``ctx``: its module, for REG, System and machine_info)."""
+    import datetime
+
+    from dockerrepl import DockerREPL, LMHandler
+    from dockerrepl.clients import EchoClient
+
+    seconds = 2.0 if args.quick else 5.0
+    sizes = SIZES
+    command = "python scripts/bench.py --scale" + (" --quick" if args.quick else "")
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    handler = LMHandler(EchoClient())
+    addr = handler.start()
+    columns: dict[str, Optional[dict[str, Any]]] = {}
+    reg = ctx.REG
+    rc = 0
+    try:
+        kwargs = {"image": args.our_image, "lm_handler_address": addr}
+        ctx.ensure_image(args.our_image, None)
+        print(f"== dockerrepl sync (threads), N = {sizes}", flush=True)
+        columns["dockerrepl sync"] = sync_column(
+            lambda: DockerREPL(**kwargs),
+            sizes,
+            seconds,
+            lambda r: reg.add("dockerrepl", r),
+            reg.close,
+            lambda rs: [r.container_name for r in rs if getattr(r, "container_name", None)],
+        )
+        print(f"== dockerrepl async (AsyncDockerREPL, one event loop), N = {sizes}", flush=True)
+        columns["dockerrepl async"] = async_column(kwargs, sizes, seconds)
+        if not args.no_rlm:
+            from rlm.environments.docker_repl import DockerREPL as RlmDockerREPL
+
+            ctx.ensure_image(
+                args.image, ctx.RLM_IMAGE_PACKAGES if args.image == ctx.RLM_IMAGE else None
+            )
+            os.makedirs(os.environ["RLM_DOCKER_WORKSPACE_DIR"], exist_ok=True)
+            print(f"== rlm DockerREPL (threads), N = {RLM_SIZES}", flush=True)
+            columns["rlm DockerREPL"] = sync_column(
+                lambda: RlmDockerREPL(image=args.image, lm_handler_address=addr),
+                RLM_SIZES,
+                seconds * 2,
+                lambda r: reg.add("rlm", r),
+                reg.close,
+                lambda rs: [str(r.container_id) for r in rs if getattr(r, "container_id", None)],
+            )
+    except KeyboardInterrupt:
+        rc = 130
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        rc = 1
+    finally:
+        reg.close_all()
+        handler.stop()
+        left = ctx.sweep_leftovers()
+        if left:
+            print(f"warning: removed {len(left)} leftover container(s)")
+    if rc:
+        return rc
+    info = ctx.machine_info()
+    machine = (
+        f"{info.get('cores', '?')} cores ({info.get('cpu') or '?'}), {info.get('ram_gib', '?')} GiB,"
+        f" Docker {info.get('docker') or '?'}, Python {info.get('python', '?')}"
+    )
+    data = {
+        "command": command,
+        "date": started,
+        "machine": machine,
+        "machine_info": info,
+        "load_start": load_start,
+        "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "seconds": seconds,
+        "columns": columns,
+        "notes": NOTES,
+    }
+    print()
+    print("\n".join(table(columns)))
+    for t in targets(columns):
+        print(t)
+    out_dir = args.out_dir or os.path.join(ctx.ROOT, "docs")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "benchmarks-scale.json"), "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    plot = (
+        "benchmarks-scale.png"
+        if write_plot(os.path.join(out_dir, "benchmarks-scale.png"), columns)
+        else None
+    )
+    if plot is None:
+        print("matplotlib is not importable: no plot written")
+    put_section(os.path.join(out_dir, "benchmarks.md"), section(data, plot))
+    print(f"wrote {os.path.join(out_dir, 'benchmarks.md')} (section 'Many sessions at once')")
+    return 0
