@@ -41,9 +41,9 @@ FAULTS = ("timeout", "oom", "crash", "kill", "interrupt", "none")
 #: This process's RSS may stay this much above where it was. Freed memory is not all
 #: given back: glibc keeps a malloc arena per thread that ran (the 32 sessions' threads
 #: and their proxies' handlers) and CPython keeps its small-object arenas. Measured:
-#: +20 MiB after this test; four batches of 32 sessions in a row left +0, +1.4, +5,
-#: +0.1 MiB after the first (a plateau), where a leak of what a session holds grows
-#: with every batch.
+#: +20 MiB after this test; of four batches of 32 sessions in a row, the last three
+#: added +1.4, +5.0 and +0.1 MiB (a plateau), where a leak of what a session holds
+#: grows with every batch.
 RSS_SLACK_MIB = 48
 
 
