@@ -496,11 +496,11 @@ def put_section(path: str, text: str) -> None:
 
 NOTES = [
     "What limits it here: the CPU of the whole path, not the host's threads. With one "
-    "session a cell costs ~1.7-2 ms of CPU in all (the table above) and runs at the "
+    "session a cell costs ~1.7-2.3 ms of CPU in all (the table above) and runs at the "
     "chain's latency, using about one core; from ~4 sessions both cores are busy and the "
     "rate is 2 cores / CPU per cell. So the rate holds exactly as far as the CPU per cell "
-    "does, and on 2 cores it does not quite: it grows with N (~1.8 ms at 1 session to "
-    "~3 ms at 64) in the containers (supervisor and worker: 2 processes per session, more "
+    "does, and on 2 cores it does not quite: it grows with N (1.7-2.3 ms with 1 session, "
+    "2.8-3.3 ms with 32-64 in these runs) in the containers (supervisor and worker: 2 processes per session, more "
     "context switches, cold caches) and in the relay. The host process stays at "
     "0.6-0.9 ms per cell; py-spy (`--gil`) found no hot spot there that grows with N.",
     "",
