@@ -303,6 +303,10 @@ async def _async_main(
                 check_answer((await r.execute_code(CELL.format(i=i, k=-1))).stdout, i, -1)
             row = await run(repls)
             row.update(idle_costs(before, n))
+            # the wrapped DockerREPL says its container's name (a blocking call: a thread)
+            syncs = [getattr(r, "sync_repl", None) for r in repls]
+            names = [str(x.container_name) for x in syncs if x is not None and x.container_name]
+            row["container_mib"] = await asyncio.to_thread(container_mem_mib, names)
             rows[str(n)] = row
             print("  " + line(n, row), flush=True)
         rows["1_again"] = await run(repls[:1])
