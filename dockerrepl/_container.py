@@ -68,9 +68,10 @@ def relay_env() -> Optional[dict[str, str]]:
     The CLI only copies two streams; with one Go thread per core it spins looking
     for work after every frame. Measured with 16 busy sessions on 2 cores: the CLI
     took 0.8-1.2 ms of CPU per cell, 0.19-0.31 ms with ``GOMAXPROCS=1``, and the
-    aggregate rate rose ~1.5x (docs/benchmarks.md, "Many sessions at once"). A
-    ``GOMAXPROCS`` the user set is kept. Read per start, never changed in
-    ``os.environ``.
+    aggregate rate rose ~1.5x (docs/benchmarks.md, "Many sessions at once"). The
+    price is ~10% on bulk bytes over the pipe (a 10 MB ``load_context`` with the
+    channel transport; docs/architecture.md). A ``GOMAXPROCS`` the user set is kept.
+    Read per start, never changed in ``os.environ``.
     """
     if "GOMAXPROCS" in os.environ:
         return None  # inherit it, with the rest

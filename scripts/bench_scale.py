@@ -517,7 +517,9 @@ NOTES = [
     "1.0-1.4 ms (32-64 sessions) before, 0.2 -> 0.3-0.4 ms after; aggregate cells/s, "
     "proxy transport, before / after: 32 sessions 380 / 446 and 353 / 553, 64 sessions "
     "300 / 350 and 309 / 453; channel transport (more frames per cell): 32 sessions "
-    "199 / 439, 64 sessions 221 / 367.",
+    "199 / 439, 64 sessions 221 / 367. The price: bulk bytes over the pipe are copied by "
+    "one thread, and a 10 MB `load_context` with the channel transport takes ~10% longer "
+    "(architecture.md).",
     "",
     "What is left, measured: under load most cells take longer than the supervisor's "
     "20 ms acknowledgement delay and send one more frame (the 'accepted' progress frame "
