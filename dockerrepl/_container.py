@@ -62,6 +62,22 @@ _NO_BIND_SOURCE = (
 _CAP_SETS = ("CapEff", "CapPrm", "CapBnd", "CapAmb")
 
 
+def relay_env() -> Optional[dict[str, str]]:
+    """The environment of the long-lived ``docker run -i`` CLI: ours, with ``GOMAXPROCS=1``.
+
+    The CLI only copies two streams; with one Go thread per core it spins looking
+    for work after every frame. Measured with 16 busy sessions on 2 cores: the CLI
+    took 0.8-1.2 ms of CPU per cell, 0.19-0.31 ms with ``GOMAXPROCS=1``, and the
+    aggregate rate rose ~1.5x (docs/benchmarks.md, "Many sessions at once"). The
+    price is ~10% on bulk bytes over the pipe (a 10 MB ``load_context`` with the
+    channel transport; docs/architecture.md). A ``GOMAXPROCS`` the user set is kept.
+    Read per start, never changed in ``os.environ``.
+    """
+    if "GOMAXPROCS" in os.environ:
+        return None  # inherit it, with the rest
+    return {**os.environ, "GOMAXPROCS": "1"}
+
+
 def bridge_gateway(docker: Union[str, _docker.Engine] = "docker") -> str:
     """The host address that ``host-gateway`` maps to: the default bridge's gateway.
 
@@ -183,6 +199,7 @@ class Container:
             self.config.run_argv(self.name, python, launcher()),
             docker=self.config.docker,
             stderr=self._log,
+            env=relay_env(),
         )
         if self.aborted:  # abort() came before there was a process to stop
             self.kill()

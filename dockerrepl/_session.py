@@ -528,9 +528,11 @@ class Session(TransportStart, SessionFiles):
         """Send a cell and wait for its result.
 
         A container that dies before showing any sign of the cell (the
-        supervisor acknowledges a cell still running after 20 ms) never ran
-        it, or ran it for a few milliseconds: it was killed between cells and
-        the docker CLI noticed late. It is replaced and the cell sent once more.
+        supervisor acknowledges a cell still running after 100 ms; a request the
+        cell made to the host, an LM call or a host tool, is a sign too) never
+        ran it, or ran it for a moment without asking the host for anything: it
+        was killed between cells and the docker CLI noticed late. It is replaced
+        and the cell sent once more.
         """
         seen = [False]
         margin = self.options.grace + HOST_MARGIN
@@ -542,7 +544,7 @@ class Session(TransportStart, SessionFiles):
                 self.send(msg, None if limit is None else time.monotonic() + limit + margin)
                 res = self.await_result(msg["id"], limit, on_output, seen)
             except ContainerDied as exc:
-                if seen[0] or attempt == 2:
+                if seen[0] or self.state.asked >= msg["id"] or attempt == 2:
                     raise
                 notes.append(self.restart(f"the container had died ({exc})") + "\n")
                 seen[0] = False

@@ -6,6 +6,8 @@
     python scripts/bench.py --no-rlm     # dockerrepl only (no ratios)
     python scripts/bench.py --transports # dockerrepl's proxy and channel transports
                                          # side by side only (under 2 minutes)
+    python scripts/bench.py --scale      # many sessions at once (1-64; scripts/bench_scale.py):
+                                         # cells/s, p50/p99, threads/fds/memory per session
 
 Benchmark-only dependencies (rlms, matplotlib, dill) live in a virtualenv that
 this script creates under .bench/venv and re-executes itself in; they never
@@ -1404,6 +1406,11 @@ def write_doc(path: str, plot_name: str, json_name: str, data: dict[str, Any]) -
     ]:
         add(f"| {k} | {v} |")
     add("")
+    import bench_scale  # beside this script: the --scale run's section is kept
+
+    kept = bench_scale.kept_section(path)
+    if kept:
+        add(kept)
     with open(path, "w") as f:
         f.write("\n".join(L))
 
@@ -1581,6 +1588,13 @@ def main() -> int:
         "rollback at 200 MB too); runs in this interpreter, prints a "
         "table and writes benchmarks-sessions.{md,json} (in .bench/ unless --out-dir is given)",
     )
+    ap.add_argument(
+        "--scale",
+        action="store_true",
+        help="only many sessions at once (1, 4, 16, 32, 64; rlm 1, 4, 16): aggregate cells/s, "
+        "p50/p99 latency, threads, fds and memory per session, for dockerrepl sync and async and "
+        "rlm's DockerREPL; writes a section of docs/benchmarks.md (scripts/bench_scale.py)",
+    )
     args = ap.parse_args()
     if args.sessions:
         return run_sessions(args)
@@ -1594,6 +1608,10 @@ def main() -> int:
     sys.path.insert(0, ROOT)
     os.environ.setdefault("RLM_DOCKER_WORKSPACE_DIR", os.path.join(BENCH_DIR, "rlm_workspace"))
     INTERRUPTS.install()
+    if args.scale:
+        import bench_scale  # beside this script
+
+        return bench_scale.run_scale(args, sys.modules[__name__])
     import dockerrepl
     from dockerrepl import DockerREPL, LMHandler
     from dockerrepl.clients import EchoClient

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn
 
 
-# seconds after which a still-running cell is acknowledged to the host (see start_request)
-ACK_DELAY = 0.02
+# seconds after which a still-running cell is acknowledged (start_request); 20 ms sent
+ACK_DELAY = 0.1  # a frame more for most cells with 64 busy sessions (benchmarks.md)
 
 
 class Supervisor(WorkerSlot):
@@ -88,8 +88,8 @@ class Supervisor(WorkerSlot):
         self.deadline = None
         self.streamed = 0
         # A cell still running after ACK_DELAY says so: a container that dies before
-        # any sign of a cell never ran it (killed between cells; the host notices a
-        # moment late), and the host may send that cell again. Fast cells send nothing.
+        # any sign of a cell (this, or a request to the host) never ran it, or barely:
+        # the host may send that cell again. Fast cells send nothing.
         self.ack_at = time.monotonic() + ACK_DELAY if msg.get("type") == "exec" else None
         if self.worker_pid is None:
             self.spawn_worker(restore=True)

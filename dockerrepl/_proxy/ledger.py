@@ -97,6 +97,9 @@ class ProxyState:
     current_cell: Optional[int] = None
     abandoned_below: int = 0
     taken_through: Optional[int] = None  # the latest cell whose completions were taken
+    # the latest cell a request (an LM call, a host tool) was attributed to: a cell
+    # that asked the host for anything ran, and is never sent again (Session.run_cell)
+    asked: int = 0
     completions: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     # each completion's place in its cell's rlm_calls: (batch, index) for a batch's,
     # (arrival, 0) otherwise, so a batch lists its prompts' answers in prompt order
@@ -142,6 +145,7 @@ class ProxyState:
                 return claimed
             if claimed > current:
                 return None
+            self.asked = max(self.asked, current)
             return current
 
     def order(self) -> int:

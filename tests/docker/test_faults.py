@@ -531,3 +531,33 @@ def test_budget_exceeded_is_an_error_string_and_said_once(image, handler):
         assert r.stderr.count("budget exceeded") == 1
         assert len(r.rlm_calls) == 2
         assert ok(repl, "print(all(s.startswith('Error: budget') for s in b))") == "True\n"
+
+
+@pytest.mark.parametrize("transport", ["proxy", "channel"])
+def test_a_cell_that_asked_the_host_is_never_sent_again(image, transport):
+    """A container that dies before its supervisor acknowledged the cell (ACK_DELAY) had
+    the cell sent again, once: right for a cell it never ran, wrong for one that made an
+    LM call already (the call was made twice). Here the `docker run` CLI is killed from
+    inside the cell's first LM call, long before the acknowledgement: the call counts
+    as a sign that the cell ran, and it is made once."""
+    calls: list[str] = []
+    box: list[DockerREPL] = []
+
+    def answer(prompt: object) -> str:
+        calls.append(str(prompt))
+        if len(calls) == 1:
+            container = box[0]._session.container
+            assert container is not None and container.proc is not None
+            container.proc.kill()  # the host reads EOF at once
+        return "answered"
+
+    with (
+        LMHandler(ScriptedClient(answer)) as h,
+        DockerREPL(image=image, lm_handler_address=h.address, timeout=30, transport=transport) as r,
+    ):
+        box.append(r)
+        res = r.execute_code("x = llm_query('once')")
+        assert res.status == "crashed", (res.status, res.stderr)
+        assert calls == ["once"]
+        assert r.execute_code("print(llm_query('next'))").stdout == "answered\n"
+        assert calls == ["once", "next"]

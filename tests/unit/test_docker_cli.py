@@ -424,3 +424,40 @@ def test_classify_error_names_the_cause_not_the_cli_footer():
     assert isinstance(err, DockerDaemonError)
     assert "Cannot connect to the Docker daemon" in str(err)
     assert "--help" not in err.message
+
+
+@pytest.mark.parametrize("user_value", [None, "3"])
+def test_the_relay_cli_runs_with_one_go_thread_unless_the_user_set_one(
+    tmp_path, short_ws, monkeypatch, user_value
+):
+    """The long-lived `docker run -i` gets GOMAXPROCS=1 (its Go threads spun for work
+    after every frame: docs/benchmarks.md); a GOMAXPROCS the user set is kept, and
+    this process's environment is not changed."""
+    from dockerrepl import DockerREPL
+
+    if user_value is None:
+        monkeypatch.delenv("GOMAXPROCS", raising=False)
+    else:
+        monkeypatch.setenv("GOMAXPROCS", user_value)
+    monkeypatch.setenv("DOCKERREPL_TEST_MARK", "kept")
+    seen = tmp_path / "seen.json"
+    path = tmp_path / "docker"
+    path.write_text(
+        textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, os, sys
+        if sys.argv[1] == "run":
+            keys = ("GOMAXPROCS", "DOCKERREPL_TEST_MARK")
+            with open({str(seen)!r}, "w") as f:
+                json.dump({{k: os.environ.get(k) for k in keys}}, f)
+            sys.stderr.write("docker: Error response from daemon: no.\\n")
+            sys.exit(125)
+        print("[]")
+    """)
+    )
+    path.chmod(0o755)
+    with pytest.raises(DockerError):
+        DockerREPL(image="img", docker=str(path), network="none", workspace_dir=str(short_ws))
+    got = json.loads(seen.read_text())
+    assert got == {"GOMAXPROCS": user_value or "1", "DOCKERREPL_TEST_MARK": "kept"}
+    assert os.environ.get("GOMAXPROCS") == user_value
