@@ -25,7 +25,15 @@ from . import paths, protocol
 from .hardening import set_comm
 from .namespace import REPL, flush_std
 from .scaffold import SCAFFOLD
-from .store import STORE, dill, open_lock, read_meta, salvage_partial, write_checkpoint
+from .store import (
+    STORE,
+    dill,
+    guard_memory,
+    open_lock,
+    read_meta,
+    salvage_partial,
+    write_checkpoint,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -409,6 +417,7 @@ class Checkpointer:
             os.setpgid(0, 0)
             set_comm(SNAPSHOT_COMM)  # a name for `docker top`; it grants nothing
             _lower_priority()
+            guard_memory(lambda text: _note_child_error(err_w, MemoryError(text)))
             wanted = self.wanted
             noted: list[bool] = []
 

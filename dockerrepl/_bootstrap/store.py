@@ -359,6 +359,68 @@ def salvage_partial(pid: int, offset: int, meta: dict[str, Any]) -> bool:
         os.close(lock)
 
 
+# (limit file, stat file, the stat line of anonymous memory): cgroup v2, then v1
+_CGROUP_MEMORY = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.stat", "anon"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.stat", "rss"),
+)
+
+
+def _anon_and_limit() -> tuple[str, str, int] | None:
+    for limit_path, stat_path, key in _CGROUP_MEMORY:
+        try:
+            with open(limit_path) as f:
+                limit = int(f.read().strip())  # "max" (no limit): ValueError
+        except (OSError, ValueError):
+            continue
+        if limit < 1 << 50:  # v1 says "no limit" with a huge number
+            return stat_path, key, limit
+    return None
+
+
+def _read_stat(path: str, key: str) -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def guard_memory(stop: Callable[[str], None]) -> None:
+    """In a snapshot child: stop before the container's anonymous memory reaches its
+    limit. The pages a writer touches are copied (refcounts), up to the size of the
+    namespace; near the limit the kernel then reclaims page cache for minutes
+    (measured: a writer stuck at the limit for 80 s, neither killed nor writing)
+    before it kills anything. A writer that stops says why (``stop``) and exits;
+    the worker keeps the variables it finished (``salvage_partial``)."""
+    found = _anon_and_limit()
+    if found is None:
+        return
+    stat_path, key, limit = found
+    margin = max(32 << 20, limit // 16)  # what the worker's cells still need
+
+    def watch() -> None:
+        while True:
+            anon = _read_stat(stat_path, key)
+            if anon is None:
+                return
+            if anon > limit - margin:
+                stop(
+                    "the writer stopped at %d MB of the container's %d MB memory limit"
+                    % (anon >> 20, limit >> 20)
+                )
+                os._exit(1)
+            time.sleep(0.02)
+
+    import threading
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _load_state(f: IO[bytes]) -> dict[str, Any]:
     """The namespace in a ``state.dill``: a stream of records, or an older one's dict."""
     unpickler = dill().Unpickler(f)

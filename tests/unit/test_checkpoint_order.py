@@ -111,7 +111,7 @@ def landed(boot: Boot, cell: int, bound: float = 30.0) -> None:
         except (OSError, ValueError, KeyError):
             pass
         time.sleep(0.01)
-    raise AssertionError("the checkpoint after cell %d never landed" % cell)
+    raise AssertionError(f"the checkpoint after cell {cell} never landed")
 
 
 def call(boot: Boot, op: str, cid: int) -> dict:
