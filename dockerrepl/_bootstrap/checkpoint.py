@@ -175,7 +175,7 @@ class Wanted:
 
 #: Seconds without a message after which the worker counts as idle: the host's gap
 #: between back-to-back cells is ~1 ms, a model's turn between cells is seconds.
-IDLE_S = 0.025
+IDLE_S = 0.01
 #: While cells come back to back, a new writer waits this many times the CPU time
 #: the last one took (from its end): writers use at most ~1/(1+BUSY_SPACING) of a
 #: core. An idle worker waits IDLE_SPACING times it (so at most about half a core).
