@@ -238,6 +238,8 @@ def _dump_stream(
     progress: Callable[[int, int, list[str]], None] | None,
 ) -> None:
     """Write ``state`` as the stream of records (module docstring) to ``path``."""
+    if progress is not None:
+        progress(0, 0, bad)  # a retry rewrites the file: nothing of it is whole yet
     with _open_for_write(path, True) as f:
         pickler = dill_.Pickler(f, dill_.settings["protocol"], recurse=True)
         pickler.dump(STREAM_HEADER)
