@@ -117,6 +117,8 @@ def landed(boot: Boot, cell: int, bound: float = 30.0) -> None:
 def call(boot: Boot, op: str, cid: int) -> dict:
     boot.send({"type": "call", "id": cid, "op": op, "args": {}, "timeout": 30})
     reply = boot.recv()
+    while reply["type"] == "progress":  # a long call says it is still running
+        reply = boot.recv()
     assert reply["type"] == "reply" and reply["ok"], reply
     return reply
 
@@ -301,3 +303,27 @@ def test_a_writer_killed_part_way_leaves_what_it_wrote(tmp_path):
         assert "without: k" in crashed["stderr"], crashed
         r = boot.exec("print(x, y, 'k' in globals())", 4)
         assert r["stdout"] == "[1, 2] {'a': 1} False\n", r
+
+
+def test_an_older_bootstraps_single_dict_checkpoint_still_restores(tmp_path):
+    """state.dill used to be one pickled dict (saved sessions carry such files)."""
+    import dill
+
+    state = tmp_path / "ws"
+    (state / ".dockerrepl").mkdir(parents=True)
+    shared = [1, 2]
+    with open(state / "state.dill", "wb") as f:
+        dill.dump({"x": shared, "y": shared, "n": 3}, f, recurse=True)
+    (state / ".dockerrepl" / "state.meta.json").write_text(
+        json.dumps({"cell": 4, "order": [1, 1], "skipped": [], "file_backed": {}})
+    )
+    with Boot(tmp_path, hello(auto_checkpoint=True)) as boot:
+        reply = call(boot, "restore", 100)
+        assert reply["value"]["cell"] == 4, reply
+        r = boot.exec("print(x, n, x is y)", 5)
+        assert r["stdout"] == "[1, 2] 3 True\n", r
+        # and what it writes now is the stream, shared objects still shared
+        landed(boot, 5)
+        r = boot.exec("import os\nos._exit(5)", 6)
+        assert restored_after(r) == 5
+        assert boot.exec("print(x is y)", 7)["stdout"] == "True\n"
