@@ -31,6 +31,7 @@ from ._proxy import ChannelEndpoint, ProxyServer, ProxyState
 from ._results import _TEXT_SLACK, bound_result
 from ._runspec import ContainerConfig
 from ._staging import PROTOCOL_VERSION
+from ._starts import start_container
 from ._transfer import SessionFiles
 from ._transports import PROBE_TIMEOUT, TransportStart
 from ._workspace import MountedWorkspace, Workspace
@@ -39,6 +40,7 @@ from .errors import (
     DockerReplError,
     ProtocolError,
     ReplClosed,
+    SnapshotLost,
 )
 from .types import REPLResult, RLMChatCompletion
 
@@ -183,7 +185,7 @@ class Session(TransportStart, SessionFiles):
             # the atexit hook has begun (a pool member starting in its thread):
             # a container started now would outlive its cleanup
             raise ReplClosed("the interpreter is exiting: no container is started")
-        ready = container.start(self.hello(restore, probe))
+        ready = start_container(container, self.hello(restore, probe))
         if self.closed:
             raise ReplClosed("this DockerREPL was cleaned up while its container started")
         if ready.get("dill") == "image":
@@ -289,6 +291,8 @@ class Session(TransportStart, SessionFiles):
             if msg.get("type") == "reply":
                 if not msg.get("ok"):
                     err = str(msg.get("error"))
+                    if msg.get("exception") == "SnapshotLost":
+                        raise SnapshotLost(f"{op}: {err}")
                     if msg.get("exception") in (
                         "TypeError",
                         "ValueError",

@@ -30,8 +30,10 @@ argument type, an impossible value) stay ``TypeError`` / ``ValueError``.
     ├── CellTimeout                 (also TimeoutError) raised only by APIs that cannot
     │                               report a timeout in a REPLResult
     ├── WorkspacePathError          (also ValueError) a remote path escapes /workspace
-    └── SessionFileError            (also ValueError) a saved-session file is foreign,
-                                    truncated, corrupt, too large or from a newer format
+    ├── SessionFileError            (also ValueError) a saved-session file is foreign,
+    │                               truncated, corrupt, too large or from a newer format
+    └── SnapshotLost                a snapshot can no longer be rolled back to (dropped,
+                                    or its container or process is gone)
 
 Every error keeps plain data (strings, ints) in ``args`` and survives a pickle
 round trip, so it can cross process boundaries.
@@ -62,6 +64,7 @@ __all__ = [
     "SecurityCheckError",
     "SessionFileError",
     "SetupCodeError",
+    "SnapshotLost",
     "TransportUnavailable",
     "WorkspacePathError",
 ]
@@ -204,3 +207,10 @@ class SessionFileError(DockerReplError, ValueError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class SnapshotLost(DockerReplError):
+    """:meth:`DockerREPL.rollback` cannot go back to a snapshot: it was discarded or
+    dropped (over ``max_snapshots``), its container was replaced, or the process that
+    held it is gone (the kernel's OOM killer takes snapshots first). The REPL is
+    unchanged. The message says which."""

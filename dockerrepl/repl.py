@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Optional, Union
 
-from . import _exit, _options
+from . import _exit, _options, _snapshots, _starts
 from ._files import DEFAULT_MAX_FILE
 from ._options import (
     MAX_TIMEOUT,
@@ -48,6 +48,7 @@ from ._sessions import (
     scratch_dir,
     write_session_file,
 )
+from ._snapshots import Snapshot
 from ._tools import RESERVED_NAMES, HostTool, host_tool, tool_specs
 from .errors import SetupCodeError
 from .types import REPLResult
@@ -264,7 +265,8 @@ class DockerREPL:
         """Create the workspace, start the proxy and the container (called by ``__init__``)."""
         # closed at exit if still open (registers the atexit hook on the first start)
         _exit.track(self, 1)
-        self._session.start()
+        with _starts.naming(self._options.engine):
+            self._session.start()
 
     # ----------------------------------------------------------------- cells
     def execute_code(
@@ -579,7 +581,12 @@ class DockerREPL:
             def make(i: int) -> None:
                 try:
                     if pool is not None:
-                        child: DockerREPL = pool.acquire()
+                        # the pool's replacements start after the fork: n `docker run`s
+                        # meanwhile would take the CPU the children's restores need
+                        take = getattr(pool, "_acquire", None)
+                        child: DockerREPL = (
+                            take(120.0, refill=False) if take is not None else pool.acquire()
+                        )
                         children[i] = child
                         child.lm_handler_address = self.lm_handler_address
                         if self.custom_tools:
@@ -603,12 +610,45 @@ class DockerREPL:
                 t.join()
         finally:
             remove_scratch(scratch)
+            refill = getattr(pool, "_fill", None)
+            if refill is not None:
+                refill()
         if errors:
             for c in children:
                 if c is not None:
                     c.cleanup()
             raise errors[0]
         return [c for c in children if c is not None]
+
+    def snapshot(self, *, keep: int = 8) -> Snapshot:
+        """Remember the namespace as of the last completed cell, in memory, for :meth:`rollback`.
+
+        A snapshot is a parked copy-on-write fork of the container's worker: taking
+        one costs a fork (a few ms, whatever the namespace's size; nothing is
+        pickled), keeping one costs the memory the worker changes afterwards (at
+        most one more copy of the namespace, inside the ``memory`` limit; under
+        memory pressure the kernel kills snapshots before the worker). At most
+        ``keep`` (1-64) snapshots of this REPL are kept: taking one more drops the
+        oldest. A cell another thread runs is waited for.
+        """
+        return _snapshots.take(self, keep)
+
+    def rollback(self, snapshot: Snapshot) -> None:
+        """Return the namespace to ``snapshot`` (variables, contexts, histories).
+
+        Takes milliseconds whatever the namespace's size: a new worker is forked from
+        the snapshot and the current one is killed only once it exists. Files in
+        the workspace and the tools are not rolled back. The snapshot stays usable
+        (roll back to it again). It survives a crashed or killed worker, but not a
+        replaced container: then, or after it was dropped,
+        :class:`~dockerrepl.errors.SnapshotLost`, and the REPL is unchanged.
+        """
+        _snapshots.rollback(self, snapshot)
+
+    def discard_snapshot(self, snapshot: Snapshot) -> None:
+        """Free a snapshot's memory now (rolling back to it then raises
+        :class:`~dockerrepl.errors.SnapshotLost`). Idempotent."""
+        _snapshots.discard(self, snapshot)
 
     def _restored(self, why: str, skipped: list[str], reply: dict[str, Any]) -> None:
         """Say what a forked or resumed REPL lacks (never a silent drop)."""

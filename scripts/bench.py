@@ -550,6 +550,7 @@ def bench_pool(kwargs: dict[str, Any], n: int, out: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- sessions
 SESSION_SIZES_MB = (1, 10, 100)
 SESSION_FORK_N = 8
+SNAPSHOT_TARGET_MB = 200
 
 
 def _state_cell(mb: int) -> str:
@@ -559,6 +560,28 @@ def _state_cell(mb: int) -> str:
         f"blobs = [os.urandom(1 << 16) for _ in range({mb} * 16)]\n"
         "table = {i: i / 7 for i in range(1000)}"
     )
+
+
+def timed_snapshots(repl: Any, reps: int) -> dict[str, Any]:
+    """snapshot(), then a cell that wrecks the namespace, then rollback(); each timed
+    on the host, the namespace checked after every rollback."""
+    time.sleep(1.0)  # the state cell's background checkpoint, out of the way
+    snaps, rolls = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        snap = repl.snapshot()
+        snaps.append(time.perf_counter() - t0)
+        r = repl.execute_code("n_blobs = len(blobs); del blobs; table.clear()")
+        if r.status != "ok":
+            raise BenchError(f"the wrecking cell failed: {r.stderr}")
+        t0 = time.perf_counter()
+        repl.rollback(snap)
+        rolls.append(time.perf_counter() - t0)
+        r = repl.execute_code("print(len(blobs) == n_blobs if 'n_blobs' in dir() else len(blobs))")
+        if r.status != "ok" or r.stdout.strip() in ("", "False", "0"):
+            raise BenchError(f"rollback did not bring the state back: {r.stdout!r} {r.stderr!r}")
+        repl.discard_snapshot(snap)
+    return {"snapshot": stats(snaps), "rollback": stats(rolls)}
 
 
 def bench_sessions(kwargs: dict[str, Any], quick: bool, out: dict[str, Any]) -> None:
@@ -623,6 +646,7 @@ def bench_sessions(kwargs: dict[str, Any], quick: bool, out: dict[str, Any]) -> 
                 row[f"fork{SESSION_FORK_N}_pool"] = stats(
                     [timed_fork(parent, SESSION_FORK_N, True) for _ in range(reps)]
                 )
+                row.update(timed_snapshots(parent, reps))
                 row["fork1_cold"] = stats([timed_fork(parent, 1, False) for _ in range(reps)])
                 row[f"fork{SESSION_FORK_N}_cold"] = stats(
                     [timed_fork(parent, SESSION_FORK_N, False) for _ in range(1)]
@@ -637,6 +661,21 @@ def bench_sessions(kwargs: dict[str, Any], quick: bool, out: dict[str, Any]) -> 
                 ),
                 flush=True,
             )
+        # the rollback target is stated for 200 MB: snapshot and rollback only
+        parent = DockerREPL(**kwargs)
+        REG.add("dockerrepl", parent)
+        try:
+            r = parent.execute_code(_state_cell(SNAPSHOT_TARGET_MB))
+            if r.status != "ok":
+                raise BenchError(f"state cell failed: {r.stderr}")
+            out[f"{SNAPSHOT_TARGET_MB}mb"] = row = timed_snapshots(parent, reps)
+            print(
+                f"  {SNAPSHOT_TARGET_MB} MB: "
+                + ", ".join(f"{k} {fmt_s(v['median'])}" for k, v in row.items()),
+                flush=True,
+            )
+        finally:
+            REG.close(parent)
     finally:
         pool.close()
         with contextlib.suppress(ValueError):
@@ -646,8 +685,11 @@ def bench_sessions(kwargs: dict[str, Any], quick: bool, out: dict[str, Any]) -> 
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def print_sessions(res: dict[str, Any]) -> None:
+def print_sessions(res: dict[str, Any]) -> list[str]:
+    """Print the sessions table; returns its lines (for benchmarks-sessions.md)."""
     cols = [
+        "snapshot",
+        "rollback",
         "save",
         "resume",
         "fork1_pool",
@@ -655,16 +697,19 @@ def print_sessions(res: dict[str, Any]) -> None:
         "fork1_cold",
         f"fork{SESSION_FORK_N}_cold",
     ]
-    print("\n| state | file | " + " | ".join(cols) + " |")
-    print("|---|---|" + "---|" * len(cols))
-    for size in SESSION_SIZES_MB:
+    lines = ["| state | file | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for size in (*SESSION_SIZES_MB, SNAPSHOT_TARGET_MB):
         row = res.get(f"{size}mb", {})
         cells = [fmt_s(row[c]["median"]) if c in row else "-" for c in cols]
-        print(f"| {size} MB | {row.get('file_mb', 0):.1f} MB | " + " | ".join(cells) + " |")
-    print(
-        f"targets: {SESSION_FORK_N} ready children of 10 MB <= 1 s, one <= 150 ms (warm pool);"
-        " rollback: not implemented"
+        file_mb = f"{row['file_mb']:.1f} MB" if "file_mb" in row else "-"
+        lines.append(f"| {size} MB | {file_mb} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        f"Targets: {SESSION_FORK_N} ready children of 10 MB <= 1 s, one <= 150 ms (warm pool);"
+        f" rollback of {SNAPSHOT_TARGET_MB} MB <= 100 ms. Medians; `file` is the saved file."
     )
+    print("\n" + "\n".join(lines))
+    return lines
 
 
 # ---------------------------------------------------------------- transports
@@ -1451,6 +1496,7 @@ def run_sessions(args: argparse.Namespace) -> int:
     res: dict[str, Any] = {}
     rc = 0
     started = time.time()
+    load = os.getloadavg()
     try:
         print("== dockerrepl: sessions (save, resume, fork)", flush=True)
         bench_sessions(kwargs, args.quick, res)
@@ -1466,13 +1512,28 @@ def run_sessions(args: argparse.Namespace) -> int:
         sweep_leftovers()
     if rc:
         return rc
-    print_sessions(res)
+    lines = print_sessions(res)
     out_dir = args.out_dir or BENCH_DIR
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "sessions.json")
+    path = os.path.join(out_dir, "benchmarks-sessions.json")
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
+    command = "python scripts/bench.py" + "".join(f" {a}" for a in sys.argv[1:])
+    m = machine_info()
+    with open(os.path.join(out_dir, "benchmarks-sessions.md"), "w") as f:
+        f.write(
+            "# Sessions as values: snapshot, rollback, save, resume, fork\n\n"
+            "<!-- Generated by scripts/bench.py --sessions; do not edit by hand. -->\n\n"
+            f"`{command}`, {date}: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB,"
+            f" Docker {m['docker']}, commit {m['commit']}, load at the start"
+            f" {load[0]:.2f}. Host wall clock, from the call to"
+            " a ready REPL (fork: children that answered a cell are counted after it).\n\n"
+            + "\n".join(lines)
+            + "\n"
+        )
     data = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
-        "machine": machine_info(),
+        "date": date,
+        "machine": m,
+        "load_at_start": load,
         "results": res,
         "quick": args.quick,
     }
@@ -1515,9 +1576,10 @@ def main() -> int:
     ap.add_argument(
         "--sessions",
         action="store_true",
-        help="only sessions as values: save, resume and fork (1 and 8 children, warm pool and "
-        "cold) against the state size (1, 10, 100 MB); runs in this interpreter, prints a "
-        "table and writes sessions.json (in .bench/ unless --out-dir is given)",
+        help="only sessions as values: snapshot, rollback, save, resume and fork (1 and 8 "
+        "children, warm pool and cold) against the state size (1, 10, 100 MB; snapshot and "
+        "rollback at 200 MB too); runs in this interpreter, prints a "
+        "table and writes benchmarks-sessions.{md,json} (in .bench/ unless --out-dir is given)",
     )
     args = ap.parse_args()
     if args.sessions:

@@ -10,7 +10,7 @@ import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
     from typing import Any
 
 # The sweep spares at most this many snapshot writers (one writing, one waiting: all
@@ -118,6 +118,8 @@ class SnapshotWriters:
         self.snapshots: list[tuple[int, int]] = []
         #: when the writers a sweep spared are killed
         self.spared_until: float | None = None
+        #: more processes every sweep spares: the parked snapshots, ``[(pid, start time)]``
+        self.also_keep: Callable[[], list[tuple[int, int]]] = list
 
     def note(self, pid: Any, worker_pid: int | None) -> None:
         """The worker forked a snapshot writer. Cell code can send this frame too,
@@ -134,10 +136,16 @@ class SnapshotWriters:
         """sweep_processes, sparing the reported snapshot writers for a bounded time."""
         keep = [(pid, start) for pid, start in self.snapshots if proc_start(pid) == start]
         self.snapshots = keep
-        killed = sweep_processes(spare=spare, keep=keep)
+        killed = sweep_processes(spare=spare, keep=keep + self.also_keep())
         if keep and self.spared_until is None:
             self.spared_until = time.monotonic() + SNAPSHOT_SPARE
         return killed
+
+    def kill_all(self) -> None:
+        """Kill every reported snapshot writer now (a rollback: what they write is
+        superseded, and the lock they hold would keep the new worker waiting)."""
+        self.spared_until = 0.0
+        self.kill_spared()
 
     def kill_spared(self) -> None:
         """Kill the snapshot writers a sweep spared (matched by pid and start time)."""

@@ -87,6 +87,8 @@ MAX_REPLY = 1 << 20
 # Sessions as values (save, resume, fork): the top-level workspace files the
 # "export" call leaves for the host to copy out, and the one the host copies in for
 # "import" (opaque tar bytes to the host; only a container unpickles what is in them)
+#: the most in-memory snapshots (parked forks of the worker) a session keeps
+MAX_SNAPSHOTS = 64
 EXPORT_NAME = "_dockerrepl_export.tar"
 IMPORT_NAME = "_dockerrepl_import.tar"
 
@@ -194,3 +196,11 @@ def recv_frame(sock: socket.socket, reader: FrameReader) -> Any:
         if not data:
             return None
         reader.feed(data)
+
+
+def positive(value: Any) -> float | None:
+    """A timeout from the host: a finite number > 0, else None (no limit)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if 0 < value < float("inf") else None

@@ -11,7 +11,9 @@ import traceback
 
 from . import protocol
 from .hardening import close_fds_except, set_dumpable
+from .parking import Parked
 from .procs import SnapshotWriters
+from .snapshots import recv_with_fds
 from .worker import worker_main
 
 TYPE_CHECKING = False
@@ -30,6 +32,8 @@ class WorkerSlot:
         #: the last cell that ended with the worker alive (a respawn restores up to it)
         self.last_good_cell = 0
         self.writers = SnapshotWriters()  # the snapshot writers the worker reported
+        self.parked = Parked()  # the in-memory snapshots (parked forks of a worker)
+        self.writers.also_keep = self.parked.keep  # a sweep spares them too
         self.worker_pid: int | None = None
         #: the worker's wait status, when reap_orphans collected it
         self.worker_status: int | None = None
@@ -94,6 +98,7 @@ class WorkerSlot:
                     pass
             os._exit(70)
         child.close()
+        self.adopt_worker(pid, parent)
         try:
             # the child does this too; doing it here as well closes the race in which
             # a kill (stdin closed right after start) comes before the child's setpgid:
@@ -101,12 +106,30 @@ class WorkerSlot:
             os.setpgid(pid, pid)
         except OSError:
             pass
+
+    def adopt_worker(self, pid: int, ctrl: socket.socket) -> None:
+        """Make ``pid`` (a child of this process) the worker, on ``ctrl``."""
         self.worker_pid = pid
         self.worker_status = None
-        self.ctrl = parent
+        self.ctrl = ctrl
         self.ctrl.setblocking(False)
         self.ctrl_reader = protocol.FrameReader()
         self.worker_started = False
+
+    def recv_ctrl(self) -> bytes | None:
+        """What the worker sent (``b""`` at EOF, ``None`` if nothing yet); descriptors
+        that came with it wait for their ``parked`` frame."""
+        if self.ctrl is None:
+            return b""
+        try:
+            data, fds = recv_with_fds(self.ctrl)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+        if fds:
+            self.parked.take_fds(fds)
+        return data
 
     # -- the sweep --
     def kill_worker(self) -> int | None:

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 
-from . import paths, protocol
+from . import parking, paths, protocol
 from .files import purge_workspace
 from .hardening import capability_sets, channel_shared_with_init
 from .output import OutputBuffer, clean_locals, clean_reply, clean_value
@@ -81,7 +81,7 @@ class Supervisor(WorkerSlot):
         self.interrupted = ""
         self.kill_at = None
         self.kill_reason = None
-        self.timeout_s = _positive(msg.get("timeout"))
+        self.timeout_s = protocol.positive(msg.get("timeout"))
         # the cell's clock starts when a worker can run it: restoring a checkpoint
         # first is not the cell's time (an interrupt in the middle of a restore would
         # leave an empty namespace that the next checkpoint writes over the good one)
@@ -122,6 +122,9 @@ class Supervisor(WorkerSlot):
         kind = msg.get("type")
         if kind == "snapshot":
             self.writers.note(msg.get("pid"), self.worker_pid)
+            return
+        if kind == "parked":
+            self.parked.add(msg, self.worker_pid)
             return
         if kind == "started":
             if self.worker_started:
@@ -320,9 +323,8 @@ class Supervisor(WorkerSlot):
             if self.out_r in r or self.err_r in r:
                 self.drain_output()
             if self.ctrl in r:
-                try:
-                    data = self.ctrl.recv(1 << 16)
-                except BlockingIOError:
+                data = self.recv_ctrl()
+                if data is None:
                     continue
                 if not data:
                     return "the replacement worker failed to start"
@@ -415,6 +417,8 @@ class Supervisor(WorkerSlot):
             self.send_host({"type": "error", "id": msg.get("id"), "error": "exec needs str code"})
         elif kind == "call" and not isinstance(msg.get("op"), str):
             self.send_host({"type": "error", "id": msg.get("id"), "error": "call needs a str op"})
+        elif kind == "call" and msg.get("op") in ("rollback", "drop_snapshot"):
+            parking.handle(self, msg)
         elif kind in ("exec", "call"):
             self.start_request(msg)
         elif kind == "interrupt":
@@ -502,9 +506,8 @@ class Supervisor(WorkerSlot):
         )
         for m in pending:
             self.handle_host(m)
-        # Wake select() when the worker dies. A handler alone does not: select() is
-        # retried after EINTR (PEP 475), and the ctrl socket's EOF never comes while a
-        # child the cell forked still holds a copy of it.
+        # Wake select() when the worker dies (select() is retried after EINTR, PEP 475;
+        # the ctrl socket's EOF never comes while a child of the cell holds a copy).
         self.wake_r, self.wake_w = os.pipe()
         for fd in (self.wake_r, self.wake_w):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
@@ -542,36 +545,35 @@ class Supervisor(WorkerSlot):
             if self.out_r in r or self.err_r in r:
                 self.drain_output()
             if self.ctrl is not None and self.ctrl in r:
-                try:
-                    data = self.ctrl.recv(1 << 16)
-                except BlockingIOError:
-                    data = None
-                except OSError:
-                    data = b""
-                if data:
-                    self.ctrl_reader.feed(data)
-                    try:
-                        frames = self.ctrl_reader.frames()
-                        if not all(isinstance(m, dict) for m in frames):
-                            raise ValueError("a frame that is not an object")
-                    except (ValueError, RecursionError) as e:
-                        # cell code (or a child it forked, which inherits the socket)
-                        # wrote garbage: the worker's reports cannot be trusted any more
-                        frames = []
-                        self.kill_reason = (
-                            "the worker broke the protocol (%s); it was killed" % str(e)[:200]
-                        )
-                        self.worker_died(self.kill_worker())
-                    for m in frames:
-                        self.on_worker_frame(m)
-                elif data == b"":
-                    self.worker_died(self.kill_worker())
+                self.pump_ctrl()
             self.reap_orphans()
             if self.worker_pid is not None:
                 status = self.reap_worker(block=False)
                 if status is not None:
                     self.worker_died(status)
             self.on_timer()
+
+    def pump_ctrl(self) -> None:
+        """Read what the worker sent and act on its frames (non-blocking)."""
+        data = self.recv_ctrl()
+        if data:
+            self.ctrl_reader.feed(data)
+            try:
+                frames = self.ctrl_reader.frames()
+                if not all(isinstance(m, dict) for m in frames):
+                    raise ValueError("a frame that is not an object")
+            except (ValueError, RecursionError) as e:
+                # cell code (or a child it forked, which inherits the socket) wrote
+                # garbage: the worker's reports cannot be trusted any more
+                frames = []
+                self.kill_reason = (
+                    "the worker broke the protocol (%s); it was killed" % str(e)[:200]
+                )
+                self.worker_died(self.kill_worker())
+            for m in frames:
+                self.on_worker_frame(m)
+        elif data == b"":
+            self.worker_died(self.kill_worker())
 
     def read_host(self, block: bool) -> bool:
         while True:
@@ -590,11 +592,3 @@ class Supervisor(WorkerSlot):
             if not block:
                 continue
             return True
-
-
-def _positive(value: Any) -> float | None:
-    """A timeout from the host: a finite number > 0, else None (no limit)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if 0 < value < float("inf") else None

@@ -17,6 +17,7 @@ from .checkpoint import CHECKPOINTER
 from .namespace import REPL, cell_result, exec_cell, flush_std
 from .scaffold import install_scaffold, reload_scaffold, set_compaction, set_tools
 from .sessions import op_drop_export, op_export, op_import
+from .snapshots import op_snapshot
 from .store import STORE, restore_checkpoint, start_epoch
 
 TYPE_CHECKING = False
@@ -84,6 +85,7 @@ OPS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "export": op_export,
     "drop_export": op_drop_export,
     "import": op_import,
+    "snapshot": op_snapshot,
 }
 
 
@@ -157,7 +159,7 @@ def worker_main(
     install_scaffold()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     protocol.send_frame(ctrl, {"type": "started", "pid": os.getpid(), "note": note})
-    _serve(ctrl, config.get("auto_checkpoint", True))
+    serve(ctrl, config.get("auto_checkpoint", True))
 
 
 def _restore(expect_cell: int) -> str | None:
@@ -188,7 +190,13 @@ def _restore(expect_cell: int) -> str | None:
     return note
 
 
-def _serve(ctrl: socket.socket, auto: Any) -> None:
+def serve(ctrl: socket.socket, auto: Any, checkpoint_now: bool = False) -> None:
+    """Answer the supervisor's requests until it closes ``ctrl``; ``checkpoint_now``:
+    first write the namespace as it is (a worker made from a snapshot)."""
+    if checkpoint_now and auto == "sync":
+        CHECKPOINTER.sync_changed(REPL.cell_id)
+    elif checkpoint_now and auto:
+        CHECKPOINTER.request(REPL.cell_id)
     reader = protocol.FrameReader()
     while True:
         try:

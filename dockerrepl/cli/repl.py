@@ -114,6 +114,40 @@ def _save(repl: Any, path: Optional[str]) -> None:
     sys.stderr.flush()
 
 
+def _command(repl: Any, line: str, save_to: Optional[str], snaps: list[Any]) -> None:
+    """The prompt's own commands: ``:save [FILE]``, ``:snapshot``, ``:rollback [N]``."""
+    word, _, rest = line.partition(" ")
+    rest = rest.strip()
+    if word == ":save":
+        _save(repl, rest or save_to)
+        return
+    try:
+        if word == ":snapshot":
+            snaps.append(repl.snapshot())
+            snaps[:] = snaps[-8:]  # the REPL keeps 8: the older ones are gone
+            sys.stderr.write(
+                f"dockerrepl: snapshot {len(snaps)} taken (after cell {snaps[-1].cell});"
+                f" `:rollback` goes back to the last one, `:rollback N` to snapshot N\n"
+            )
+        elif word == ":rollback":
+            if not snaps:
+                sys.stderr.write("dockerrepl: no snapshot yet (take one with `:snapshot`)\n")
+                return
+            n = int(rest) if rest else len(snaps)
+            if not 1 <= n <= len(snaps):
+                sys.stderr.write(f"dockerrepl: no snapshot {n} (1 to {len(snaps)})\n")
+                return
+            repl.rollback(snaps[n - 1])
+            sys.stderr.write(f"dockerrepl: rolled back to snapshot {n}\n")
+        else:
+            sys.stderr.write(f"dockerrepl: unknown command {word} (:save, :snapshot, :rollback)\n")
+    except ValueError:
+        sys.stderr.write(f"dockerrepl: `:rollback N` takes a number, not {rest!r}\n")
+    except Exception as exc:
+        sys.stderr.write(f"dockerrepl: {word[1:]} failed: {exc}\n")
+    sys.stderr.flush()
+
+
 def cmd_repl(args: argparse.Namespace) -> int:
     """``dockerrepl repl``: read cells from the terminal and run them in one sandbox."""
     interactive = sys.stdin.isatty()
@@ -142,6 +176,7 @@ def cmd_repl(args: argparse.Namespace) -> int:
             sys.stderr.flush()
         out = Output(sys.stdout, sys.stderr)
         buf: list[str] = []
+        snaps: list[Any] = []  # :snapshot's, oldest first
         while True:
             prompt = ("... " if buf else ">>> ") if interactive else ""
             try:
@@ -160,8 +195,8 @@ def cmd_repl(args: argparse.Namespace) -> int:
                 continue
             if not buf and line.strip() in _EXIT_WORDS:
                 return 0
-            if not buf and line.strip().startswith(":save"):
-                _save(repl, line.strip()[len(":save") :].strip() or args.save)
+            if not buf and line.strip().startswith((":save", ":snapshot", ":rollback")):
+                _command(repl, line.strip(), args.save, snaps)
                 continue
             buf.append(line)
             source = "\n".join(buf)

@@ -193,3 +193,21 @@ def test_save_and_resume_a_session(image: str, tmp_path: Path) -> None:
         back = cli("repl", "--backend", "echo", "--resume", path, env=env, stdin="a\n")
         assert back.rc == 0, back.err
         assert back.out == want
+
+
+def test_snapshot_and_rollback_at_the_prompt(image: str) -> None:
+    env = base_env(DOCKERREPL_IMAGE=image)
+    stdin = (
+        "a = 1\n:rollback\n:snapshot\na = 2\n:snapshot\ndel a\n:rollback 1\na\n"
+        ":rollback\na\n:rollback 7\n:rollback x\n:snapshots\na\n"
+    )
+    done = cli("repl", "--backend", "echo", env=env, stdin=stdin)
+    assert done.rc == 0, done.err
+    assert done.out == "1\n2\n2\n", done.out
+    assert "no snapshot yet" in done.err
+    assert "snapshot 1 taken (after cell" in done.err
+    assert "rolled back to snapshot 1" in done.err and "rolled back to snapshot 2" in done.err
+    assert "no snapshot 7 (1 to 2)" in done.err
+    assert "takes a number, not 'x'" in done.err
+    assert "unknown command :snapshots" in done.err
+    assert containers_of(done.pid) == []

@@ -31,6 +31,7 @@ from dockerrepl.errors import (
     SecurityCheckError,
     SessionFileError,
     SetupCodeError,
+    SnapshotLost,
     TransportUnavailable,
     WorkspacePathError,
 )
@@ -63,6 +64,7 @@ PARENT = {
     CellTimeout: DockerReplError,
     WorkspacePathError: DockerReplError,
     SessionFileError: DockerReplError,
+    SnapshotLost: DockerReplError,
 }
 
 
