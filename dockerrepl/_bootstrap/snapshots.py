@@ -214,12 +214,13 @@ def _become_worker(ctrl: socket.socket, msg: dict[str, Any]) -> None:
     except OSError:
         pass
     # the snapshot writers of the worker this was forked from are not this one's
-    for _pid, (_cell, _seq, fd) in CHECKPOINTER.cells.items():
+    for writer in CHECKPOINTER.cells.values():
         try:
-            os.close(fd)
+            os.close(writer.err)
         except OSError:
             pass
     CHECKPOINTER.cells.clear()
+    CHECKPOINTER.owed = None  # serve() asks for this state's own snapshot
     CHECKPOINTER.outcome = None
     CHECKPOINTER.told = False
     CHECKPOINTER.last_fp = None

@@ -2,6 +2,13 @@
 
 Every checkpoint carries an order key ``[epoch, seq]`` (see ``paths.EPOCH_FILE``);
 a write that would not move the state on disk forward writes nothing.
+
+``state.dill`` is a stream of dill pickles written by one pickler (so they share its
+memo: two names bound to one object are one object again after a restore):
+:data:`STREAM_HEADER`, then one ``(name, value)`` per variable. A writer killed part
+way (out of memory) leaves whole records before the one it was writing, so its
+parent can keep them as a partial checkpoint that names what it lacks
+(:func:`salvage_partial`). A file that holds a single dict is an older bootstrap's.
 """
 
 from __future__ import annotations
@@ -48,6 +55,10 @@ def dill() -> ModuleType:
 
     mod: ModuleType = dill
     return mod
+
+
+#: The first pickle of a streamed ``state.dill``.
+STREAM_HEADER = ("dockerrepl-state", 2)
 
 
 class _Counter:
@@ -204,16 +215,41 @@ def write_checkpoint(
     cell_id: int,
     order: list[int],
     give_up: Callable[[], bool] | None = None,
+    progress: Callable[[int, int, list[str]], None] | None = None,
 ) -> list[str] | None:
     """Dump ``state`` to STATE_FILE atomically unless a newer checkpoint is on disk.
 
     Returns the names that were skipped, or None when nothing was written: the
     disk already holds a newer checkpoint, a newer worker has started, or
     ``give_up()`` said, while this waited for the lock, that a newer snapshot is
-    on its way.
+    on its way. ``progress(n, offset, bad)`` is called after each record is in
+    the temporary file: the first ``n`` names of ``state`` (but for ``bad``, which
+    dill cannot pickle) end at byte ``offset``.
     """
     with WritingConditions():
-        return _write_checkpoint(state, file_backed, cell_id, order, give_up)
+        return _write_checkpoint(state, file_backed, cell_id, order, give_up, progress)
+
+
+def _dump_stream(
+    dill_: ModuleType,
+    state: dict[str, Any],
+    path: str,
+    bad: list[str],
+    progress: Callable[[int, int, list[str]], None] | None,
+) -> None:
+    """Write ``state`` as the stream of records (module docstring) to ``path``."""
+    if progress is not None:
+        progress(0, 0, bad)  # a retry rewrites the file: nothing of it is whole yet
+    with _open_for_write(path, True) as f:
+        pickler = dill_.Pickler(f, dill_.settings["protocol"], recurse=True)
+        pickler.dump(STREAM_HEADER)
+        for n, (k, v) in enumerate(state.items(), 1):
+            if k in bad:
+                continue
+            pickler.dump((k, v))
+            if progress is not None:
+                f.flush()  # in the file (the page cache) before it is said to be
+                progress(n, f.tell(), bad)
 
 
 def _write_checkpoint(
@@ -222,6 +258,7 @@ def _write_checkpoint(
     cell_id: int,
     order: list[int],
     give_up: Callable[[], bool] | None,
+    progress: Callable[[int, int, list[str]], None] | None,
 ) -> list[str] | None:
     dill_ = dill()
     ns = REPL.ns
@@ -242,8 +279,7 @@ def _write_checkpoint(
         meta_tmp = paths.META_FILE + ".tmp"
         try:
             try:
-                with _open_for_write(tmp, True) as f:
-                    dill_.dump(state, f, recurse=True)
+                _dump_stream(dill_, state, tmp, [], progress)
             except Exception:
                 bad = []
                 for k, v in list(state.items()):
@@ -253,11 +289,8 @@ def _write_checkpoint(
                         bad.append(k)
                 if not bad:
                     raise  # not a value dill cannot pickle: the write itself failed
-                for k in bad:
-                    state.pop(k, None)
                 skipped.extend(bad)
-                with _open_for_write(tmp, True) as f:
-                    dill_.dump(state, f, recurse=True)
+                _dump_stream(dill_, state, tmp, bad, progress)
             meta = {
                 "cell": cell_id,
                 "order": order,
@@ -266,14 +299,8 @@ def _write_checkpoint(
                 "time": time.time(),
                 "bad_ids": {k: id(ns[k]) for k in skipped if k in ns},
             }
-            with _open_for_write(meta_tmp, False) as f:
-                json.dump(meta, f)
-            # asked again right before the replace: a restore that gave up waiting
-            # for the lock may have taken a new epoch during the dump
-            if _superseded(order):
+            if not _commit(tmp, meta_tmp, meta, order):
                 return None
-            os.replace(tmp, paths.STATE_FILE)
-            os.replace(meta_tmp, paths.META_FILE)
         finally:
             for path in (tmp, meta_tmp):
                 if os.path.exists(path):
@@ -281,6 +308,136 @@ def _write_checkpoint(
     finally:
         os.close(lock)
     return sorted(set(skipped))
+
+
+def _commit(tmp: str, meta_tmp: str, meta: dict[str, Any], order: list[int]) -> bool:
+    """Write ``meta`` and put the state file ``tmp`` and it in place (under the lock)."""
+    with _open_for_write(meta_tmp, False) as f:
+        json.dump(meta, f)
+    # asked again right before the replace: a restore that gave up waiting
+    # for the lock may have taken a new epoch during the dump
+    if _superseded(order):
+        return False
+    os.replace(tmp, paths.STATE_FILE)
+    os.replace(meta_tmp, paths.META_FILE)
+    return True
+
+
+def salvage_partial(pid: int, offset: int, meta: dict[str, Any]) -> bool:
+    """In the worker, after its snapshot writer ``pid`` died part way: keep the
+    records it finished (the first ``offset`` bytes of its temporary file) as the
+    checkpoint ``meta`` describes (its ``partial`` names what is not in it).
+
+    Only if the lock is free now (a writer that holds it has a newer state, and the
+    worker must not wait) and this still moves the disk forward. True when kept.
+    """
+    tmp = "%s.tmp.%d" % (paths.STATE_FILE, pid)
+    meta_tmp = paths.META_FILE + ".tmp"
+    lock = open_lock(paths.LOCK_FILE)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        with WritingConditions():
+            try:
+                if _superseded(meta["order"]):
+                    return False
+                fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    if os.fstat(fd).st_size < offset:
+                        return False  # not the file it reported on
+                    os.ftruncate(fd, offset)
+                finally:
+                    os.close(fd)
+                return _commit(tmp, meta_tmp, meta, meta["order"])
+            except OSError:
+                return False
+            finally:
+                for path in (tmp, meta_tmp):
+                    if os.path.exists(path):
+                        os.unlink(path)
+    finally:
+        os.close(lock)
+
+
+# (limit file, stat file, the stat line of anonymous memory): cgroup v2, then v1
+_CGROUP_MEMORY = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.stat", "anon"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.stat", "rss"),
+)
+
+
+def _anon_and_limit() -> tuple[str, str, int] | None:
+    for limit_path, stat_path, key in _CGROUP_MEMORY:
+        try:
+            with open(limit_path) as f:
+                limit = int(f.read().strip())  # "max" (no limit): ValueError
+        except (OSError, ValueError):
+            continue
+        if limit < 1 << 50:  # v1 says "no limit" with a huge number
+            return stat_path, key, limit
+    return None
+
+
+def _read_stat(path: str, key: str) -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def guard_memory(stop: Callable[[str], None]) -> None:
+    """In a snapshot child: stop before the container's anonymous memory reaches its
+    limit. The pages a writer touches are copied (refcounts), up to the size of the
+    namespace; near the limit the kernel then reclaims page cache for minutes
+    (measured: a writer stuck at the limit for 80 s, neither killed nor writing)
+    before it kills anything. A writer that stops says why (``stop``) and exits;
+    the worker keeps the variables it finished (``salvage_partial``)."""
+    found = _anon_and_limit()
+    if found is None:
+        return
+    stat_path, key, limit = found
+    margin = max(32 << 20, limit // 16)  # what the worker's cells still need
+
+    def watch() -> None:
+        while True:
+            anon = _read_stat(stat_path, key)
+            if anon is None:
+                return
+            if anon > limit - margin:
+                stop(
+                    "the writer stopped at %d MB of the container's %d MB memory limit"
+                    % (anon >> 20, limit >> 20)
+                )
+                os._exit(1)
+            time.sleep(0.02)
+
+    import threading
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _load_state(f: IO[bytes]) -> dict[str, Any]:
+    """The namespace in a ``state.dill``: a stream of records, or an older one's dict."""
+    unpickler = dill().Unpickler(f)
+    first = unpickler.load()
+    if isinstance(first, dict):
+        return first
+    if first != STREAM_HEADER:
+        raise ValueError("not a dockerrepl checkpoint (it starts with %.80r)" % (first,))
+    state: dict[str, Any] = {}
+    while True:
+        try:
+            name, value = unpickler.load()
+        except EOFError:
+            return state  # the end of the last whole record (the file is cut only there)
+        state[name] = value
 
 
 def restore_checkpoint(expect_cell: int = 0, wait: float = 60.0) -> tuple[Any, str]:
@@ -323,7 +480,7 @@ def restore_checkpoint(expect_cell: int = 0, wait: float = 60.0) -> tuple[Any, s
         if fd is None:
             return None, "the checkpoint is not a regular file; the namespace starts empty"
         with os.fdopen(fd, "rb") as f:
-            state = dill().load(f)
+            state = _load_state(f)
         REPL.ns.update(state)
     finally:
         os.close(lock)
@@ -335,6 +492,12 @@ def restore_checkpoint(expect_cell: int = 0, wait: float = 60.0) -> tuple[Any, s
     if late:
         note += " (a later snapshot was still being written after %ds;" % wait
         note += " changes up to cell %s may be lost)" % expect_cell
+    partial = meta.get("partial")
+    if isinstance(partial, dict):
+        note += "; it was written in part (%s), without: %s" % (
+            partial.get("why", "?"),
+            ", ".join(str(k) for k in partial.get("lacks") or ()) or "?",
+        )
     if skipped:
         note += "; not restorable (dill cannot pickle them): %s" % ", ".join(skipped)
     return meta.get("cell"), note

@@ -200,6 +200,8 @@ def serve(ctrl: socket.socket, auto: Any, checkpoint_now: bool = False) -> None:
     reader = protocol.FrameReader()
     while True:
         try:
+            if not reader.buf:
+                CHECKPOINTER.idle(ctrl)  # an owed snapshot is forked once the worker idles
             msg = protocol.recv_frame(ctrl, reader)
         except KeyboardInterrupt:
             continue  # a late interrupt for a cell that already finished

@@ -61,6 +61,22 @@ def survived(repl: DockerREPL) -> None:
     assert ok(repl, "print(f(x))") == "42\n"
 
 
+def landed(repl: DockerREPL, bound: float = 30.0) -> None:
+    """Until the checkpoint on disk names the last cell: its snapshot may be owed
+    for a while (spaced behind the last writer, forked once the worker idles)."""
+    path = os.path.join(repl.temp_dir, ".dockerrepl", "state.meta.json")
+    end = time.monotonic() + bound
+    while time.monotonic() < end:
+        try:
+            with open(path) as f:
+                if json.load(f)["cell"] >= repl._session.cell:
+                    return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    raise AssertionError("the checkpoint after the last cell never landed")
+
+
 def container_gone(name: str) -> bool:
     return docker("ps", "-aq", "--filter", f"name=^{name}$").stdout.strip() == ""
 
@@ -208,6 +224,7 @@ def test_a_cell_umask_cannot_make_the_checkpoint_unreadable(frepl):
     --cap-drop ALL not even root could read it back; the restore then lost everything."""
     seed(frepl)
     ok(frepl, "import os\nos.umask(0o777)\ny = 2")
+    landed(frepl)  # its background snapshot, written under the cell's umask
     r = frepl.execute_code("import os\nos._exit(3)")
     assert r.status == "crashed"
     r = frepl.execute_code("print(f(x), y)")

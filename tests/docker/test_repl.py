@@ -299,8 +299,16 @@ def test_checkpoint_writes_state_atomically_and_names_skips(any_transport_repl, 
         assert repl.download("state.dill", path) > 0
     import dill
 
-    with open(path, "rb") as fh:
-        state = dill.load(fh)
+    with open(path, "rb") as fh:  # a stream: a header, then one (name, value) each
+        unpickler = dill.Unpickler(fh)
+        assert unpickler.load() == ("dockerrepl-state", 2)
+        state = {}
+        while True:
+            try:
+                name, value = unpickler.load()
+            except EOFError:
+                break
+            state[name] = value
     assert state["a"] == [1, 2, 3]
     assert "g" not in state
 

@@ -60,6 +60,15 @@ SLOW_DILL = textwrap.dedent(
         return _nice(n)
 
     os.nice = _slow_nice
+    _sched = getattr(os, "sched_setscheduler", None)
+
+    def _slow_sched(*args):
+        if _comm() == "drepl-snapshot" and _first_time():
+            time.sleep({delay})
+        return _sched(*args)
+
+    if _sched is not None:
+        os.sched_setscheduler = _slow_sched
     _path = list(sys.path)
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     try:
@@ -91,15 +100,66 @@ def restored_after(crashed: dict) -> int:
     return int(m.group(1))
 
 
+def landed(boot: Boot, cell: int, bound: float = 30.0) -> None:
+    """Until the checkpoint on disk names ``cell`` (the worker went idle: its owed
+    snapshot was forked and written)."""
+    end = time.monotonic() + bound
+    while time.monotonic() < end:
+        try:
+            if meta(boot)["cell"] >= cell:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"the checkpoint after cell {cell} never landed")
+
+
+def call(boot: Boot, op: str, cid: int) -> dict:
+    boot.send({"type": "call", "id": cid, "op": op, "args": {}, "timeout": 30})
+    reply = boot.recv()
+    while reply["type"] == "progress":  # a long call says it is still running
+        reply = boot.recv()
+    assert reply["type"] == "reply" and reply["ok"], reply
+    return reply
+
+
 def test_a_late_older_snapshot_does_not_replace_a_newer_one(tmp_path):
     slow_dill(tmp_path, 2.0)
     with Boot(tmp_path, hello(auto_checkpoint=True)) as boot:
         assert boot.exec("x = 1\ny = [1]", 1)["status"] == "ok"  # its snapshot is slow
-        assert boot.exec("x = 2\ny.append(2)", 2)["status"] == "ok"  # its snapshot is not
+        assert boot.exec("x = 2\ny.append(2)", 2)["status"] == "ok"  # its snapshot waits
+        call(boot, "checkpoint", 100)  # cell 2 written now, while cell 1's is on its way
         # the worker dies; its replacement restores once no snapshot is pending
         assert restored_after(boot.exec("import os\nos._exit(5)", 3)) == 2
         r = boot.exec("print(x, y)", 4)
         assert r["stdout"] == "2 [1, 2]\n", r
+
+
+def test_a_crash_before_the_owed_snapshot_names_the_cells_it_lacks(tmp_path):
+    """Cells back to back behind a running writer owe their snapshot (it is taken
+    when the worker idles): a crash before that restores the earlier checkpoint,
+    and the note says exactly which cells are not in it."""
+    slow_dill(tmp_path, 1.5)
+    with Boot(tmp_path, hello(auto_checkpoint=True)) as boot:
+        assert boot.exec("x = 1\ny = [1]", 1)["status"] == "ok"  # its writer is slow
+        for cell in (2, 3, 4):
+            assert boot.exec(f"x = {cell}\ny.append({cell})", cell)["status"] == "ok"
+        crashed = boot.exec("import os\nos._exit(5)", 5)
+        assert restored_after(crashed) == 1
+        assert "changes made by cells 2-4, if any, are not in it" in crashed["stderr"], crashed
+        assert boot.exec("print(x, y)", 6)["stdout"] == "1 [1]\n"
+
+
+def test_an_idle_worker_takes_its_owed_snapshot(tmp_path):
+    slow_dill(tmp_path, 1.0)
+    with Boot(tmp_path, hello(auto_checkpoint=True)) as boot:
+        assert boot.exec("x = 1\ny = [1]", 1)["status"] == "ok"  # its writer is slow
+        assert boot.exec("x = 2\ny.append(2)", 2)["status"] == "ok"  # owed
+        landed(boot, 2)  # nothing more is sent: the worker is idle
+        crashed = boot.exec("import os\nos._exit(5)", 3)
+        assert restored_after(crashed) == 2
+        assert "are not in it" not in crashed["stderr"], crashed
+        assert boot.exec("print(x, y)", 4)["stdout"] == "2 [1, 2]\n"
 
 
 # The functions themselves, in a process of their own (the bootstrap reads its
@@ -193,6 +253,7 @@ def test_snapshots_behind_a_slow_writer_coalesce(tmp_path):
         time.sleep(0.3)  # cell 1's snapshot is dumping
         for cell in range(2, 8):
             assert boot.exec(f"x = {cell}", cell)["status"] == "ok"
+        landed(boot, 7)  # once the worker idles, of the newest state
         assert restored_after(boot.exec("import os\nos._exit(5)", 8)) == 7
         assert boot.exec("print(x)", 9)["stdout"] == "7\n"
         assert len((boot.ws / "dumps").read_text()) <= 3  # not one per cell
@@ -202,11 +263,67 @@ def test_snapshots_after_a_restore_in_the_same_worker_still_write(tmp_path):
     with Boot(tmp_path, hello(auto_checkpoint=True)) as boot:
         for cell in (1, 2, 3):
             assert boot.exec(f"x = [{cell}]", cell)["status"] == "ok"
+        landed(boot, 3)  # the restore below loads the checkpoint on disk
         # a restore in place gives the worker a new epoch; its snapshot children
         # must still see themselves as the newest
         boot.send({"type": "call", "id": 100, "op": "restore", "args": {}, "timeout": 30})
         reply = boot.recv()
         assert reply["type"] == "reply" and reply["ok"], reply
         assert boot.exec("x.append(4)", 4)["status"] == "ok"
+        landed(boot, 4)
         assert restored_after(boot.exec("import os\nos._exit(5)", 5)) == 4
         assert boot.exec("print(x)", 6)["stdout"] == "[3, 4]\n"
+
+
+def test_a_writer_killed_part_way_leaves_what_it_wrote(tmp_path):
+    """A snapshot writer killed part way (as the OOM killer does near the memory
+    limit) still leaves a checkpoint: the variables it finished (smallest first),
+    with metadata and restore notes that name the ones it lacks."""
+    code = (
+        "import os, signal\n"
+        "class K(bytearray):\n"
+        "    def __reduce_ex__(self, protocol):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)  # in the writer, as the OOM killer\n"
+        "x = [1, 2]\n"
+        "y = {'a': 1}\n"
+        "k = K(100000)\n"
+    )
+    with Boot(tmp_path, hello(auto_checkpoint=True)) as boot:
+        assert boot.exec(code, 1)["status"] == "ok"
+        landed(boot, 1)
+        m = meta(boot)
+        assert m["partial"]["lacks"] == ["k"], m
+        assert "signal 9" in m["partial"]["why"], m
+        r = boot.exec("print(x, y)", 2)
+        assert "the checkpoint after cell 1 failed" in r["stderr"], r
+        assert "kept without k" in r["stderr"], r
+        crashed = boot.exec("import os\nos._exit(5)", 3)
+        assert restored_after(crashed) >= 1
+        assert "written in part (its writer was killed by signal 9" in crashed["stderr"]
+        assert "without: k" in crashed["stderr"], crashed
+        r = boot.exec("print(x, y, 'k' in globals())", 4)
+        assert r["stdout"] == "[1, 2] {'a': 1} False\n", r
+
+
+def test_an_older_bootstraps_single_dict_checkpoint_still_restores(tmp_path):
+    """state.dill used to be one pickled dict (saved sessions carry such files)."""
+    import dill
+
+    state = tmp_path / "ws"
+    (state / ".dockerrepl").mkdir(parents=True)
+    shared = [1, 2]
+    with open(state / "state.dill", "wb") as f:
+        dill.dump({"x": shared, "y": shared, "n": 3}, f, recurse=True)
+    (state / ".dockerrepl" / "state.meta.json").write_text(
+        json.dumps({"cell": 4, "order": [1, 1], "skipped": [], "file_backed": {}})
+    )
+    with Boot(tmp_path, hello(auto_checkpoint=True)) as boot:
+        reply = call(boot, "restore", 100)
+        assert reply["value"]["cell"] == 4, reply
+        r = boot.exec("print(x, n, x is y)", 5)
+        assert r["stdout"] == "[1, 2] 3 True\n", r
+        # and what it writes now is the stream, shared objects still shared
+        landed(boot, 5)
+        r = boot.exec("import os\nos._exit(5)", 6)
+        assert restored_after(r) == 5
+        assert boot.exec("print(x is y)", 7)["stdout"] == "True\n"
