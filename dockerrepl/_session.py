@@ -94,6 +94,10 @@ class Session(TransportStart, SessionFiles):
         self.send_lock = threading.Lock()
         self._close_lock = threading.Lock()
         self.closed = False
+        # clear while start() runs: close() from another thread (cleanup() of a REPL
+        # whose constructor, or async start, is still running) waits for it to fail
+        self.not_starting = threading.Event()
+        self.not_starting.set()
         self.done = threading.Event()  # set once close() has finished
         # The request the host sent and stopped waiting for (a KeyboardInterrupt or an
         # on_output callback raising while it ran): ("result"|"reply", id). Its answer
@@ -181,6 +185,9 @@ class Session(TransportStart, SessionFiles):
 
             container.on_rpc = lambda frame: endpoint.dispatch(frame, reply)
         self.container = container  # before it starts: close() can abort it
+        if self.closed:
+            # close() from another thread read no container: this one must not start
+            raise ReplClosed("this DockerREPL was cleaned up while its container started")
         if _exit.exiting():
             # the atexit hook has begun (a pool member starting in its thread):
             # a container started now would outlive its cleanup
@@ -606,6 +613,15 @@ class Session(TransportStart, SessionFiles):
             if self.closed:
                 return
             self.closed = True
+        if not self.not_starting.is_set():
+            # Another thread is starting the container (a constructor, an async start
+            # being cancelled): stop it and let that start fail (it sees `closed`, so it
+            # tries no other transport) before the teardown below, else what it
+            # creates after this point (container, proxy, workspace) would outlive us.
+            starting = self.container
+            if starting is not None:
+                starting.abort(kill_timeout)
+            self.not_starting.wait(kill_timeout + wait if lock_timeout < 0 else lock_timeout)
         locked = self.lock.acquire(blocking=False)
         if not locked:
             # a call holds the session (a cell running in another thread): stop its

@@ -18,7 +18,7 @@ from ._container import bridge_gateway
 from ._labels import repl_labels
 from ._proxy import ChannelEndpoint, ProxyServer
 from ._workspace import MountedWorkspace, VolumeWorkspace
-from .errors import ContainerDied, ProxyError, TransportUnavailable
+from .errors import ContainerDied, ProxyError, ReplClosed, TransportUnavailable
 
 if TYPE_CHECKING:
     from ._container import Container
@@ -53,6 +53,8 @@ class TransportStart:
         container: Optional[Container]
         closed: bool
         idle: threading.Event
+        not_starting: threading.Event
+        _close_lock: threading.Lock
 
         def start_container(self, restore: bool, probe: bool = False) -> dict[str, Any]: ...
 
@@ -65,7 +67,20 @@ class TransportStart:
         mount, and its ``/ping`` reached the proxy. Anything else (no bridge gateway of
         ours to bind, the engine refusing the bind mount, a failed check) falls back to
         the channel, and later REPLs on the same engine go there directly.
+
+        Raises :class:`~dockerrepl.errors.ReplClosed` when the session was closed
+        before or while it started (see ``Session.close``).
         """
+        with self._close_lock:
+            if self.closed:
+                raise ReplClosed("this DockerREPL was cleaned up before its container started")
+            self.not_starting.clear()
+        try:
+            self._start()
+        finally:
+            self.not_starting.set()
+
+    def _start(self) -> None:
         opts = self.options
         self.state.token = secrets.token_urlsafe(24)
         key = (opts.engine.cache_key(), opts.network)
