@@ -99,6 +99,8 @@ class Session(TransportStart, SessionFiles):
         self.not_starting = threading.Event()
         self.not_starting.set()
         self.done = threading.Event()  # set once close() has finished
+        #: the channel transport's idle reader (it ends soon after close())
+        self.idle_reader: Optional[threading.Thread] = None
         # The request the host sent and stopped waiting for (a KeyboardInterrupt or an
         # on_output callback raising while it ran): ("result"|"reply", id). Its answer
         # is read, and dropped, before the next request is sent (see sync).

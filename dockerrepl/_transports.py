@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-import time
 from typing import TYPE_CHECKING, Any, Optional, Union, cast
 
 from ._container import bridge_gateway
@@ -54,6 +53,8 @@ class TransportStart:
         closed: bool
         idle: threading.Event
         not_starting: threading.Event
+        done: threading.Event
+        idle_reader: Optional[threading.Thread]
         _close_lock: threading.Lock
 
         def start_container(self, restore: bool, probe: bool = False) -> dict[str, Any]: ...
@@ -151,9 +152,10 @@ class TransportStart:
         self.proxy = ChannelEndpoint(self.state)
         self.proxy_target = {"relay": True}
         self.start_container(restore=False)
-        threading.Thread(
+        self.idle_reader = threading.Thread(
             target=self._idle_reader, name="dockerrepl-channel-idle", daemon=True
-        ).start()
+        )
+        self.idle_reader.start()
         log.debug(
             "dockerrepl: transport channel (volume %s)%s",
             ws.name,
@@ -174,4 +176,5 @@ class TransportStart:
                 continue
             container = self.container
             if container is None or not container.poll_rpc(IDLE_POLL):
-                time.sleep(IDLE_POLL)  # replaced or gone: the next call restarts it
+                # replaced or gone (the next call restarts it), or closed: then at once
+                self.done.wait(IDLE_POLL)

@@ -308,10 +308,17 @@ class AsyncDockerREPL:
             error = _outcome(cf)
             if error is not None:
                 raise error
-        # the calls it ended leave their threads now: wait (bounded) until they have
+        # the calls it ended leave their threads now, and the channel's idle reader
+        # its loop: wait (bounded, without blocking the loop) until they have
+        threads = list(self._threads)
+        for r in targets:
+            reader = getattr(getattr(r, "_session", None), "idle_reader", None)
+            if reader is not None:
+                threads.append(reader)
         end = time.monotonic() + CLOSE_WAIT
-        while any(t.is_alive() for t in list(self._threads)) and time.monotonic() < end:
+        while any(t.is_alive() for t in threads) and time.monotonic() < end:
             await asyncio.sleep(0.005)
+            threads += list(self._threads)
 
     async def __aenter__(self) -> AsyncDockerREPL:
         return await self.start()

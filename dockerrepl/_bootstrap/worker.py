@@ -8,6 +8,7 @@ socketpair (``ctrl``).
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import time
@@ -198,15 +199,30 @@ def serve(ctrl: socket.socket, auto: Any, checkpoint_now: bool = False) -> None:
     elif checkpoint_now and auto:
         CHECKPOINTER.request(REPL.cell_id)
     reader = protocol.FrameReader()
+    # An interrupt is for the request in flight. One that comes while none is (the
+    # worker waits for the next, or is past its answer) is late, for a request that
+    # has ended, unless the next request is in the socket already: the supervisor
+    # interrupts as soon as it has forwarded a cell, which may still be unread. Such
+    # an early interrupt is kept for that cell; dropped, the cell would run on until
+    # its worker is killed, and the namespace fall back to the last checkpoint.
+    early = False
     while True:
+        answered = True
         try:
             msg = protocol.recv_frame(ctrl, reader)
         except KeyboardInterrupt:
-            continue  # a late interrupt for a cell that already finished
+            early = _request_waiting(ctrl, reader)
+            continue
         if msg is None:
             os._exit(0)
         try:
             kind = msg.get("type")
+            if kind in ("exec", "call"):
+                answered = False
+                if early and kind == "exec":
+                    early = False
+                    raise KeyboardInterrupt  # answered below, as an interrupted cell
+                early = False
             if kind == "exec":
                 name = msg.get("filename")
                 res = run_cell(
@@ -223,21 +239,27 @@ def serve(ctrl: socket.socket, auto: Any, checkpoint_now: bool = False) -> None:
                     # cell still restores it (costs the dump, on changed namespaces)
                     CHECKPOINTER.sync_changed(int(msg.get("id", 0)))
                 protocol.send_frame(ctrl, res)
+                answered = True
                 if auto is True and res["status"] in protocol.WORKER_STATUSES:
-                    CHECKPOINTER.request(int(msg.get("id", 0)))
+                    _uninterrupted(CHECKPOINTER.request, int(msg.get("id", 0)))
             elif kind == "reap":
                 reap_children(msg.get("pids") or [])
             elif kind == "call":
                 reply = _call(msg)
                 flush_std()
                 protocol.send_frame(ctrl, reply)
+                answered = True
                 if (
                     auto
                     and reply["ok"]
                     and msg.get("op") in ("load_file", "set_vars", "define_tools")
                 ):
-                    CHECKPOINTER.request(REPL.cell_id)
+                    _uninterrupted(CHECKPOINTER.request, REPL.cell_id)
         except KeyboardInterrupt:
+            if answered:
+                # past the answer: for the next request, if it is here already
+                early = _request_waiting(ctrl, reader)
+                continue
             # the interrupt raced the reply; tell the supervisor the cell is over
             try:
                 protocol.send_frame(
@@ -253,6 +275,21 @@ def serve(ctrl: socket.socket, auto: Any, checkpoint_now: bool = False) -> None:
                 )
             except Exception:
                 os._exit(3)
+
+
+def _request_waiting(ctrl: socket.socket, reader: protocol.FrameReader) -> bool:
+    """Whether the supervisor's next frame is here (read in part, or waiting)."""
+    return bool(reader.buf) or bool(select.select([ctrl], [], [], 0)[0])
+
+
+def _uninterrupted(fn: Any, *args: Any) -> None:
+    """``fn(*args)`` with SIGINT held back: an interrupt for the next request that
+    comes meanwhile is delivered after it, not in the middle of a checkpoint's fork."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        fn(*args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _call(msg: dict[str, Any]) -> dict[str, Any]:
