@@ -622,7 +622,7 @@ class Session(TransportStart, SessionFiles):
             # creates after this point (container, proxy, workspace) would outlive us.
             starting = self.container
             if starting is not None:
-                starting.abort(kill_timeout)
+                starting.stop_starting(kill_timeout)
             self.not_starting.wait(kill_timeout + wait if lock_timeout < 0 else lock_timeout)
         locked = self.lock.acquire(blocking=False)
         if not locked:

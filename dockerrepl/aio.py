@@ -106,7 +106,9 @@ async def _wait(cf: concurrent.futures.Future[Any], timeout: Optional[float]) ->
         if left is not None and left <= 0:
             break
         try:
-            await asyncio.wait({asyncio.wrap_future(cf)}, timeout=left)
+            fut = asyncio.wrap_future(cf)
+            fut.add_done_callback(_retrieve)
+            await asyncio.wait({fut}, timeout=left)
         except asyncio.CancelledError:
             continue
     return cf.done()
@@ -120,6 +122,22 @@ def _on_loop(callback: Callable[[str, str], None]) -> Callable[[str, str], None]
         loop.call_soon_threadsafe(callback, stream, text)
 
     return relay
+
+
+async def _result(cf: concurrent.futures.Future[T]) -> T:
+    """``cf``'s result; cancelled, this task leaves and ``cf`` runs on (its outcome is
+    then the caller's to look at, never reported as "never retrieved")."""
+    fut = asyncio.wrap_future(cf)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        fut.add_done_callback(_retrieve)
+        raise
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _outcome(cf: concurrent.futures.Future[Any]) -> Optional[BaseException]:
@@ -272,7 +290,7 @@ class AsyncDockerREPL:
             self._born = born
             cf = _spawn(build, "start", self._threads, born)
             try:
-                await asyncio.shield(asyncio.wrap_future(cf))
+                await _result(cf)
             except asyncio.CancelledError:
                 await _stop_building(cf, born, self._threads)
                 raise
@@ -350,7 +368,9 @@ class AsyncDockerREPL:
             while not cf.done():
                 if self._repl is not None:
                     await self._interrupt_now(self._repl)
-                await asyncio.wait({asyncio.wrap_future(cf)}, timeout=every)
+                fut = asyncio.wrap_future(cf)
+                fut.add_done_callback(_retrieve)
+                await asyncio.wait({fut}, timeout=every)  # cancellable: nothing to stop
             self._pending.pop(0)
             _outcome(cf)
 
@@ -367,7 +387,7 @@ class AsyncDockerREPL:
             repl = self._live()
             cf = _spawn(functools.partial(fn, repl), what, self._threads)
             try:
-                return await asyncio.shield(asyncio.wrap_future(cf))
+                return await _result(cf)
             except asyncio.CancelledError:
                 await self._stop_call(repl, cf)
                 raise
@@ -415,7 +435,7 @@ class AsyncDockerREPL:
 
         cf = _spawn(run, what, self._threads)
         try:
-            return await asyncio.shield(asyncio.wrap_future(cf))
+            return await _result(cf)
         except asyncio.CancelledError:
             with lock:
                 left[0] = True
@@ -583,7 +603,7 @@ class AsyncDockerREPL:
             lambda: _Tracked.resume(path, max_bytes=max_bytes, **options), "resume", threads, born
         )
         try:
-            repl = await asyncio.shield(asyncio.wrap_future(cf))
+            repl = await _result(cf)
         except asyncio.CancelledError:
             await _stop_building(cf, born, threads)
             raise
