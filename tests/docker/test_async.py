@@ -7,6 +7,9 @@ Plain pytest functions that run ``asyncio.run`` (no pytest-asyncio).
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Awaitable
 from pathlib import Path
@@ -19,6 +22,8 @@ from dockerrepl import AsyncDockerREPL, REPLResult
 from dockerrepl.errors import ReplClosed
 
 pytestmark = pytest.mark.timeout(600)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 T = TypeVar("T")
 
@@ -335,3 +340,21 @@ def test_context_files_snapshot_fork_save_resume(
             await resumed.aclose()
 
     run(main())
+
+
+def test_the_example_runs(image: str, no_leftovers: None) -> None:
+    """examples/async_many.py, as a user runs it (16 sessions)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "DOCKERREPL_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "async_many.py"), image],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "16 sessions started" in r.stdout
+    assert "192 cells in" in r.stdout
+    assert "the session goes on: 0 45" in r.stdout
+    assert "dockerrepl threads left: 0" in r.stdout
