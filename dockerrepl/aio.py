@@ -27,6 +27,18 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, TypeVar, Union
 
 from . import _options
+from ._aiothreads import (
+    CANCEL_MARGIN,
+    CLOSE_WAIT,
+    Tracked,
+    on_loop,
+    outcome,
+    result,
+    retrieve,
+    spawn,
+    stop_building,
+    wait,
+)
 from ._files import DEFAULT_MAX_FILE
 from ._options import DEFAULT_CELL_TIMEOUT, Address, ReplOptions, unknown_arguments
 from ._session import INTERRUPT_WAIT
@@ -42,130 +54,6 @@ log = logging.getLogger(__name__.rpartition(".")[0] + ".repl")
 
 T = TypeVar("T")
 Payload = Union[str, dict[str, Any], list[Any]]
-
-#: Seconds past the REPL's ``grace`` that a cancelled call waits for its cell to end
-#: (an interrupt, then the kill of a worker that ignores it and the restore of the
-#: last checkpoint). A cell that has not ended by then is waited for by the next call.
-CANCEL_MARGIN = 10.0
-#: The longest a cancelled start, or :meth:`AsyncDockerREPL.aclose`, waits for the
-#: container to be removed (``cleanup()``'s own bounds are 10 s + 30 s).
-CLOSE_WAIT = 45.0
-
-# The REPLs being built in this thread (see _Tracked): a cancelled start finds its REPL
-# here before the constructor returns, and removes it.
-_building = threading.local()
-
-
-class _Tracked(DockerREPL):
-    """A DockerREPL that makes itself known as its constructor begins (so does one
-    :meth:`DockerREPL.resume` builds), so that a cancelled start can remove it."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        born: Optional[list[DockerREPL]] = getattr(_building, "born", None)
-        if born is not None:
-            born.append(self)
-        super().__init__(*args, **kwargs)
-
-
-def _spawn(
-    fn: Callable[[], T], what: str, threads: set[threading.Thread], born: Optional[list[Any]] = None
-) -> concurrent.futures.Future[T]:
-    """Run ``fn`` in a new daemon thread; its outcome in the returned future.
-
-    Daemon: a cell left running must not keep the interpreter from exiting; the
-    atexit hook (``_exit``) closes the REPL, which ends the call."""
-    cf: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def run() -> None:
-        _building.born = born
-        try:
-            if cf.set_running_or_notify_cancel():
-                try:
-                    result = fn()
-                except BaseException as exc:  # to the awaiting task, whatever it is
-                    cf.set_exception(exc)
-                else:
-                    cf.set_result(result)
-        finally:
-            _building.born = None
-            threads.discard(threading.current_thread())
-
-    thread = threading.Thread(target=run, name=f"dockerrepl-async-{what}", daemon=True)
-    threads.add(thread)
-    thread.start()
-    return cf
-
-
-async def _wait(cf: concurrent.futures.Future[Any], timeout: Optional[float]) -> bool:
-    """Wait for ``cf`` at most ``timeout`` seconds, through further cancellations of
-    this task (a call being cancelled is already stopping; its wait is bounded).
-    True if it is done."""
-    end = None if timeout is None else time.monotonic() + timeout
-    while not cf.done():
-        left = None if end is None else end - time.monotonic()
-        if left is not None and left <= 0:
-            break
-        try:
-            fut = asyncio.wrap_future(cf)
-            fut.add_done_callback(_retrieve)
-            await asyncio.wait({fut}, timeout=left)
-        except asyncio.CancelledError:
-            continue
-    return cf.done()
-
-
-def _on_loop(callback: Callable[[str, str], None]) -> Callable[[str, str], None]:
-    """``callback``, called on the running loop's thread (in order) from any thread."""
-    loop = asyncio.get_running_loop()
-
-    def relay(stream: str, text: str) -> None:
-        loop.call_soon_threadsafe(callback, stream, text)
-
-    return relay
-
-
-async def _result(cf: concurrent.futures.Future[T]) -> T:
-    """``cf``'s result; cancelled, this task leaves and ``cf`` runs on (its outcome is
-    then the caller's to look at, never reported as "never retrieved")."""
-    fut = asyncio.wrap_future(cf)
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        fut.add_done_callback(_retrieve)
-        raise
-
-
-def _retrieve(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()
-
-
-def _outcome(cf: concurrent.futures.Future[Any]) -> Optional[BaseException]:
-    """The exception of a done future whose caller left (retrieved: never "unretrieved")."""
-    return None if cf.cancelled() else cf.exception()
-
-
-async def _stop_building(
-    cf: concurrent.futures.Future[Any], born: list[DockerREPL], threads: set[threading.Thread]
-) -> None:
-    """A start (or resume) was cancelled: remove the REPL it is building, or built."""
-
-    def stop() -> None:
-        end = time.monotonic() + CLOSE_WAIT
-        # the constructor makes its session a moment after it begins
-        while not cf.done() and time.monotonic() < end:
-            if any(getattr(r, "_session", None) is not None for r in born):
-                break
-            time.sleep(0.005)
-        for r in born:
-            if getattr(r, "_session", None) is not None:
-                r.cleanup()  # stops the start; the constructor fails with ReplClosed
-
-    await _wait(_spawn(stop, "cancel-start", threads), CLOSE_WAIT)
-    await _wait(cf, CLOSE_WAIT)
-    if cf.done() and _outcome(cf) is None:
-        repl = cf.result()
-        await _wait(_spawn(repl.cleanup, "cleanup", threads), CLOSE_WAIT)  # idempotent
 
 
 class AsyncDockerREPL:
@@ -282,17 +170,17 @@ class AsyncDockerREPL:
             args = dict(self._args)
 
             def build() -> DockerREPL:
-                repl = _Tracked(**args)
+                repl = Tracked(**args)
                 _ = repl.container_id  # cached now, so the property never runs docker on the loop
                 return repl
 
             born: list[DockerREPL] = []
             self._born = born
-            cf = _spawn(build, "start", self._threads, born)
+            cf = spawn(build, "start", self._threads, born)
             try:
-                await _result(cf)
+                await result(cf)
             except asyncio.CancelledError:
-                await _stop_building(cf, born, self._threads)
+                await stop_building(cf, born, self._threads)
                 raise
             finally:
                 self._born = []
@@ -321,9 +209,9 @@ class AsyncDockerREPL:
         targets = [r for r in (self._repl, *self._born) if getattr(r, "_session", None)]
         for r in targets:
             assert r is not None
-            cf = _spawn(r.cleanup, "cleanup", self._threads)
-            await _wait(cf, CLOSE_WAIT)
-            error = _outcome(cf)
+            cf = spawn(r.cleanup, "cleanup", self._threads)
+            await wait(cf, CLOSE_WAIT)
+            error = outcome(cf)
             if error is not None:
                 raise error
         # the calls it ended leave their threads now, and the channel's idle reader
@@ -369,15 +257,15 @@ class AsyncDockerREPL:
                 if self._repl is not None:
                     await self._interrupt_now(self._repl)
                 fut = asyncio.wrap_future(cf)
-                fut.add_done_callback(_retrieve)
+                fut.add_done_callback(retrieve)
                 await asyncio.wait({fut}, timeout=every)  # cancellable: nothing to stop
             self._pending.pop(0)
-            _outcome(cf)
+            outcome(cf)
 
     async def _offload(self, fn: Callable[[], T], what: str) -> T:
         """``fn()`` in a thread of ours, without the lock; cancelled, the caller leaves
         at once (``fn`` is one short, bounded host-side step)."""
-        cf = _spawn(fn, what, self._threads)
+        cf = spawn(fn, what, self._threads)
         return await asyncio.wrap_future(cf)
 
     async def _call(self, what: str, fn: Callable[[DockerREPL], T]) -> T:
@@ -385,9 +273,9 @@ class AsyncDockerREPL:
         interrupted like a cell (the container's request stops, state kept)."""
         async with self._guard():
             repl = self._live()
-            cf = _spawn(functools.partial(fn, repl), what, self._threads)
+            cf = spawn(functools.partial(fn, repl), what, self._threads)
             try:
-                return await _result(cf)
+                return await result(cf)
             except asyncio.CancelledError:
                 await self._stop_call(repl, cf)
                 raise
@@ -403,10 +291,10 @@ class AsyncDockerREPL:
         while not cf.done():
             await self._interrupt_now(repl)
             left = end - time.monotonic()
-            if left <= 0 or await _wait(cf, min(every, left)):
+            if left <= 0 or await wait(cf, min(every, left)):
                 break
         if cf.done():
-            error = _outcome(cf)
+            error = outcome(cf)
             if error is not None:
                 log.debug("dockerrepl: a cancelled call ended with %r", error)
         else:
@@ -418,7 +306,7 @@ class AsyncDockerREPL:
 
     async def _interrupt_now(self, repl: DockerREPL) -> None:
         # waited for: an interrupt still on its way must not reach the next cell
-        await _wait(_spawn(repl.interrupt, "interrupt", self._threads), 2 * INTERRUPT_WAIT + 1)
+        await wait(spawn(repl.interrupt, "interrupt", self._threads), 2 * INTERRUPT_WAIT + 1)
 
     async def _spawned(self, what: str, fn: Callable[[], T], dispose: Callable[[T], None]) -> T:
         """``fn()`` that makes new REPLs (fork, resume), in a thread of ours.
@@ -427,21 +315,21 @@ class AsyncDockerREPL:
         left = [False]
 
         def run() -> T:
-            result = fn()
+            made = fn()
             with lock:
                 if left[0]:
-                    dispose(result)
-            return result
+                    dispose(made)
+            return made
 
-        cf = _spawn(run, what, self._threads)
+        cf = spawn(run, what, self._threads)
         try:
-            return await _result(cf)
+            return await result(cf)
         except asyncio.CancelledError:
             with lock:
                 left[0] = True
-                done = cf.done() and _outcome(cf) is None
+                done = cf.done() and outcome(cf) is None
             if done:
-                await _wait(_spawn(lambda: dispose(cf.result()), what, self._threads), CLOSE_WAIT)
+                await wait(spawn(lambda: dispose(cf.result()), what, self._threads), CLOSE_WAIT)
             raise
 
     # ----------------------------------------------------------------- cells
@@ -469,7 +357,7 @@ class AsyncDockerREPL:
             asyncio.iscoroutinefunction(on_output) or not callable(on_output)
         ):
             raise TypeError("on_output must be a plain function (it runs on the loop)")
-        out = on_output if on_output is None else _on_loop(on_output)
+        out = on_output if on_output is None else on_loop(on_output)
         return await self._call(
             "cell",
             lambda r: r.execute_code(
@@ -599,13 +487,13 @@ class AsyncDockerREPL:
         it was making is removed."""
         threads: set[threading.Thread] = set()
         born: list[DockerREPL] = []
-        cf = _spawn(
-            lambda: _Tracked.resume(path, max_bytes=max_bytes, **options), "resume", threads, born
+        cf = spawn(
+            lambda: Tracked.resume(path, max_bytes=max_bytes, **options), "resume", threads, born
         )
         try:
-            repl = await _result(cf)
+            repl = await result(cf)
         except asyncio.CancelledError:
-            await _stop_building(cf, born, threads)
+            await stop_building(cf, born, threads)
             raise
         return cls._wrap(repl)
 
@@ -687,6 +575,12 @@ class AsyncDockerREPL:
             address: Optional[Address] = self._args.get("lm_handler_address")
             return address
         return self._repl.lm_handler_address
+
+    @lm_handler_address.setter
+    def lm_handler_address(self, value: Optional[Address]) -> None:
+        if self._repl is None:
+            raise ReplClosed("start the AsyncDockerREPL first (or pass lm_handler_address=)")
+        self._repl.lm_handler_address = value  # host-side only: checked, nothing sent
 
 
 class _Held:

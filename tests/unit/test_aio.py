@@ -15,7 +15,8 @@ import threading
 import pytest
 
 from dockerrepl import AsyncDockerREPL, DockerREPL
-from dockerrepl.aio import _spawn, _wait
+from dockerrepl._aiothreads import spawn as _spawn
+from dockerrepl._aiothreads import wait as _wait
 from dockerrepl.errors import ReplClosed
 
 pytestmark = pytest.mark.timeout(60)
