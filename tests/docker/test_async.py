@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,7 +20,7 @@ import pytest
 from docker_helpers import our_containers, our_volumes, wait_gone
 
 from dockerrepl import AsyncDockerREPL, REPLResult
-from dockerrepl.errors import ReplClosed
+from dockerrepl.errors import DockerReplError, ReplClosed
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -358,3 +359,78 @@ def test_the_example_runs(image: str, no_leftovers: None) -> None:
     assert "192 cells in" in r.stdout
     assert "the session goes on: 0 45" in r.stdout
     assert "dockerrepl threads left: 0" in r.stdout
+
+
+# --- below the async layer: what cancellation relies on, through DockerREPL itself
+
+
+def test_an_interrupt_that_overtakes_its_cell_is_kept_for_it(
+    image: str, handler: Any, no_leftovers: None
+) -> None:
+    """``interrupt()`` at once after the cell is sent: the worker may get the SIGINT
+    before it reads the cell. It interrupts that cell (it used to be dropped as late:
+    the cell ran until killed, and the namespace fell back to the last checkpoint)."""
+    from dockerrepl import DockerREPL
+
+    repl = DockerREPL(**options(image, handler, grace=0.5))
+    try:
+        repl.execute_code("k = 0")
+        for _ in range(10):
+            out: list[REPLResult] = []
+
+            def cell(out: list[REPLResult] = out) -> None:
+                out.append(repl.execute_code("k += 1\nwhile True:\n    pass"))
+
+            t = threading.Thread(target=cell)
+            t.start()
+            while repl._session.in_flight is None and not out:
+                time.sleep(0)  # let the cell's thread run
+            repl.interrupt()  # right after the cell went (or is going) to the container
+            t.join(30)
+            assert not t.is_alive()
+            assert out[0].status == "interrupted"
+            assert "worker was killed" not in out[0].stderr
+            res = repl.execute_code("print(k >= 0)")
+            assert res.stdout == "True\n", res.stderr
+    finally:
+        repl.cleanup()
+
+
+def test_cleanup_from_another_thread_while_the_constructor_starts(
+    image: str, handler: Any, no_leftovers: None
+) -> None:
+    """cleanup() of a DockerREPL whose constructor runs in another thread stops that
+    start and removes everything it made, whenever it comes."""
+    from dockerrepl._aiothreads import Tracked  # a DockerREPL that is known before __init__ returns
+
+    containers, volumes = our_containers(), our_volumes()
+    for delay in (0.0, 0.1, 0.3, 0.6, 1.0):
+        for transport in ("proxy", "channel"):
+            born: list[Any] = []
+            odd: list[BaseException] = []
+
+            def build(
+                t: str = transport, born: list[Any] = born, odd: list[BaseException] = odd
+            ) -> None:
+                from dockerrepl import _aiothreads
+
+                _aiothreads._building.born = born
+                try:
+                    Tracked(**options(image, handler, transport=t))
+                except DockerReplError:
+                    pass  # ReplClosed, or the start failing as its container went
+                except BaseException as exc:
+                    odd.append(exc)
+
+            th = threading.Thread(target=build)
+            th.start()
+            threading.Event().wait(delay)
+            while not born or getattr(born[0], "_session", None) is None:
+                threading.Event().wait(0.001)
+            born[0].cleanup()
+            th.join(60)
+            assert not th.is_alive()
+            born[0].cleanup()  # it may have finished first: then this removes it
+            assert odd == []
+    assert wait_gone(our_containers() - containers, timeout=10) == set()
+    assert our_volumes() - volumes == set()
