@@ -209,7 +209,7 @@ def serve(ctrl: socket.socket, auto: Any, checkpoint_now: bool = False) -> None:
     while True:
         answered = True
         try:
-            msg = protocol.recv_frame(ctrl, reader)
+            msg = _read_frame(ctrl, reader)  # returns with SIGINT held back
         except KeyboardInterrupt:
             early = _request_waiting(ctrl, reader)
             continue
@@ -223,6 +223,8 @@ def serve(ctrl: socket.socket, auto: Any, checkpoint_now: bool = False) -> None:
                     early = False
                     raise KeyboardInterrupt  # answered below, as an interrupted cell
                 early = False
+            # one that came while the frame was read is for it: raised here
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
             if kind == "exec":
                 name = msg.get("filename")
                 res = run_cell(
@@ -238,15 +240,20 @@ def serve(ctrl: socket.socket, auto: Any, checkpoint_now: bool = False) -> None:
                     # durable before the result: a container killed right after the
                     # cell still restores it (costs the dump, on changed namespaces)
                     CHECKPOINTER.sync_changed(int(msg.get("id", 0)))
+                # from the answer on, an interrupt is for the next request: held back
+                # until the answer is sent and known to be (and the snapshot forked)
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
                 protocol.send_frame(ctrl, res)
                 answered = True
                 if auto is True and res["status"] in protocol.WORKER_STATUSES:
-                    _uninterrupted(CHECKPOINTER.request, int(msg.get("id", 0)))
+                    CHECKPOINTER.request(int(msg.get("id", 0)))
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
             elif kind == "reap":
                 reap_children(msg.get("pids") or [])
             elif kind == "call":
                 reply = _call(msg)
                 flush_std()
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # as for exec
                 protocol.send_frame(ctrl, reply)
                 answered = True
                 if (
@@ -254,7 +261,8 @@ def serve(ctrl: socket.socket, auto: Any, checkpoint_now: bool = False) -> None:
                     and reply["ok"]
                     and msg.get("op") in ("load_file", "set_vars", "define_tools")
                 ):
-                    _uninterrupted(CHECKPOINTER.request, REPL.cell_id)
+                    CHECKPOINTER.request(REPL.cell_id)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         except KeyboardInterrupt:
             if answered:
                 # past the answer: for the next request, if it is here already
@@ -277,19 +285,32 @@ def serve(ctrl: socket.socket, auto: Any, checkpoint_now: bool = False) -> None:
                 os._exit(3)
 
 
+def _read_frame(ctrl: socket.socket, reader: protocol.FrameReader) -> Any:
+    """The supervisor's next frame (None at EOF), read with SIGINT held back: an
+    interrupt is taken only while nothing of a frame has been read (in the wait),
+    so none can cut a frame half-parsed, and lose it. Returns with SIGINT still
+    held back: the caller lets it through once it knows what the frame is."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    while True:
+        whole, value = reader.take()
+        if whole:
+            return value
+        if not reader.buf:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            select.select([ctrl], [], [])  # KeyboardInterrupt here: nothing read yet
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            data = ctrl.recv(1 << 16)
+        except InterruptedError:
+            continue
+        if not data:
+            return None
+        reader.feed(data)
+
+
 def _request_waiting(ctrl: socket.socket, reader: protocol.FrameReader) -> bool:
     """Whether the supervisor's next frame is here (read in part, or waiting)."""
     return bool(reader.buf) or bool(select.select([ctrl], [], [], 0)[0])
-
-
-def _uninterrupted(fn: Any, *args: Any) -> None:
-    """``fn(*args)`` with SIGINT held back: an interrupt for the next request that
-    comes meanwhile is delivered after it, not in the middle of a checkpoint's fork."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        fn(*args)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _call(msg: dict[str, Any]) -> dict[str, Any]:
