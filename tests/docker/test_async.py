@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -373,8 +372,19 @@ def test_an_interrupt_that_overtakes_its_cell_is_kept_for_it(
     from dockerrepl import DockerREPL
 
     repl = DockerREPL(**options(image, handler, grace=0.5))
+    session = repl._session
+    sent = threading.Event()
+    send = session.send
+
+    def send_and_tell(obj: dict[str, Any], deadline: Any = None) -> None:
+        send(obj, deadline)
+        if obj.get("type") == "exec":
+            sent.set()
+
+    session.send = send_and_tell  # type: ignore[method-assign]
     try:
         repl.execute_code("k = 0")
+        sent.clear()
         for _ in range(10):
             out: list[REPLResult] = []
 
@@ -383,15 +393,15 @@ def test_an_interrupt_that_overtakes_its_cell_is_kept_for_it(
 
             t = threading.Thread(target=cell)
             t.start()
-            while repl._session.in_flight is None and not out:
-                time.sleep(0)  # let the cell's thread run
-            repl.interrupt()  # right after the cell went (or is going) to the container
+            assert sent.wait(30)
+            repl.interrupt()  # right after the cell's frame went to the container
             t.join(30)
             assert not t.is_alive()
             assert out[0].status == "interrupted"
             assert "worker was killed" not in out[0].stderr
             res = repl.execute_code("print(k >= 0)")
             assert res.stdout == "True\n", res.stderr
+            sent.clear()
     finally:
         repl.cleanup()
 
