@@ -43,6 +43,15 @@ def cell_threads() -> int:
     return sum(1 for t in threading.enumerate() if t.name == "dockerrepl-async-cell")
 
 
+async def cell_threads_gone() -> bool:
+    """Whether the cell threads have exited (each ends a moment after its outcome)."""
+    for _ in range(500):
+        if cell_threads() == 0:
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
 def options(image: str, handler: Any, **extra: Any) -> dict[str, Any]:
     return {"image": image, "lm_handler_address": handler.address, "timeout": 300, **extra}
 
@@ -115,7 +124,7 @@ def test_cancelling_a_cell_interrupts_it_and_keeps_state(
             with pytest.raises(asyncio.CancelledError):
                 await task
             assert r._pending == []  # the cell ended (interrupted), nothing left running
-            assert cell_threads() == 0
+            assert await cell_threads_gone()
             return await r.execute_code("print(x + 1, started)")
 
     res = run(main())
