@@ -19,11 +19,13 @@ from .errors import DockerReplError
 from .types import ModelUsageSummary, REPLResult, RLMChatCompletion, UsageSummary
 
 if TYPE_CHECKING:
+    from .aio import AsyncDockerREPL
     from .lm_handler import LMHandler
     from .pool import DockerREPLPool
     from .repl import DockerREPL, host_tool
 
 __all__ = [
+    "AsyncDockerREPL",
     "DockerREPL",
     "DockerREPLPool",
     "DockerReplError",
@@ -38,6 +40,7 @@ __all__ = [
 
 # lazy public name -> the submodule that defines it
 _LAZY = {
+    "AsyncDockerREPL": "aio",
     "DockerREPL": "repl",
     "DockerREPLPool": "pool",
     "LMHandler": "lm_handler",

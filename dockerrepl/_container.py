@@ -647,6 +647,18 @@ class Container:
         proc.kill()
         self._remove(timeout)
 
+    def stop_starting(self, timeout: float = 30.0) -> None:
+        """Stop a :meth:`start` running in another thread: remove the container if it
+        exists (the starter's read then fails), and let no new CLI process start.
+
+        Unlike :meth:`abort`, the ``docker run`` CLI is not killed: one killed between
+        its create and its start leaves a created container that nothing removes. A
+        container the CLI creates after this runs starts; its starter, which sees its
+        session closed, then closes it as usual.
+        """
+        self.aborted = True
+        self._remove(timeout)
+
     def _remove(self, timeout: float) -> None:
         try:
             _docker.run(

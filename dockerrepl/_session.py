@@ -94,7 +94,13 @@ class Session(TransportStart, SessionFiles):
         self.send_lock = threading.Lock()
         self._close_lock = threading.Lock()
         self.closed = False
+        # clear while start() runs: close() from another thread (cleanup() of a REPL
+        # whose constructor, or async start, is still running) waits for it to fail
+        self.not_starting = threading.Event()
+        self.not_starting.set()
         self.done = threading.Event()  # set once close() has finished
+        #: the channel transport's idle reader (it ends soon after close())
+        self.idle_reader: Optional[threading.Thread] = None
         # The request the host sent and stopped waiting for (a KeyboardInterrupt or an
         # on_output callback raising while it ran): ("result"|"reply", id). Its answer
         # is read, and dropped, before the next request is sent (see sync).
@@ -181,6 +187,9 @@ class Session(TransportStart, SessionFiles):
 
             container.on_rpc = lambda frame: endpoint.dispatch(frame, reply)
         self.container = container  # before it starts: close() can abort it
+        if self.closed:
+            # close() from another thread read no container: this one must not start
+            raise ReplClosed("this DockerREPL was cleaned up while its container started")
         if _exit.exiting():
             # the atexit hook has begun (a pool member starting in its thread):
             # a container started now would outlive its cleanup
@@ -608,6 +617,15 @@ class Session(TransportStart, SessionFiles):
             if self.closed:
                 return
             self.closed = True
+        if not self.not_starting.is_set():
+            # Another thread is starting the container (a constructor, an async start
+            # being cancelled): stop it and let that start fail (it sees `closed`, so it
+            # tries no other transport) before the teardown below, else what it
+            # creates after this point (container, proxy, workspace) would outlive us.
+            starting = self.container
+            if starting is not None:
+                starting.stop_starting(kill_timeout)
+            self.not_starting.wait(kill_timeout + wait if lock_timeout < 0 else lock_timeout)
         locked = self.lock.acquire(blocking=False)
         if not locked:
             # a call holds the session (a cell running in another thread): stop its

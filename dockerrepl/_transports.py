@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-import time
 from typing import TYPE_CHECKING, Any, Optional, Union, cast
 
 from ._container import bridge_gateway
 from ._labels import repl_labels
 from ._proxy import ChannelEndpoint, ProxyServer
 from ._workspace import MountedWorkspace, VolumeWorkspace
-from .errors import ContainerDied, ProxyError, TransportUnavailable
+from .errors import ContainerDied, ProxyError, ReplClosed, TransportUnavailable
 
 if TYPE_CHECKING:
     from ._container import Container
@@ -53,6 +52,10 @@ class TransportStart:
         container: Optional[Container]
         closed: bool
         idle: threading.Event
+        not_starting: threading.Event
+        done: threading.Event
+        idle_reader: Optional[threading.Thread]
+        _close_lock: threading.Lock
 
         def start_container(self, restore: bool, probe: bool = False) -> dict[str, Any]: ...
 
@@ -65,7 +68,20 @@ class TransportStart:
         mount, and its ``/ping`` reached the proxy. Anything else (no bridge gateway of
         ours to bind, the engine refusing the bind mount, a failed check) falls back to
         the channel, and later REPLs on the same engine go there directly.
+
+        Raises :class:`~dockerrepl.errors.ReplClosed` when the session was closed
+        before or while it started (see ``Session.close``).
         """
+        with self._close_lock:
+            if self.closed:
+                raise ReplClosed("this DockerREPL was cleaned up before its container started")
+            self.not_starting.clear()
+        try:
+            self._start()
+        finally:
+            self.not_starting.set()
+
+    def _start(self) -> None:
         opts = self.options
         self.state.token = secrets.token_urlsafe(24)
         key = (opts.engine.cache_key(), opts.network)
@@ -136,9 +152,10 @@ class TransportStart:
         self.proxy = ChannelEndpoint(self.state)
         self.proxy_target = {"relay": True}
         self.start_container(restore=False)
-        threading.Thread(
+        self.idle_reader = threading.Thread(
             target=self._idle_reader, name="dockerrepl-channel-idle", daemon=True
-        ).start()
+        )
+        self.idle_reader.start()
         log.debug(
             "dockerrepl: transport channel (volume %s)%s",
             ws.name,
@@ -159,4 +176,5 @@ class TransportStart:
                 continue
             container = self.container
             if container is None or not container.poll_rpc(IDLE_POLL):
-                time.sleep(IDLE_POLL)  # replaced or gone: the next call restarts it
+                # replaced or gone (the next call restarts it), or closed: then at once
+                self.done.wait(IDLE_POLL)

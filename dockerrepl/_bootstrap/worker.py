@@ -8,6 +8,7 @@ socketpair (``ctrl``).
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import time
@@ -198,17 +199,32 @@ def serve(ctrl: socket.socket, auto: Any, checkpoint_now: bool = False) -> None:
     elif checkpoint_now and auto:
         CHECKPOINTER.request(REPL.cell_id)
     reader = protocol.FrameReader()
+    # An interrupt is for the request in flight. One that comes while none is (the
+    # worker waits for the next, or is past its answer) is late, for a request that
+    # has ended, unless the next request is in the socket already: the supervisor
+    # interrupts as soon as it has forwarded a cell, which may still be unread. Such
+    # an early interrupt is kept for that cell; dropped, the cell would run on until
+    # its worker is killed, and the namespace fall back to the last checkpoint.
+    early = False
     while True:
+        answered = True
         try:
-            if not reader.buf:
-                CHECKPOINTER.idle(ctrl)  # an owed snapshot is forked once the worker idles
-            msg = protocol.recv_frame(ctrl, reader)
+            msg = _read_frame(ctrl, reader)  # returns with SIGINT held back
         except KeyboardInterrupt:
-            continue  # a late interrupt for a cell that already finished
+            early = _request_waiting(ctrl, reader)
+            continue
         if msg is None:
             os._exit(0)
         try:
             kind = msg.get("type")
+            if kind in ("exec", "call"):
+                answered = False
+                if early and kind == "exec":
+                    early = False
+                    raise KeyboardInterrupt  # answered below, as an interrupted cell
+                early = False
+            # one that came while the frame was read is for it: raised here
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
             if kind == "exec":
                 name = msg.get("filename")
                 res = run_cell(
@@ -224,22 +240,34 @@ def serve(ctrl: socket.socket, auto: Any, checkpoint_now: bool = False) -> None:
                     # durable before the result: a container killed right after the
                     # cell still restores it (costs the dump, on changed namespaces)
                     CHECKPOINTER.sync_changed(int(msg.get("id", 0)))
+                # from the answer on, an interrupt is for the next request: held back
+                # until the answer is sent and known to be (and the snapshot forked)
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
                 protocol.send_frame(ctrl, res)
+                answered = True
                 if auto is True and res["status"] in protocol.WORKER_STATUSES:
                     CHECKPOINTER.request(int(msg.get("id", 0)))
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
             elif kind == "reap":
                 reap_children(msg.get("pids") or [])
             elif kind == "call":
                 reply = _call(msg)
                 flush_std()
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # as for exec
                 protocol.send_frame(ctrl, reply)
+                answered = True
                 if (
                     auto
                     and reply["ok"]
                     and msg.get("op") in ("load_file", "set_vars", "define_tools")
                 ):
                     CHECKPOINTER.request(REPL.cell_id)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         except KeyboardInterrupt:
+            if answered:
+                # past the answer: for the next request, if it is here already
+                early = _request_waiting(ctrl, reader)
+                continue
             # the interrupt raced the reply; tell the supervisor the cell is over
             try:
                 protocol.send_frame(
@@ -255,6 +283,37 @@ def serve(ctrl: socket.socket, auto: Any, checkpoint_now: bool = False) -> None:
                 )
             except Exception:
                 os._exit(3)
+
+
+def _read_frame(ctrl: socket.socket, reader: protocol.FrameReader) -> Any:
+    """The supervisor's next frame (None at EOF), read with SIGINT held back: an
+    interrupt is taken only while nothing of a frame has been read (in the wait),
+    so none can cut a frame half-parsed, and lose it. Returns with SIGINT still
+    held back: the caller lets it through once it knows what the frame is."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    while True:
+        whole, value = reader.take()
+        if whole:
+            return value
+        if not reader.buf:
+            # an owed snapshot is forked once the worker idles (SIGINT still held back:
+            # a late one waits for the select below, never cuts the fork short)
+            CHECKPOINTER.idle(ctrl)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            select.select([ctrl], [], [])  # KeyboardInterrupt here: nothing read yet
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            data = ctrl.recv(1 << 16)
+        except InterruptedError:
+            continue
+        if not data:
+            return None
+        reader.feed(data)
+
+
+def _request_waiting(ctrl: socket.socket, reader: protocol.FrameReader) -> bool:
+    """Whether the supervisor's next frame is here (read in part, or waiting)."""
+    return bool(reader.buf) or bool(select.select([ctrl], [], [], 0)[0])
 
 
 def _call(msg: dict[str, Any]) -> dict[str, Any]:

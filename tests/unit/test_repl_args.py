@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dockerrepl import DockerREPL, DockerREPLPool
+from dockerrepl import AsyncDockerREPL, DockerREPL, DockerREPLPool
 from dockerrepl.repl import MAX_TIMEOUT
 
 pytestmark = pytest.mark.timeout(30)
@@ -176,6 +176,11 @@ def test_bad_arguments_are_refused_before_anything_starts(tmp_path, kwargs, exc)
     with pytest.raises(exc):
         DockerREPLPool(size=1, **{**args, **kwargs})
     assert calls(log) == [], "a docker command ran before the pool refused the argument"
+    assert list(ws.iterdir()) == []
+    with pytest.raises(exc) as async_info:  # the same error, from the same check
+        AsyncDockerREPL(**{**args, **kwargs})
+    assert str(async_info.value) == str(info.value)
+    assert calls(log) == [], "a docker command ran before AsyncDockerREPL refused the argument"
     assert list(ws.iterdir()) == []
 
 
