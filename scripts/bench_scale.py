@@ -466,10 +466,45 @@ def section(data: dict[str, Any], plot: Optional[str]) -> str:
             ),
             "",
         ]
+    L += extra_lines(data.get("extras") or {})
     if plot:
         L += [f"![many sessions]({plot})", ""]
     L += [*data.get("notes", []), END, ""]
     return "\n".join(L)
+
+
+def extra_lines(extras: dict[str, Any]) -> list[str]:
+    """The pool and checkpoint rows of the section."""
+    L: list[str] = []
+    pool = extras.get("pool")
+    if pool:
+        p, u = pool["pooled"], pool["unpooled"]
+        L += [
+            f"rlm's environment construction (`use_dockerrepl(pool={pool['pool']})`, "
+            f"{pool['n']} constructions each, scripts/bench_pool.py): from the pool median "
+            f"{p['median'] * 1000:.0f} ms (p90 {p['p90'] * 1000:.0f} ms; target <= 50 ms), "
+            f"without {u['median'] * 1000:.0f} ms.",
+            "",
+        ]
+    ck = extras.get("checkpoint")
+    if ck:
+        empty = ck.get("empty", {}).get("median_s")
+        L += [
+            "Checkpoint cost (scripts/bench_checkpoint.py): trivial cells back to back next "
+            "to the state; writer CPU is the container's CPU less the worker's and pid 1's, "
+            "per wall second (target: <= 2x the empty cell, <= ~0.1 of a core):",
+            "",
+            "| state | median cell | x empty | writer CPU (cores) |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, row in ck.items():
+            ratio = row["median_s"] / empty if empty else float("nan")
+            L.append(
+                f"| {name} | {row['median_s'] * 1000:.2f} ms | {ratio:.2f} "
+                f"| {row['snapshot_cpu_per_s']:.3f} |"
+            )
+        L.append("")
+    return L
 
 
 def kept_section(path: str) -> str:
@@ -559,6 +594,7 @@ def run_scale(args: Any, ctx: Any) -> int:
     handler = LMHandler(EchoClient())
     addr = handler.start()
     columns: dict[str, Optional[dict[str, Any]]] = {}
+    extras: dict[str, Any] = {}
     reg = ctx.REG
     rc = 0
     try:
@@ -592,6 +628,22 @@ def run_scale(args: Any, ctx: Any) -> int:
                 reg.close,
                 lambda rs: [str(r.container_id) for r in rs if getattr(r, "container_id", None)],
             )
+        # the issue's other targets, in the same run: rlm environments from a warm pool
+        # (<= 50 ms), and checkpoints that cost what changed (<= 2x the empty cell,
+        # <= ~10% of a core of writer CPU)
+        import bench_checkpoint
+        import bench_pool
+
+        print("== rlm environments: use_dockerrepl(pool=2) against no pool", flush=True)
+        extras["pool"] = bench_pool.measure(
+            n=10 if args.quick else 20, pool=2, image=args.our_image
+        )
+        print("== checkpoint cost: trivial cells next to mutable state", flush=True)
+        extras["checkpoint"] = bench_checkpoint.measure(
+            args.our_image,
+            seconds=10.0 if args.quick else 30.0,
+            states=["empty", "bytes200", "dict200"],
+        )
     except KeyboardInterrupt:
         rc = 130
     except Exception:
@@ -621,6 +673,7 @@ def run_scale(args: Any, ctx: Any) -> int:
         "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "seconds": seconds,
         "columns": columns,
+        "extras": extras,
         "notes": NOTES,
     }
     print()
