@@ -93,6 +93,11 @@ def test_rollback_after_worker_crash_and_timeout_kill(repl):
     assert res.status == "timeout"
     repl.rollback(snap)
     assert _out(repl, "print(x)") == "1"
+    # a worker made from a snapshot takes interrupts (its signal mask is the parked
+    # process's): a timeout interrupts the cell, the namespace is kept, nothing killed
+    res = repl.execute_code("y = 5\nwhile True: pass", timeout=1)
+    assert res.status == "timeout" and "KeyboardInterrupt" in res.stderr, res.stderr
+    assert _out(repl, "print(x, y)") == "1 5"
 
 
 def test_checkpoint_after_rollback_is_the_rolled_back_state(image, handler, tmp_path):
