@@ -142,15 +142,9 @@ class SnapshotWriters:
         return killed
 
     def kill_all(self) -> None:
-        """Kill every reported snapshot writer now (a rollback: what they write is
-        superseded, and the lock they hold would keep the new worker waiting)."""
-        self.spared_until = 0.0
-        self.kill_spared()
-
-    def kill_spared(self) -> None:
-        """Kill the snapshot writers a sweep spared (matched by pid and start time)."""
-        if self.spared_until is None:
-            return
+        """Kill every reported snapshot writer now (matched by pid and start time): a
+        rollback's (what they write is superseded, and the lock they hold would keep
+        the new worker waiting), or the end of the time a sweep spared them."""
         for pid, start in self.snapshots:
             if proc_start(pid) == start:
                 try:
@@ -159,6 +153,11 @@ class SnapshotWriters:
                     pass
         self.snapshots = []
         self.spared_until = None
+
+    def kill_spared(self) -> None:
+        """Kill the snapshot writers a sweep spared, if it spared any."""
+        if self.spared_until is not None:
+            self.kill_all()
 
 
 class OomCounter:

@@ -302,12 +302,17 @@ def _write_checkpoint(
             if not _commit(tmp, meta_tmp, meta, order):
                 return None
         finally:
-            for path in (tmp, meta_tmp):
-                if os.path.exists(path):
-                    os.unlink(path)
+            _unlink_left(tmp, meta_tmp)
     finally:
         os.close(lock)
     return sorted(set(skipped))
+
+
+def _unlink_left(*paths_left: str) -> None:
+    """Remove the temporary files a write left (none after a commit)."""
+    for path in paths_left:
+        if os.path.exists(path):
+            os.unlink(path)
 
 
 def _commit(tmp: str, meta_tmp: str, meta: dict[str, Any], order: list[int]) -> bool:
@@ -354,9 +359,7 @@ def salvage_partial(pid: int, offset: int, meta: dict[str, Any]) -> bool:
             except OSError:
                 return False
             finally:
-                for path in (tmp, meta_tmp):
-                    if os.path.exists(path):
-                        os.unlink(path)
+                _unlink_left(tmp, meta_tmp)
     finally:
         os.close(lock)
 

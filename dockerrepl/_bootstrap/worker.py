@@ -240,28 +240,18 @@ def serve(ctrl: socket.socket, auto: Any, checkpoint_now: bool = False) -> None:
                     # durable before the result: a container killed right after the
                     # cell still restores it (costs the dump, on changed namespaces)
                     CHECKPOINTER.sync_changed(int(msg.get("id", 0)))
-                # from the answer on, an interrupt is for the next request: held back
-                # until the answer is sent and known to be (and the snapshot forked)
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-                protocol.send_frame(ctrl, res)
+                ok = auto is True and res["status"] in protocol.WORKER_STATUSES
+                _answer(ctrl, res, int(msg.get("id", 0)) if ok else None)
                 answered = True
-                if auto is True and res["status"] in protocol.WORKER_STATUSES:
-                    CHECKPOINTER.request(int(msg.get("id", 0)))
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
             elif kind == "reap":
                 reap_children(msg.get("pids") or [])
             elif kind == "call":
                 reply = _call(msg)
                 flush_std()
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # as for exec
-                protocol.send_frame(ctrl, reply)
+                changed = reply["ok"] and msg.get("op") in ("load_file", "set_vars", "define_tools")
+                _answer(ctrl, reply, REPL.cell_id if auto and changed else None)
                 answered = True
-                if (
-                    auto
-                    and reply["ok"]
-                    and msg.get("op") in ("load_file", "set_vars", "define_tools")
-                ):
-                    CHECKPOINTER.request(REPL.cell_id)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         except KeyboardInterrupt:
             if answered:
@@ -283,6 +273,16 @@ def serve(ctrl: socket.socket, auto: Any, checkpoint_now: bool = False) -> None:
                 )
             except Exception:
                 os._exit(3)
+
+
+def _answer(ctrl: socket.socket, frame: dict[str, Any], snapshot_cell: int | None) -> None:
+    """Send a request's answer and ask for the snapshot after ``snapshot_cell`` (None:
+    none), with SIGINT held back: from the answer on, an interrupt is for the next
+    request, and the caller lets it through once it has marked this one answered."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    protocol.send_frame(ctrl, frame)
+    if snapshot_cell is not None:
+        CHECKPOINTER.request(snapshot_cell)
 
 
 def _read_frame(ctrl: socket.socket, reader: protocol.FrameReader) -> Any:
